@@ -1,0 +1,41 @@
+# The two commands of the README: `make demo` and `make test`. Both install what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export PYTHONPATH := $(CURDIR)/plugins
+export AIRFLOW_HOME ?= $(CURDIR)/.airflow
+export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
+export AIRFLOW__CORE__LOAD_EXAMPLES := False
+
+.PHONY: install demo test fakes constraints clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and "Python 3.11 is required (set PYTHON=...)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
+	touch $@
+
+demo: install
+	$(BIN)/python -m d365_fakes.demo
+
+test: install
+	$(BIN)/python -m pytest
+
+# Serve the fakes in the foreground, for exploring them by hand.
+fakes: install
+	$(BIN)/python -m d365_fakes serve --state-dir .fakes --clients .fakes/clients.json
+
+# Regenerate the full pin list from a clean environment built from requirements.txt alone.
+constraints:
+	rm -rf /tmp/b2b-constraints-venv && $(PYTHON) -m venv /tmp/b2b-constraints-venv
+	/tmp/b2b-constraints-venv/bin/pip install --quiet -r requirements.txt
+	/tmp/b2b-constraints-venv/bin/pip freeze --exclude-editable > constraints.txt
+
+clean:
+	rm -rf $(VENV) .airflow .fakes .demo .pytest_cache

@@ -1,0 +1,89 @@
+"""Airflow hooks: each turns one Airflow connection into a configured client, and nothing more."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from airflow.sdk import BaseHook
+from airflow.sdk.exceptions import AirflowNotFoundException
+
+from .commerce import CommerceClient
+from .sales import SalesClient
+from .settings import ServiceSettings
+from .store import StateStore
+
+
+class _DynamicsHook(BaseHook):
+    default_conn_name: str
+
+    def __init__(self, conn_id: str | None = None) -> None:
+        super().__init__()
+        self.conn_id = conn_id or self.default_conn_name
+
+    def settings(self) -> ServiceSettings:
+        conn = self.get_connection(self.conn_id)
+        return ServiceSettings.from_connection(
+            self.conn_id, conn.host, conn.login, conn.password, conn.extra_dejson, port=conn.port
+        )
+
+
+class CommerceHook(_DynamicsHook):
+    """`d365_commerce`: Commerce headquarters (Finance and Operations OData)."""
+
+    conn_name_attr = "conn_id"
+    default_conn_name = "d365_commerce"
+    conn_type = "generic"
+    hook_name = "Dynamics 365 Commerce headquarters"
+
+    def get_conn(self) -> CommerceClient:
+        return CommerceClient.connect(self.settings())
+
+
+class SalesHook(_DynamicsHook):
+    """`d365_sales`: Dynamics 365 Sales (Dataverse Web API)."""
+
+    conn_name_attr = "conn_id"
+    default_conn_name = "d365_sales"
+    conn_type = "generic"
+    hook_name = "Dynamics 365 Sales (Dataverse)"
+
+    def get_conn(self) -> SalesClient:
+        return SalesClient.connect(self.settings())
+
+
+class StateStoreHook(BaseHook):
+    """`d365_state`: the state store's database. Without that connection, a SQLite file in AIRFLOW_HOME.
+
+    The connection's fields make the SQLAlchemy URL: extra `driver` (e.g. `postgresql+psycopg2`),
+    host, port, login, password, and schema (the database name, or the SQLite file path).
+    """
+
+    conn_name_attr = "conn_id"
+    default_conn_name = "d365_state"
+    conn_type = "generic"
+    hook_name = "B2B onboarding state store"
+
+    def __init__(self, conn_id: str | None = None) -> None:
+        super().__init__()
+        self.conn_id = conn_id or self.default_conn_name
+
+    def url(self) -> str:
+        import sqlalchemy as sa
+
+        try:
+            conn = self.get_connection(self.conn_id)
+        except AirflowNotFoundException:
+            home = Path(os.environ.get("AIRFLOW_HOME", Path.home() / "airflow"))
+            return f"sqlite:///{home / 'b2b_onboarding_state.db'}"
+        return sa.URL.create(
+            drivername=conn.extra_dejson.get("driver", conn.conn_type),
+            username=conn.login or None,
+            password=conn.password or None,
+            host=conn.host or None,
+            port=conn.port or None,
+            database=conn.schema or None,
+        ).render_as_string(hide_password=False)
+
+    def get_conn(self) -> StateStore:
+        return StateStore(self.url())

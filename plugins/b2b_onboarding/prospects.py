@@ -1,0 +1,123 @@
+"""Prospects as they arrive from Commerce: validation, identity, and the lead each one becomes."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pydantic
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator
+from typing_extensions import Annotated
+
+# Customer accounts are derived from the prospect id (idempotent creates); CustAccount holds 20.
+MAX_PROSPECT_ID_LENGTH = 16
+ORGANIZATION_ACCOUNT_SUFFIX = "-ORG"
+PERSON_ACCOUNT_SUFFIX = "-ADM"
+
+LEAD_SOURCE_WEB = 8
+B2B_STATUS_OPTION = {"Pending": 0, "Approved": 1, "Rejected": 2, "Unknown": 3}
+
+Text = Annotated[str, StringConstraints(strip_whitespace=True)]
+
+
+def _optional(max_length: int):
+    return Field(default=None, max_length=max_length)
+
+
+class Prospect(BaseModel):
+    """The fields of a `Prospects` row that the flow uses, with Dataverse's column limits."""
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+
+    dataAreaId: Text = Field(min_length=1, max_length=4)
+    ProspectId: Text = Field(min_length=1, max_length=MAX_PROSPECT_ID_LENGTH)
+    ProspectName: Text = Field(min_length=1, max_length=100)
+    CompanyName: Text = Field(min_length=1, max_length=100)
+    PrimaryEmailAddress: EmailStr = Field(max_length=100)
+    PrimaryPhoneNumber: Text | None = _optional(50)
+    AddressStreet: Text | None = _optional(250)
+    AddressCity: Text | None = _optional(80)
+    AddressStateId: Text | None = _optional(50)
+    AddressZipCode: Text | None = _optional(20)
+    AddressCountryRegionISOCode: Text | None = _optional(80)
+    CurrencyCode: Text | None = _optional(3)
+    LanguageId: Text | None = _optional(7)
+    Note: str | None = _optional(2000)
+    RetailChannelOperatingUnitPartyNumber: Text | None = _optional(40)
+
+    @field_validator("dataAreaId")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.lower()
+
+    @field_validator("ProspectId", "ProspectName", "CompanyName")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if not value.isprintable():
+            raise ValueError("contains control characters")
+        return value
+
+
+def prospect_key(legal_entity: str, prospect_id: str) -> str:
+    """The lead's `msdyn_prospectid`: prospect ids repeat across legal entities, so both are in it."""
+    return f"{legal_entity}:{prospect_id}"
+
+
+def customer_accounts(prospect_id: str) -> tuple[str, str]:
+    """(organization, person) customer accounts that this prospect's customers get in Commerce."""
+    return prospect_id + ORGANIZATION_ACCOUNT_SUFFIX, prospect_id + PERSON_ACCOUNT_SUFFIX
+
+
+def split_name(full_name: str) -> tuple[str, str]:
+    """Dataverse computes `fullname` from first and last name, so the prospect's name is split."""
+    first, _, last = full_name.strip().rpartition(" ")
+    return (first, last) if first else ("", last)
+
+
+def validate(row: dict) -> tuple[Prospect | None, str | None]:
+    """(prospect, None) or (None, an error naming the prospect and each bad field)."""
+    try:
+        return Prospect.model_validate(row), None
+    except pydantic.ValidationError as error:
+        name = f"prospect {row.get('dataAreaId') or '?'}/{row.get('ProspectId') or '?'}"
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc']) or 'row'}: {e['msg']}" for e in error.errors()
+        )
+        return None, f"{name}: {problems}"
+
+
+def validate_page(rows: list[dict]) -> pd.DataFrame:
+    """One row per input: legal_entity, prospect_id, prospect (the validated fields) or error."""
+    records = []
+    for row in rows:
+        prospect, error = validate(row)
+        records.append(
+            {
+                "legal_entity": str(row.get("dataAreaId") or "").lower(),
+                "prospect_id": str(row.get("ProspectId") or ""),
+                "prospect": prospect.model_dump(mode="json") if prospect else None,
+                "error": error,
+            }
+        )
+    return pd.DataFrame(records, columns=["legal_entity", "prospect_id", "prospect", "error"], dtype=object)
+
+
+def lead_of(prospect: dict) -> dict:
+    """The lead a prospect becomes, by dual-write's column map; tagged so it lands in the view
+    "All Commerce B2B leads". Its owner is the calling application user, so no seller's
+    "My open leads" shows it. The alternate key is in the URL, never in the body."""
+    first, last = split_name(prospect["ProspectName"])
+    lead = {
+        "firstname": first,
+        "lastname": last,
+        "companyname": prospect["CompanyName"],
+        "emailaddress1": prospect["PrimaryEmailAddress"],
+        "telephone1": prospect.get("PrimaryPhoneNumber"),
+        "address1_line1": prospect.get("AddressStreet"),
+        "address1_city": prospect.get("AddressCity"),
+        "address1_postalcode": prospect.get("AddressZipCode"),
+        "address1_country": prospect.get("AddressCountryRegionISOCode"),
+        "subject": f"B2B onboarding request: {prospect['CompanyName']}",
+        "leadsourcecode": LEAD_SOURCE_WEB,
+        "msdyn_b2bcommerceprospect": True,
+        "msdyn_b2bprospectstatus": B2B_STATUS_OPTION["Pending"],
+    }
+    return {column: value for column, value in lead.items() if value is not None}

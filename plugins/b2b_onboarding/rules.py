@@ -1,0 +1,113 @@
+"""The reconciliation rules: pure functions over pandas frames of tracked prospects and Sales rows.
+
+A tracked-prospects frame has the state store's columns (see `store.PROSPECT_COLUMNS`).
+Nothing here performs I/O, so every rule is tested on plain frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+
+import pandas as pd
+
+
+class Stage(StrEnum):
+    INVALID = "invalid"
+    PULLED = "pulled"
+    LEAD_OPEN = "lead_open"
+    QUALIFIED = "qualified"
+    CUSTOMERS_CREATED = "customers_created"
+    DISQUALIFIED = "disqualified"
+    WON = "won"
+    LOST = "lost"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
+LEAD_STATES = {0: "open", 1: "qualified", 2: "disqualified"}
+OPPORTUNITY_STATES = {0: "open", 1: "won", 2: "lost"}
+
+
+def _known(value: object) -> bool:
+    return value is not None and not (isinstance(value, float) and pd.isna(value))
+
+
+def stage_of(facts: Mapping[str, object]) -> Stage:
+    """The furthest step a prospect has reached, derived from what is known about it."""
+    if _known(facts.get("decision")):
+        return Stage(facts["decision"])
+    if facts.get("opportunity_state") == "won":
+        return Stage.WON
+    if facts.get("opportunity_state") == "lost":
+        return Stage.LOST
+    if facts.get("lead_state") == "disqualified":
+        return Stage.DISQUALIFIED
+    if _known(facts.get("person_party_number")):
+        return Stage.CUSTOMERS_CREATED
+    if facts.get("lead_state") == "qualified":
+        return Stage.QUALIFIED
+    if _known(facts.get("lead_id")):
+        return Stage.LEAD_OPEN
+    if _known(facts.get("validation_error")):
+        return Stage.INVALID
+    return Stage.PULLED
+
+
+def _changes(merged: pd.DataFrame, columns: Mapping[str, str]) -> pd.DataFrame:
+    """Rows whose new value (right column) differs from the tracked one (left column)."""
+    keys = ["legal_entity", "prospect_id"]
+    changed = pd.Series(False, index=merged.index)
+    for tracked, seen in columns.items():
+        changed |= merged[seen].notna() & (merged[tracked].astype("object") != merged[seen].astype("object"))
+    result = merged.loc[changed, keys + list(columns.values())]
+    return result.rename(columns={seen: tracked for tracked, seen in columns.items()}).reset_index(drop=True)
+
+
+def lead_outcomes(tracked: pd.DataFrame, decided_leads: pd.DataFrame) -> pd.DataFrame:
+    """What sellers did to the leads of undecided prospects: the new lead state and, for a
+    qualified lead, the opportunity, account and contact that qualification created."""
+    undecided = tracked[tracked["decision"].isna() & tracked["lead_id"].notna()]
+    leads = decided_leads.assign(
+        new_lead_state=decided_leads["statecode"].map(LEAD_STATES),
+        leadid=decided_leads["leadid"].str.lower(),
+    )
+    merged = undecided.merge(leads, left_on="lead_id", right_on="leadid", how="inner")
+    return _changes(
+        merged,
+        {
+            "lead_state": "new_lead_state",
+            "opportunity_id": "_qualifyingopportunityid_value",
+            "account_id": "_parentaccountid_value",
+            "contact_id": "_parentcontactid_value",
+        },
+    )
+
+
+def opportunity_outcomes(tracked: pd.DataFrame, opportunities: pd.DataFrame) -> pd.DataFrame:
+    """Whether sellers won or lost the opportunities of undecided prospects."""
+    undecided = tracked[tracked["decision"].isna() & tracked["opportunity_id"].notna()]
+    opportunities = opportunities.assign(
+        new_opportunity_state=opportunities["statecode"].map(OPPORTUNITY_STATES),
+        opportunityid=opportunities["opportunityid"].str.lower(),
+    )
+    merged = undecided.merge(opportunities, left_on="opportunity_id", right_on="opportunityid", how="inner")
+    return _changes(merged, {"opportunity_state": "new_opportunity_state"})
+
+
+def needing_customers(tracked: pd.DataFrame) -> pd.DataFrame:
+    """Qualified leads whose account and contact are not yet Commerce customers."""
+    return tracked[(tracked["lead_state"] == "qualified") & tracked["person_party_number"].isna()]
+
+
+def to_approve(tracked: pd.DataFrame) -> pd.DataFrame:
+    """Won opportunities whose customers exist: ready for the hierarchy and the approval."""
+    return tracked[
+        (tracked["opportunity_state"] == "won") & tracked["decision"].isna() & tracked["person_party_number"].notna()
+    ]
+
+
+def to_reject(tracked: pd.DataFrame) -> pd.DataFrame:
+    """Disqualified leads and lost opportunities not yet rejected in Commerce."""
+    lost = (tracked["lead_state"] == "disqualified") | (tracked["opportunity_state"] == "lost")
+    return tracked[lost & tracked["decision"].isna()]

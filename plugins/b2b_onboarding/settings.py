@@ -1,0 +1,95 @@
+"""What a `d365_commerce` or `d365_sales` connection must hold, checked before any call is made."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from .errors import ConfigurationError
+
+MICROSOFT_AUTHORITY = "https://login.microsoftonline.com"
+
+
+class ServiceSettings(BaseModel):
+    """One system's connection: host = the environment URL (the token's resource), login = client id,
+    password = client secret, extra = authority or tenant_id, ca_bundle, and per-system options."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    conn_id: str
+    resource: str
+    client_id: str = Field(min_length=1)
+    client_secret: SecretStr
+    authority: str
+    ca_bundle: str | None = None
+    timeout_s: float = Field(default=60.0, gt=0)
+    legal_entities: tuple[str, ...] = ()
+    customer_group: str | None = None
+    page_size: int = Field(default=5000, ge=1, le=5000)
+
+    @field_validator("resource", "authority")
+    @classmethod
+    def _https(cls, url: str) -> str:
+        if not url.startswith("https://"):
+            raise ValueError(f"must be an https URL, got {url!r}")
+        return url.rstrip("/")
+
+    @field_validator("client_secret")
+    @classmethod
+    def _secret_present(cls, secret: SecretStr) -> SecretStr:
+        if not secret.get_secret_value():
+            raise ValueError("is empty")
+        return secret
+
+    @field_validator("legal_entities", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @property
+    def scope(self) -> str:
+        return f"{self.resource}/.default"
+
+    @property
+    def verify(self) -> str | bool:
+        """A CA bundle path, or the system's trust store; never off."""
+        return self.ca_bundle or True
+
+    @classmethod
+    def from_connection(
+        cls,
+        conn_id: str,
+        host: str | None,
+        login: str | None,
+        password: str | None,
+        extra: dict[str, Any],
+        port: int | None = None,
+    ) -> ServiceSettings:
+        """From an Airflow connection's fields; a host without a scheme (the UI's form) means https."""
+        if host and "://" not in host:
+            host = f"https://{host}" + (f":{port}" if port else "")
+        extra = dict(extra)
+        tenant_id = extra.pop("tenant_id", None)
+        authority = extra.pop("authority", None) or (tenant_id and f"{MICROSOFT_AUTHORITY}/{tenant_id}")
+        fields = {
+            "conn_id": conn_id,
+            "resource": host or "",
+            "client_id": login or "",
+            "client_secret": password or "",
+            "authority": authority or "",
+            **extra,
+        }
+        try:
+            return cls.model_validate(fields)
+        except pydantic.ValidationError as error:
+            names = {"resource": "host", "client_id": "login", "client_secret": "password",
+                     "authority": "extra.authority or extra.tenant_id"}  # fmt: skip
+            problems = "; ".join(
+                f"{names.get(str(e['loc'][0]), 'extra.' + str(e['loc'][0]))}: {e['msg']}" for e in error.errors()
+            )
+            raise ConfigurationError(
+                f"Airflow connection {conn_id!r} is not usable: {problems}. Next step: fix the connection "
+                "(README, section Connections)."
+            ) from None

@@ -1,0 +1,72 @@
+"""The `/_admin` surface: seed, inspect and reset the fakes' state (demo and tests only).
+
+It has no authentication; that is acceptable only because the servers bind to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from d365_fakes.tokens import TokenIssuer
+
+
+class CommerceAdmin(Protocol):
+    outbox: list[dict[str, Any]]
+
+    def reset(self) -> None: ...
+    def seed_prospects(self, rows: list[dict[str, Any]]) -> int: ...
+    def counts(self) -> dict[str, Any]: ...
+
+
+class DataverseAdmin(Protocol):
+    def reset(self) -> None: ...
+    def counts(self) -> dict[str, Any]: ...
+
+
+def create_admin_router(
+    commerce_state: CommerceAdmin, dataverse_state: DataverseAdmin, issuer: TokenIssuer
+) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/reset", status_code=204)
+    async def reset() -> Response:
+        commerce_state.reset()
+        dataverse_state.reset()
+        issuer.reset_counts()
+        return Response(status_code=204)
+
+    @router.post("/commerce/prospects")
+    async def seed_prospects(request: Request) -> JSONResponse:
+        try:
+            body = json.loads(await request.body())
+        except ValueError as error:
+            return _bad_request(f"the body is not JSON: {error}")
+        if not isinstance(body, dict) or not isinstance(body.get("prospects"), list):
+            return _bad_request('the body must be {"prospects": [ {...}, ... ]}')
+        try:
+            created = commerce_state.seed_prospects(body["prospects"])
+        except ValueError as error:
+            return _bad_request(str(error))
+        return JSONResponse({"created": created})
+
+    @router.get("/commerce/outbox")
+    async def outbox() -> dict[str, Any]:
+        return {"emails": list(commerce_state.outbox)}
+
+    @router.get("/counts")
+    async def counts() -> dict[str, Any]:
+        return {
+            "commerce": commerce_state.counts(),
+            "dataverse": dataverse_state.counts(),
+            "entra": {"tokens_issued": issuer.tokens_issued},
+        }
+
+    return router
+
+
+def _bad_request(message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=400)

@@ -1,0 +1,664 @@
+"""Fake Commerce headquarters: the Finance and Operations OData service under `/data`.
+
+`CommerceState` holds the four entity sets the B2B flow uses (in-memory tables), the emails HQ
+sends when a prospect is approved or rejected, and request/write counts. `create_app` serves them
+the way F&O does: bearer-token auth per request, companies (`dataAreaId`, `cross-company=true`),
+keys in the URL, `$filter` and friends, server-driven paging and F&O's error bodies.
+
+Facts follow /work/shared/domain.md section 2. Field and enum type names are those of the real
+`$metadata` (`PartyType` on CustomersV3 is a string there, not an enum).
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import re
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable, Mapping
+from urllib.parse import quote, unquote_to_bytes, urlencode
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from d365_fakes.clients import ClientRegistration
+from d365_fakes.odata_query import Dialect, ODataQueryError, apply_query, page_of, unquote_string_literal
+from d365_fakes.tokens import InvalidToken, TokenIssuer
+
+NAMESPACE = "Microsoft.Dynamics.DataEntities"
+WRITE_EXCEPTION = "Microsoft.Dynamics.Platform.Integration.Services.OData.AxODataWriteException"
+QUERY_EXCEPTION = "Microsoft.OData.ODataException"
+CONTENT_TYPE = "application/json; odata.metadata=minimal; odata.streaming=true; IEEE754Compatible=false; charset=utf-8"
+
+# Members in value order: a field nobody sets gets member 0, as in F&O.
+ENUMS: dict[str, tuple[str, ...]] = {
+    "NoYes": ("No", "Yes"),
+    "RetailB2BProspectStatus": ("Pending", "Approved", "Rejected", "Unknown"),
+    "CustHierarchyPurpose": ("B2BOrganization",),
+    "CustHierarchyNodeRole": ("Admin", "User"),
+    "CustHierarchyNodeType": ("Customer",),
+}
+PARTY_TYPES = ("Organization", "Person")
+APPROVED_TEMPLATE = "B2B prospect approved"
+REJECTED_TEMPLATE = "B2B prospect rejected"
+
+
+@dataclass(frozen=True)
+class EntitySet:
+    name: str  # public collection name, as in the URL
+    type_name: str  # entity type, for messages
+    table: str  # the table F&O names in its duplicate-key message
+    keys: tuple[str, ...]
+    types: Mapping[str, str]  # field -> "string", "int" or an enum name; includes the keys
+    server_assigned: frozenset[str] = frozenset()  # set by HQ on create, never by the caller
+
+    @property
+    def enum_map(self) -> dict[str, str]:
+        return {name: kind for name, kind in self.types.items() if kind in ENUMS}
+
+    def default_row(self) -> dict[str, Any]:
+        defaults = {"string": "", "int": 0}
+        return {name: defaults[kind] if kind in defaults else ENUMS[kind][0] for name, kind in self.types.items()}
+
+
+def _strings(*names: str) -> dict[str, str]:
+    return {name: "string" for name in names}
+
+
+PROSPECTS = EntitySet(
+    "Prospects", "Prospect", "Prospects (smmBusRelTable)", ("dataAreaId", "ProspectId"),
+    {
+        **_strings(
+            "dataAreaId", "ProspectId", "ProspectName", "CompanyName", "PrimaryEmailAddress", "PrimaryPhoneNumber",
+            "AddressStreet", "AddressCity", "AddressStateId", "AddressZipCode", "AddressCountryRegionISOCode",
+            "CurrencyCode", "LanguageId", "Note", "RetailChannelOperatingUnitPartyNumber",
+        ),
+        "IsB2BProspect": "NoYes",
+        "B2BProspectStatus": "RetailB2BProspectStatus",
+    },
+)
+CUSTOMERS = EntitySet(
+    "CustomersV3", "CustomerV3", "Customers (CustTable)", ("dataAreaId", "CustomerAccount"),
+    _strings(
+        "dataAreaId", "CustomerAccount", "PartyType", "PartyNumber", "OrganizationName", "PersonFirstName",
+        "PersonLastName", "PrimaryContactEmail", "CustomerGroupId", "SalesCurrencyCode",
+    ),
+    frozenset({"PartyNumber"}),
+)
+HIERARCHIES = EntitySet(
+    "CustomerHiearchies", "CustomerHiearchy", "Customer hierarchy (CustHierarchy)", ("CustomerHierarchyId",),
+    {
+        **_strings("dataAreaId", "CustomerHierarchyId", "Name", "OrganizationPartyNumber", "SellerChannel"),
+        "Purpose": "CustHierarchyPurpose",
+        "CurrentVersion": "int",
+    },
+    frozenset({"dataAreaId", "CurrentVersion"}),
+)
+NODES = EntitySet(
+    "CustomerHierarchyNodes", "CustomerHierarchyNode", "Customer hierarchy node (CustHierarchyNode)",
+    ("CustomerHierarchyId", "NodePartyNumber"),
+    {
+        **_strings("dataAreaId", "CustomerHierarchyId", "NodePartyNumber"),
+        "Role": "CustHierarchyNodeRole",
+        "NodeType": "CustHierarchyNodeType",
+        "VersionAdded": "int",
+        "VersionRemoved": "int",
+    },
+    frozenset({"dataAreaId", "VersionAdded"}),
+)
+ENTITY_SETS = {entity.name: entity for entity in (PROSPECTS, CUSTOMERS, HIERARCHIES, NODES)}
+
+
+class ODataError(Exception):
+    """An F&O error answer: HTTP status, the real message (innererror) and its exception type."""
+
+    def __init__(self, status: int, message: str, inner_type: str = WRITE_EXCEPTION, outer_message: str = "An error has occurred."):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.inner_type = inner_type
+        self.outer_message = outer_message
+
+    def body(self) -> dict:
+        return {"error": {"code": "", "message": self.outer_message,
+                          "innererror": {"message": self.message, "type": self.inner_type, "stacktrace": ""}}}
+
+
+class NotFound(ODataError):
+    def __init__(self, url: str):
+        super().__init__(
+            404,
+            "No routing convention was found to select an action for the OData path with template '~/entityset/key'.",
+            "",
+            f"No HTTP resource was found that matches the request URI '{url}'.",
+        )
+
+
+def _bad_request(message: str) -> ODataError:
+    return ODataError(400, message)
+
+
+def _bad_query(message: str) -> ODataError:
+    return ODataError(400, message, QUERY_EXCEPTION)
+
+
+def _key_tuple(entity: EntitySet, values: Mapping[str, Any]) -> tuple[str, ...]:
+    # Keys compare case-insensitively, as under F&O's SQL collation.
+    return tuple(str(values[name]).casefold() for name in entity.keys)
+
+
+def _same(a: Any, b: Any) -> bool:
+    return a.casefold() == b.casefold() if isinstance(a, str) and isinstance(b, str) else a == b
+
+
+def _check_value(entity: EntitySet, name: str, value: Any) -> Any:
+    """The value to store for `name`, or 400 naming the field."""
+    kind = entity.types[name]
+    if kind in ENUMS:
+        if value in ENUMS[kind]:
+            return value
+        raise _bad_request(
+            f"The value '{value}' of property '{name}' is not a member of enum type '{NAMESPACE}.{kind}' "
+            f"(members: {', '.join(ENUMS[kind])})."
+        )
+    if kind == "string" and value is None:  # F&O strings are never null: null is stored as empty
+        return ""
+    if (kind == "string" and isinstance(value, str)) or (kind == "int" and type(value) is int):
+        return value
+    raise _bad_request(f"The value {json.dumps(value)} of property '{name}' is not a valid {kind}.")
+
+
+def _checked_fields(entity: EntitySet, body: Mapping[str, Any]) -> dict[str, Any]:
+    """The body's fields, validated; annotations such as @odata.etag are ignored."""
+    checked = {}
+    for name, value in body.items():
+        if name.startswith("@"):
+            continue
+        if name not in entity.types:
+            raise ODataError(
+                400,
+                f"The property '{name}' does not exist on type '{NAMESPACE}.{entity.type_name}'. "
+                "Make sure to only use property names that are defined by the type.",
+                QUERY_EXCEPTION,
+            )
+        checked[name] = _check_value(entity, name, value)
+    return checked
+
+
+class CommerceState:
+    """In-memory Commerce HQ: tables, the email outbox, counts. Safe to share between threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self._tables: dict[str, dict[tuple[str, ...], dict[str, Any]]] = {name: {} for name in ENTITY_SETS}
+            self._outbox: list[dict[str, Any]] = []
+            self._requests = 0
+            self._writes = {name: 0 for name in ENTITY_SETS}
+            self._sequences: dict[str, itertools.count] = {}
+            self._versions = itertools.count(1)
+
+    @property
+    def outbox(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(email) for email in self._outbox]
+
+    def counts(self) -> dict[str, Any]:
+        with self._lock:
+            return {"requests": self._requests, "writes": dict(self._writes)}
+
+    def seed_prospects(self, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Add prospects as the P-0001 job would (B2B, Pending unless given). All or nothing."""
+        with self._lock:
+            prepared: dict[tuple[str, ...], dict[str, Any]] = {}
+            for index, given in enumerate(rows):
+                if not isinstance(given, Mapping):
+                    raise ValueError(f"prospects[{index}] must be an object with Prospects fields")
+                prospect_id = given.get("ProspectId")
+                for required in PROSPECTS.keys:
+                    if not given.get(required):
+                        raise ValueError(f"prospects[{index}] (ProspectId {prospect_id!r}): {required} is required")
+                row = PROSPECTS.default_row() | {"IsB2BProspect": "Yes", "B2BProspectStatus": "Pending"}
+                try:
+                    row.update(_checked_fields(PROSPECTS, given))
+                except ODataError as error:
+                    raise ValueError(f"prospects[{index}] (ProspectId {prospect_id!r}): {error.message}") from None
+                row["dataAreaId"] = row["dataAreaId"].lower()
+                key = _key_tuple(PROSPECTS, row)
+                if key in prepared or key in self._tables[PROSPECTS.name]:
+                    raise ValueError(f"prospects[{index}] (ProspectId {prospect_id!r}): ProspectId already exists in {row['dataAreaId']}")
+                row["@odata.etag"] = self._new_etag()
+                prepared[key] = row
+            self._tables[PROSPECTS.name].update(prepared)
+            return len(prepared)
+
+    # --- used by the OData app -------------------------------------------------------------------
+
+    def count_request(self) -> None:
+        with self._lock:
+            self._requests += 1
+
+    def visible_rows(self, entity: EntitySet, company: str, cross_company: bool) -> list[dict[str, Any]]:
+        """Copies of the rows the caller may see, in key order (F&O's default, stable order)."""
+        with self._lock:
+            table = self._tables[entity.name]
+            return [dict(table[key]) for key in sorted(table) if _visible(table[key], company, cross_company)]
+
+    def get(self, entity: EntitySet, key: Mapping[str, str], company: str, cross_company: bool, url: str) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._find(entity, key, company, cross_company, url))
+
+    def create(self, entity: EntitySet, body: Mapping[str, Any], company: str) -> dict[str, Any]:
+        with self._lock:
+            row = entity.default_row() | _checked_fields(entity, body)
+            if "dataAreaId" in entity.keys:
+                row["dataAreaId"] = (row["dataAreaId"] or company).lower()
+            _CREATE_RULES[entity.name](self, row, company)
+            _require_keys(entity, row)
+            table = self._tables[entity.name]
+            key = _key_tuple(entity, row)
+            if key in table:
+                described = ", ".join(f"{name}: {row[name]}" for name in entity.keys)
+                raise _bad_request(f"Cannot create a record in {entity.table}. {described}. The record already exists.")
+            row["@odata.etag"] = self._new_etag()
+            table[key] = row
+            self._writes[entity.name] += 1
+            return dict(row)
+
+    def update(self, entity: EntitySet, key: Mapping[str, str], body: Mapping[str, Any], company: str,
+               cross_company: bool, if_match: str | None, url: str) -> None:
+        with self._lock:
+            row = self._find(entity, key, company, cross_company, url)
+            _check_if_match(row, if_match)
+            changes = _checked_fields(entity, body)
+            for name in entity.keys + tuple(entity.server_assigned):
+                if name in changes and not _same(changes[name], row[name]):
+                    raise _bad_request(f"The field '{name}' of {entity.name} cannot be changed.")
+            rule = _UPDATE_RULES.get(entity.name)
+            email = rule(self, row, changes) if rule else None
+            row.update(changes)
+            row["@odata.etag"] = self._new_etag()
+            if email:
+                self._outbox.append(email)
+            self._writes[entity.name] += 1
+
+    def delete(self, entity: EntitySet, key: Mapping[str, str], company: str, cross_company: bool,
+               if_match: str | None, url: str) -> None:
+        with self._lock:
+            row = self._find(entity, key, company, cross_company, url)
+            _check_if_match(row, if_match)
+            del self._tables[entity.name][_key_tuple(entity, row)]
+            self._writes[entity.name] += 1
+
+    # --- internals -------------------------------------------------------------------------------
+
+    def _find(self, entity: EntitySet, key: Mapping[str, str], company: str, cross_company: bool, url: str) -> dict[str, Any]:
+        row = self._tables[entity.name].get(_key_tuple(entity, key))
+        if row is None or not _visible(row, company, cross_company):
+            raise NotFound(url)
+        return row
+
+    def _new_etag(self) -> str:
+        # Opaque to clients, like F&O's base64 of the record version.
+        version = base64.b64encode(f"'1,{next(self._versions)}'".encode()).decode()
+        return f'W/"{version}"'
+
+    def _next_number(self, sequence: str, template: str, taken: Iterable[str]) -> str:
+        """The next free value of a number sequence (values a caller chose are skipped)."""
+        counter = self._sequences.setdefault(sequence, itertools.count(1))
+        used = {value.casefold() for value in taken}
+        while True:
+            value = template.format(next(counter))
+            if value.casefold() not in used:
+                return value
+
+    def _rows(self, entity: EntitySet) -> Iterable[dict[str, Any]]:
+        return self._tables[entity.name].values()
+
+    # Create rules: fill what HQ assigns, enforce the business rules, raise 400s.
+
+    def _create_prospect(self, row: dict[str, Any], company: str) -> None:
+        if not row["ProspectId"]:
+            row["ProspectId"] = self._next_number("ProspectId", "P-{:06d}", (r["ProspectId"] for r in self._rows(PROSPECTS)))
+
+    def _create_customer(self, row: dict[str, Any], company: str) -> None:
+        if not row["CustomerAccount"]:
+            row["CustomerAccount"] = self._next_number(
+                "CustomerAccount", "C{:06d}", (r["CustomerAccount"] for r in self._rows(CUSTOMERS))
+            )
+        row["PartyNumber"] = self._next_number("PartyNumber", "{:09d}", (r["PartyNumber"] for r in self._rows(CUSTOMERS)))
+        self._check_customer(row)
+
+    def _create_hierarchy(self, row: dict[str, Any], company: str) -> None:
+        row["dataAreaId"] = company.lower()
+        row["CurrentVersion"] = 1
+        if not row["CustomerHierarchyId"]:
+            row["CustomerHierarchyId"] = self._next_number(
+                "CustomerHierarchyId", "CH-{:06d}", (r["CustomerHierarchyId"] for r in self._rows(HIERARCHIES))
+            )
+        party = row["OrganizationPartyNumber"]
+        if not any(_same(c["PartyNumber"], party) and c["PartyType"] == "Organization" for c in self._rows(CUSTOMERS)):
+            raise _bad_request(f"OrganizationPartyNumber '{party}' is not the party of an Organization customer.")
+
+    def _create_node(self, row: dict[str, Any], company: str) -> None:
+        _require_keys(NODES, row)
+        hierarchy = self._tables[HIERARCHIES.name].get(_key_tuple(HIERARCHIES, row))
+        if hierarchy is None:
+            raise _bad_request(f"Customer hierarchy '{row['CustomerHierarchyId']}' does not exist.")
+        row["dataAreaId"] = hierarchy["dataAreaId"]
+        row["VersionAdded"] = hierarchy["CurrentVersion"]
+        party = row["NodePartyNumber"]
+        if not any(_same(c["PartyNumber"], party) for c in self._rows(CUSTOMERS)):
+            raise _bad_request(f"NodePartyNumber '{party}' is not the party of a customer.")
+        self._check_single_admin(row)
+
+    # Update rules: check the row as it would be after the PATCH; may return the email HQ sends.
+
+    def _update_prospect(self, row: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any] | None:
+        current, wanted = row["B2BProspectStatus"], changes.get("B2BProspectStatus")
+        if wanted is None or current == wanted == "Pending":
+            return None
+        # The approval (or rejection) call: HQ's Convert > Approve / Reject, done once.
+        if current != "Pending" or wanted not in ("Approved", "Rejected"):
+            raise _bad_request(
+                f"Prospect {row['ProspectId']} in company {row['dataAreaId']} has B2B prospect status {current}; "
+                "the status can only change from Pending to Approved or Rejected."
+            )
+        return _decision_email(row | changes, wanted)
+
+    def _update_customer(self, row: dict[str, Any], changes: dict[str, Any]) -> None:
+        self._check_customer(row | changes)
+
+    def _update_node(self, row: dict[str, Any], changes: dict[str, Any]) -> None:
+        self._check_single_admin(row | changes)
+
+    def _check_customer(self, row: dict[str, Any]) -> None:
+        party_type = row["PartyType"]
+        if party_type not in PARTY_TYPES:
+            raise _bad_request(f"PartyType '{party_type}' is not valid; use Organization or Person.")
+        if party_type == "Organization" and not row["OrganizationName"]:
+            raise _bad_request("OrganizationName must be filled in for a customer of party type Organization.")
+        if party_type == "Person" and not (row["PersonFirstName"] or row["PersonLastName"]):
+            # A person's name may be a single word (a last name alone); it may not be empty.
+            raise _bad_request("PersonFirstName or PersonLastName must be filled in for a customer of party type Person.")
+        email = row["PrimaryContactEmail"]
+        if party_type != "Person" or not email:
+            return
+        for other in self._rows(CUSTOMERS):
+            if (other["PartyType"] == "Person" and _same(other["PrimaryContactEmail"], email)
+                    and _same(other["dataAreaId"], row["dataAreaId"])
+                    and _key_tuple(CUSTOMERS, other) != _key_tuple(CUSTOMERS, row)):
+                raise _bad_request(
+                    f"The email address {email} is already the primary contact email of customer "
+                    f"{other['CustomerAccount']} in company {other['dataAreaId']}."
+                )
+
+    def _check_single_admin(self, node: dict[str, Any]) -> None:
+        if node["Role"] != "Admin" or node["VersionRemoved"]:
+            return
+        for other in self._rows(NODES):
+            if (_same(other["CustomerHierarchyId"], node["CustomerHierarchyId"]) and other["Role"] == "Admin"
+                    and not other["VersionRemoved"] and _key_tuple(NODES, other) != _key_tuple(NODES, node)):
+                raise _bad_request(
+                    f"Customer hierarchy {node['CustomerHierarchyId']} already has an Admin "
+                    f"({other['NodePartyNumber']}); a hierarchy has only one Admin."
+                )
+
+
+_CREATE_RULES = {
+    PROSPECTS.name: CommerceState._create_prospect,
+    CUSTOMERS.name: CommerceState._create_customer,
+    HIERARCHIES.name: CommerceState._create_hierarchy,
+    NODES.name: CommerceState._create_node,
+}
+_UPDATE_RULES = {
+    PROSPECTS.name: CommerceState._update_prospect,
+    CUSTOMERS.name: CommerceState._update_customer,
+    NODES.name: CommerceState._update_node,
+}
+
+
+def _require_keys(entity: EntitySet, row: Mapping[str, Any]) -> None:
+    for name in entity.keys:
+        if not row[name]:
+            raise _bad_request(f"Field '{name}' must be filled in.")
+
+
+def _visible(row: Mapping[str, Any], company: str, cross_company: bool) -> bool:
+    return cross_company or _same(row["dataAreaId"], company)
+
+
+def _check_if_match(row: Mapping[str, Any], if_match: str | None) -> None:
+    if if_match is None or if_match.strip() == "*":
+        return
+    if row["@odata.etag"] not in (tag.strip() for tag in if_match.split(",")):
+        raise ODataError(412, "The record has been changed by another user since it was read (If-Match does not match its ETag).")
+
+
+def _decision_email(prospect: Mapping[str, Any], status: str) -> dict[str, Any]:
+    first_name, _, last_name = " ".join(prospect["ProspectName"].split()).partition(" ")
+    fields = {"firstname": first_name, "lastname": last_name, "company": prospect["CompanyName"]}
+    if status == "Approved":
+        fields |= {
+            "email": prospect["PrimaryEmailAddress"],
+            "zipcode": prospect["AddressZipCode"],
+            "comments": prospect["Note"],
+            "storename": prospect["RetailChannelOperatingUnitPartyNumber"],
+        }
+    return {
+        "template": APPROVED_TEMPLATE if status == "Approved" else REJECTED_TEMPLATE,
+        "to": prospect["PrimaryEmailAddress"],
+        "dataAreaId": prospect["dataAreaId"],
+        "ProspectId": prospect["ProspectId"],
+        "fields": fields,
+        "sent_at": datetime.now(timezone.utc).isoformat(),
+    }
+
+
+# --- HTTP ----------------------------------------------------------------------------------------
+
+_RESOURCE = re.compile(r"(?P<entity_set>\w+)(?:\((?P<key>.*)\))?", re.DOTALL)
+_KEY_PART = re.compile(r"\s*(?:(?P<name>\w+)\s*=\s*)?(?P<value>'(?:[^']|'')*')\s*(?P<end>,|\Z)")
+_MAX_PAGE_SIZE_PREFERENCE = re.compile(r"odata\.maxpagesize\s*=\s*(\d+)", re.IGNORECASE)
+_KEY_SAFE = "'=,"  # left readable in Location URLs; everything else in a key is percent-encoded
+_COLLECTION_ONLY_OPTIONS = ("$filter", "$orderby", "$count", "$skip", "$top")
+
+
+@dataclass
+class _Call:
+    """What one request asks for, once authenticated."""
+
+    request: Request
+    company: str
+    entity: EntitySet
+    key: dict[str, str] | None
+
+    @property
+    def cross_company(self) -> bool:
+        return self.request.query_params.get("cross-company", "").lower() == "true"
+
+    @property
+    def root(self) -> str:
+        return str(self.request.base_url).rstrip("/") + "/data"
+
+    def context(self, selected: tuple[str, ...] | None, suffix: str = "") -> str:
+        projection = f"({','.join(selected)})" if selected else ""
+        return f"{self.root}/$metadata#{self.entity.name}{projection}{suffix}"
+
+    def entity_url(self, row: Mapping[str, Any]) -> str:
+        key = ",".join(f"{name}={_string_literal(row[name])}" for name in self.entity.keys)
+        return f"{self.root}/{self.entity.name}({quote(key, safe=_KEY_SAFE)})"
+
+
+def _string_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _parse_key(entity: EntitySet, text: str) -> dict[str, str]:
+    """`dataAreaId='usrt',ProspectId='P-1'` (the path already percent-decoded) -> field values."""
+    values: dict[str, str] = {}
+    position = 0
+    while position < len(text):
+        match = _KEY_PART.match(text, position)
+        if match is None:
+            raise _bad_query(f"The key '{text}' in the request URI is not valid for resource '{entity.name}'.")
+        name = match["name"] or (entity.keys[0] if len(entity.keys) == 1 else None)
+        if name not in entity.keys or name in values:
+            raise _bad_query(f"The key '{text}' in the request URI is not valid for resource '{entity.name}'.")
+        values[name] = unquote_string_literal(match["value"])
+        position = match.end()
+        if match["end"] == "," and position == len(text):
+            raise _bad_query(f"The key '{text}' in the request URI is not valid for resource '{entity.name}'.")
+    missing = [name for name in entity.keys if name not in values]
+    if missing:
+        raise _bad_query(
+            f"The number of keys specified in the URI does not match number of key properties for the resource "
+            f"'{NAMESPACE}.{entity.type_name}': {', '.join(missing)} missing."
+        )
+    return values
+
+
+def _json_response(body: dict, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(json.dumps(body, ensure_ascii=False), status, {"OData-Version": "4.0", **(headers or {})},
+                    media_type=CONTENT_TYPE)
+
+
+def _page_size(request: Request, server_page_size: int) -> tuple[int, dict[str, str]]:
+    """The page size for this request, and the Preference-Applied header if `Prefer` set it."""
+    preference = _MAX_PAGE_SIZE_PREFERENCE.search(request.headers.get("prefer", ""))
+    if preference and int(preference.group(1)) > 0:
+        size = min(int(preference.group(1)), server_page_size)
+        return size, {"Preference-Applied": f"odata.maxpagesize={size}"}
+    return server_page_size, {}
+
+
+def _read_collection(call: _Call, state: CommerceState, server_page_size: int) -> Response:
+    rows = state.visible_rows(call.entity, call.company, call.cross_company)
+    try:
+        result = apply_query(rows, call.request.query_params, Dialect.FINANCE_OPERATIONS, call.entity.types, call.entity.enum_map)
+    except ODataQueryError as error:
+        raise _bad_query(str(error)) from None
+    page_size, preference_applied = _page_size(call.request, server_page_size)
+    page, next_position = page_of(result.rows, page_size)
+    body: dict[str, Any] = {"@odata.context": call.context(result.selected)}
+    if result.count is not None:
+        body["@odata.count"] = result.count
+    body["value"] = page
+    if next_position is not None:
+        body["@odata.nextLink"] = _next_link(call.request, result.skip + next_position,
+                                             None if result.top is None else result.top - next_position)
+    return _json_response(body, headers=preference_applied)
+
+
+def _next_link(request: Request, skip: int, top: int | None) -> str:
+    """The request's own URL with `$skip` (and `$top`, if given) moved past the rows already sent."""
+    params = [(name, value) for name, value in request.query_params.multi_items() if name not in ("$skip", "$top")]
+    params.append(("$skip", str(skip)))
+    if top is not None:
+        params.append(("$top", str(top)))
+    return str(request.url.replace(query=urlencode(params, quote_via=quote, safe="$',()")))
+
+
+def _read_entity(call: _Call, state: CommerceState) -> Response:
+    params = call.request.query_params
+    for option in _COLLECTION_ONLY_OPTIONS:
+        if option in params:
+            raise _bad_query(
+                "The query specified in the URI is not valid. The requested resource is not a collection. Query options "
+                "$filter, $orderby, $count, $skip, and $top can be applied only on collections."
+            )
+    row = state.get(call.entity, call.key, call.company, call.cross_company, str(call.request.url))
+    try:
+        result = apply_query([row], params, Dialect.FINANCE_OPERATIONS, call.entity.types, call.entity.enum_map)
+    except ODataQueryError as error:
+        raise _bad_query(str(error)) from None
+    return _json_response({"@odata.context": call.context(result.selected, "/$entity"), **result.rows[0]})
+
+
+def _resource_path(request: Request) -> str:
+    """What follows `/data/`, percent-decoded exactly once.
+
+    Read from the raw path: key values may hold `/`, `%` and the like, and some servers (Starlette's
+    test client among them) decode `scope["path"]` more than once.
+    """
+    raw_path = request.scope.get("raw_path")
+    path = unquote_to_bytes(raw_path).decode("utf-8", "replace") if raw_path else request.scope["path"]
+    return path.partition("/data/")[2]
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    try:
+        parsed = json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError):
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise _bad_query("The request body must be a JSON object with the entity's properties.")
+    return parsed
+
+
+def create_app(
+    state: CommerceState,
+    issuer: TokenIssuer,
+    audience: str,
+    clients: Mapping[str, ClientRegistration],
+    page_size: int = 10000,
+) -> FastAPI:
+    """The Commerce HQ OData service; `audience` is its base URL (the token resource)."""
+    app = FastAPI(title="Fake Commerce headquarters (F&O OData)", openapi_url=None, docs_url=None, redoc_url=None)
+    challenge = (
+        f'Bearer authorization_uri="{issuer.issuer_base_url}/{issuer.tenant_id}/oauth2/authorize", '
+        f'resource_id="{audience}"'
+    )
+
+    def unauthorized(reason: str) -> Response:
+        error = ODataError(401, reason, "System.UnauthorizedAccessException", "Authorization has been denied for this request.")
+        return _json_response(error.body(), 401, {"WWW-Authenticate": challenge})
+
+    @app.api_route("/data/{resource:path}", methods=["GET", "POST", "PATCH", "DELETE"])
+    async def data(request: Request) -> Response:
+        state.count_request()
+        try:
+            claims = issuer.verify(request.headers.get("authorization"), audience)
+        except InvalidToken as error:
+            return unauthorized(error.reason)
+        client = clients.get(claims.client_id)
+        if client is None:
+            return unauthorized(f"The application {claims.client_id} is not registered in Microsoft Entra applications.")
+        body = await request.body()
+        try:
+            return dispatch(request, _resource_path(request), body, client.default_company)
+        except ODataError as error:
+            return _json_response(error.body(), error.status)
+
+    def dispatch(request: Request, resource: str, body: bytes, company: str) -> Response:
+        match = _RESOURCE.fullmatch(resource)
+        entity = ENTITY_SETS.get(match["entity_set"]) if match else None
+        if entity is None:
+            raise NotFound(str(request.url))
+        key = _parse_key(entity, match["key"]) if match["key"] is not None else None
+        call = _Call(request, company, entity, key)
+        method = request.method
+        if key is None and method == "GET":
+            return _read_collection(call, state, page_size)
+        if key is None and method == "POST":
+            row = state.create(entity, _json_object(body), company)
+            context = {"@odata.context": call.context(None, "/$entity")}
+            return _json_response(context | row, 201, {"Location": call.entity_url(row), "ETag": row["@odata.etag"]})
+        if key is not None and method == "GET":
+            return _read_entity(call, state)
+        if key is not None and method == "PATCH":
+            state.update(entity, key, _json_object(body), company, call.cross_company,
+                         request.headers.get("if-match"), str(request.url))
+            return Response(status_code=204, headers={"OData-Version": "4.0"})
+        if key is not None and method == "DELETE":
+            state.delete(entity, key, company, call.cross_company, request.headers.get("if-match"), str(request.url))
+            return Response(status_code=204, headers={"OData-Version": "4.0"})
+        raise ODataError(405, f"The HTTP method {method} is not supported for this resource.", QUERY_EXCEPTION)
+
+    return app

@@ -1,0 +1,177 @@
+"""Start the fakes as a subprocess for a `with` block, and drive their admin surface.
+
+    with running_fakes(tmp_path, [{"client_id": "app", "client_secret": "s3cret"}]) as fakes:
+        FakeAdmin(fakes).seed_prospects([...])
+        ...  # point MSAL at fakes.authority and httpx at fakes.commerce, with fakes.ca_bundle
+
+For the demo, the test suite and users' own integration tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+STARTUP_TIMEOUT_S = 30
+STOP_TIMEOUT_S = 10
+CLIENTS_FILE = "clients.json"
+STDERR_FILE = "fakes.stderr.log"
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    entra: str
+    tenant_id: str
+    authority: str  # for MSAL: f"{entra}/{tenant_id}"
+    commerce: str  # the Commerce resource (token audience); OData root is f"{commerce}/data"
+    dataverse: str  # the Dataverse resource; Web API root is f"{dataverse}/api/data/v9.2"
+    ca_bundle: str  # give it to MSAL (`verify=`) and httpx
+    pid: int
+
+
+class FakesFailedToStart(RuntimeError):
+    pass
+
+
+@contextmanager
+def running_fakes(
+    state_dir: Path, clients: list[dict[str, Any]], **flags: Any
+) -> Iterator[Endpoints]:
+    """Run `python -m d365_fakes serve` for the duration of the block.
+
+    `flags` are the serve options in Python spelling (`commerce_page_size=3`, `tenant_id=...`).
+    Ports default to 0 (any free port) so parallel runs do not collide.
+    """
+    state_dir = Path(state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    clients_file = state_dir / CLIENTS_FILE
+    _write_private_json(clients_file, clients)
+
+    options = {"entra_port": 0, "commerce_port": 0, "dataverse_port": 0, **flags}
+    command = [sys.executable, "-m", "d365_fakes", "serve"]
+    command += ["--state-dir", str(state_dir), "--clients", str(clients_file)]
+    for name, value in options.items():
+        command += [f"--{name.replace('_', '-')}", str(value)]
+
+    stderr_path = state_dir / STDERR_FILE
+    # stderr goes to a file rather than a pipe: an unread pipe would block a chatty server.
+    # Appended to, so that a failed second start does not wipe a running instance's log.
+    with open(stderr_path, "ab") as stderr, subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=stderr, env=_env_with_package_on_path()
+    ) as process:
+        try:
+            endpoints = _read_endpoints(process, stderr_path)
+            yield endpoints
+        finally:
+            _stop(process)
+
+
+class FakeAdmin:
+    """Client of the fakes' `/_admin` surface (served on the Entra port, so that admin calls do
+    not show up in the Commerce or Dataverse request counts)."""
+
+    def __init__(self, endpoints: Endpoints) -> None:
+        self._http = httpx.Client(
+            base_url=f"{endpoints.entra}/_admin",
+            verify=ssl.create_default_context(cafile=endpoints.ca_bundle),
+            timeout=30,
+        )
+
+    def __enter__(self) -> FakeAdmin:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def reset(self) -> None:
+        self._checked(self._http.post("/reset"))
+
+    def seed_prospects(self, rows: list[dict[str, Any]]) -> int:
+        return self._checked(self._http.post("/commerce/prospects", json={"prospects": rows}))[
+            "created"
+        ]
+
+    def outbox(self) -> list[dict[str, Any]]:
+        return self._checked(self._http.get("/commerce/outbox"))["emails"]
+
+    def counts(self) -> dict[str, Any]:
+        return self._checked(self._http.get("/counts"))
+
+    @staticmethod
+    def _checked(response: httpx.Response) -> Any:
+        if response.is_error:
+            raise RuntimeError(
+                f"{response.request.method} {response.request.url} answered "
+                f"{response.status_code}: {response.text}"
+            )
+        return response.json() if response.content else None
+
+
+def _read_endpoints(process: subprocess.Popen[bytes], stderr_path: Path) -> Endpoints:
+    """The first stdout line of the server, waiting at most STARTUP_TIMEOUT_S."""
+    assert process.stdout is not None
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    received = b""
+    while b"\n" not in received:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise FakesFailedToStart(
+                f"no endpoints line within {STARTUP_TIMEOUT_S} s; stderr:\n"
+                + _tail(stderr_path)
+            )
+        ready, _, _ = select.select([process.stdout], [], [], remaining)
+        if ready:
+            chunk = os.read(process.stdout.fileno(), 65536)
+            if not chunk:
+                process.wait(timeout=STOP_TIMEOUT_S)
+                raise FakesFailedToStart(
+                    f"the fakes exited with code {process.returncode}; stderr:\n"
+                    + _tail(stderr_path)
+                )
+            received += chunk
+    return Endpoints(**json.loads(received.split(b"\n", 1)[0]))
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _env_with_package_on_path() -> dict[str, str]:
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        part for part in (package_parent, env.get("PYTHONPATH")) if part
+    )
+    return env
+
+
+def _write_private_json(path: Path, data: Any) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        os.fchmod(file.fileno(), 0o600)  # O_CREAT's mode does not apply to an existing file
+        json.dump(data, file)
+
+
+def _tail(path: Path, limit: int = 4000) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return text[-limit:] or "(empty)"

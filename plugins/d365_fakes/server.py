@@ -1,0 +1,193 @@
+"""Run the three fakes (Entra ID, Commerce, Dataverse) over HTTPS in one process.
+
+The sockets are bound before the apps are built, so each app knows its real base URL (its token
+audience) even when the port was 0 (any free port). Once all three serve, one JSON line describing
+the endpoints goes to stdout and to `<state_dir>/endpoints.json`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from d365_fakes import admin, entra
+from d365_fakes.clients import ClientRegistration
+from d365_fakes.tls import TlsFiles, ensure_tls, load_or_create_rsa_key
+from d365_fakes.tokens import TokenIssuer
+
+HOST = "127.0.0.1"
+ENDPOINTS_FILE = "endpoints.json"
+TENANT_ID_FILE = "tenant-id"
+SIGNING_KEY_FILE = "token-signing-key.pem"
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to `serve`, which stops all three at once.
+
+    (Each uvicorn.Server would otherwise replace the others' SIGTERM/SIGINT handlers.)
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def serve(
+    state_dir: Path,
+    entra_port: int,
+    commerce_port: int,
+    dataverse_port: int,
+    clients: Mapping[str, ClientRegistration],
+    commerce_page_size: int = 10_000,
+    tenant_id: str | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT. Raises OSError if a port cannot be bound."""
+    # Imported on use: the OData services are the bulk of the package; nothing else here needs them.
+    from d365_fakes import commerce, dataverse
+
+    state_dir = Path(state_dir).resolve()
+    tls = ensure_tls(state_dir)
+    tenant_id = tenant_id or _stable_tenant_id(state_dir)
+    sockets = [_bind(port) for port in (entra_port, commerce_port, dataverse_port)]
+    entra_url, commerce_url, dataverse_url = (_base_url(sock) for sock in sockets)
+
+    issuer = TokenIssuer(
+        entra_url, tenant_id, signing_key=load_or_create_rsa_key(state_dir / SIGNING_KEY_FILE)
+    )
+    commerce_state = commerce.CommerceState()
+    dataverse_state = dataverse.DataverseState()
+    apps = [
+        entra.create_app(issuer, clients),
+        commerce.create_app(
+            commerce_state, issuer, commerce_url, clients, page_size=commerce_page_size
+        ),
+        dataverse.create_app(dataverse_state, issuer, dataverse_url, clients),
+    ]
+    admin_router = admin.create_admin_router(commerce_state, dataverse_state, issuer)
+    for app in apps:
+        app.include_router(admin_router, prefix="/_admin")
+
+    endpoints = {
+        "entra": entra_url,
+        "tenant_id": tenant_id,
+        "authority": f"{entra_url}/{tenant_id}",
+        "commerce": commerce_url,
+        "dataverse": dataverse_url,
+        "ca_bundle": str(tls.ca_bundle),
+        "pid": os.getpid(),
+    }
+    endpoints_file = state_dir / ENDPOINTS_FILE
+    try:
+        asyncio.run(_serve_all(apps, sockets, tls, lambda: _announce(endpoints, endpoints_file)))
+    finally:
+        _remove_if_ours(endpoints_file)
+
+
+async def _serve_all(
+    apps: list[FastAPI],
+    sockets: list[socket.socket],
+    tls: TlsFiles,
+    on_started: Callable[[], None],
+) -> None:
+    servers = [_Server(_config(app, tls)) for app in apps]
+
+    def stop() -> None:
+        for server in servers:
+            server.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop)
+
+    tasks = [
+        asyncio.create_task(server.serve(sockets=[sock])) for server, sock in zip(servers, sockets)
+    ]
+    try:
+        if await _all_started(servers, tasks):
+            on_started()
+        else:
+            stop()
+        await asyncio.gather(*tasks)
+    finally:
+        stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _all_started(servers: list[_Server], tasks: list[asyncio.Task[None]]) -> bool:
+    """Wait until every server listens (True), or until one of them has ended (False)."""
+    while not all(server.started for server in servers):
+        if any(task.done() for task in tasks):
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+def _config(app: FastAPI, tls: TlsFiles) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        ssl_certfile=str(tls.cert),
+        ssl_keyfile=str(tls.key),
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        # Requests take milliseconds; what remains at shutdown is mostly clients' idle keep-alive
+        # TLS connections, which would otherwise hold the shutdown for the TLS close timeout.
+        timeout_graceful_shutdown=1,
+    )
+
+
+def _bind(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((HOST, port))
+    except OSError as error:
+        sock.close()
+        raise OSError(error.errno, f"cannot listen on {HOST}:{port}: {error.strerror}") from None
+    return sock
+
+
+def _base_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"https://{host}:{port}"
+
+
+def _stable_tenant_id(state_dir: Path) -> str:
+    """The tenant id kept in the state directory, so it survives restarts (as a real one does)."""
+    path = state_dir / TENANT_ID_FILE
+    if path.exists():
+        return str(uuid.UUID(path.read_text(encoding="utf-8").strip()))
+    tenant_id = str(uuid.uuid4())
+    path.write_text(tenant_id + "\n", encoding="utf-8")
+    return tenant_id
+
+
+def _remove_if_ours(endpoints_file: Path) -> None:
+    """Remove endpoints.json once this process stops serving, unless another instance wrote it
+    (e.g. this one failed to start because that one holds the ports)."""
+    try:
+        if json.loads(endpoints_file.read_text(encoding="utf-8"))["pid"] == os.getpid():
+            endpoints_file.unlink()
+    except (OSError, ValueError, KeyError):
+        pass
+
+
+def _announce(endpoints: dict[str, Any], endpoints_file: Path) -> None:
+    line = json.dumps(endpoints)
+    temp = endpoints_file.with_name(f".{endpoints_file.name}.tmp")
+    temp.write_text(line + "\n", encoding="utf-8")
+    temp.replace(endpoints_file)
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,166 @@
+"""Access tokens of the fake Entra ID tenant: issuing (for entra.py) and verifying (for the APIs).
+
+Tokens are RS256 JWTs shaped like Entra ID v2.0 app-only tokens, so that what the product sees on
+the wire (and any tooling that decodes a token) looks like the real thing.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from d365_fakes.clients import ClientRegistration
+
+DEFAULT_LIFETIME_S = 3599  # what Entra ID answers for client-credential tokens
+
+
+class InvalidToken(Exception):
+    """The request's bearer token is missing or unacceptable; `reason` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Claims:
+    client_id: str
+    app_user_id: str
+    tenant_id: str
+    audience: str
+    expires_at: datetime
+
+
+class TokenIssuer:
+    """Signs and checks the tenant's tokens; counts the tokens it has issued.
+
+    Pass the same `signing_key` across restarts (server.py keeps it in the state directory) so
+    that tokens clients have cached stay valid, as with Entra ID's long-lived signing keys.
+    """
+
+    def __init__(
+        self,
+        issuer_base_url: str,
+        tenant_id: str,
+        lifetime_s: int = DEFAULT_LIFETIME_S,
+        signing_key: rsa.RSAPrivateKey | None = None,
+    ) -> None:
+        self.issuer_base_url = issuer_base_url.rstrip("/")
+        self.tenant_id = tenant_id
+        self.issuer = f"{self.issuer_base_url}/{tenant_id}/v2.0"
+        self.lifetime_s = lifetime_s
+        self._key = signing_key or rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self._public_jwk = _public_jwk(self._key.public_key())
+        self.kid = self._public_jwk["kid"]
+        self._lock = threading.Lock()
+        self._tokens_issued = 0
+
+    @property
+    def tokens_issued(self) -> int:
+        return self._tokens_issued
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self._tokens_issued = 0
+
+    def issue(self, client: ClientRegistration, resource: str) -> dict[str, Any]:
+        """The token endpoint's answer body for `client` asking for `resource` (the audience)."""
+        now = int(time.time())
+        claims = {
+            "aud": resource.rstrip("/"),
+            "iss": self.issuer,
+            "iat": now,
+            "nbf": now,
+            "exp": now + self.lifetime_s,
+            "tid": self.tenant_id,
+            "appid": client.client_id,
+            "appidacr": "1",  # 1 = authenticated with a client secret
+            "azp": client.client_id,
+            "azpacr": "1",
+            "oid": client.app_user_id,
+            "sub": client.app_user_id,
+            "idtyp": "app",
+            "roles": [],
+            "uti": uuid.uuid4().hex,
+            "ver": "2.0",
+        }
+        token = jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": self.kid})
+        with self._lock:
+            self._tokens_issued += 1
+        return {
+            "token_type": "Bearer",
+            "expires_in": self.lifetime_s,
+            "ext_expires_in": self.lifetime_s,
+            "access_token": token,
+        }
+
+    def verify(self, authorization_header: str | None, audience: str) -> Claims:
+        """Check an `Authorization` header value for a token meant for `audience`."""
+        if not authorization_header:
+            raise InvalidToken("no Authorization header")
+        scheme, _, token = authorization_header.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise InvalidToken("the Authorization header is not 'Bearer <token>'")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise InvalidToken("the bearer token is not a JWT") from None
+        if header.get("kid") != self.kid:
+            raise InvalidToken("the token was not signed by this tenant's key")
+        try:
+            claims = jwt.decode(
+                token,
+                self._key.public_key(),
+                algorithms=["RS256"],
+                audience=audience.rstrip("/"),
+                issuer=self.issuer,
+                options={"require": ["exp", "iat", "nbf", "aud", "iss", "tid", "azp", "oid"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise InvalidToken("the token has expired") from None
+        except jwt.InvalidAudienceError:
+            raise InvalidToken(f"the token's audience is not {audience.rstrip('/')}") from None
+        except jwt.InvalidSignatureError:
+            raise InvalidToken("the token's signature is invalid") from None
+        except jwt.InvalidTokenError as error:
+            raise InvalidToken(f"the token is invalid: {error}") from None
+        return Claims(
+            client_id=claims["azp"],
+            app_user_id=claims["oid"],
+            tenant_id=claims["tid"],
+            audience=claims["aud"],
+            expires_at=datetime.fromtimestamp(claims["exp"], tz=timezone.utc),
+        )
+
+    def jwks(self) -> dict[str, Any]:
+        return {"keys": [dict(self._public_jwk)]}
+
+
+def _public_jwk(public_key: rsa.RSAPublicKey) -> dict[str, str]:
+    numbers = public_key.public_numbers()
+    n = _b64url_uint(numbers.n)
+    e = _b64url_uint(numbers.e)
+    # RFC 7638 thumbprint as the key id: stable for a given key, so restarts keep the same kid.
+    canonical = json.dumps({"e": e, "kty": "RSA", "n": n}, separators=(",", ":"), sort_keys=True)
+    kid = _b64url(hashlib.sha256(canonical.encode()).digest())
+    return {"kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid, "n": n, "e": e}
+
+
+def _b64url_uint(value: int) -> str:
+    return _b64url(value.to_bytes((value.bit_length() + 7) // 8, "big"))
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+

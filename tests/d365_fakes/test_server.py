@@ -1,0 +1,173 @@
+"""The three fakes as one process: `python -m d365_fakes serve`, via running_fakes and directly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import msal
+import pytest
+
+from d365_fakes.running import Endpoints, FakeAdmin, FakesFailedToStart, running_fakes
+
+CLIENT = {
+    "client_id": "onboarding-pipeline",
+    "client_secret": "test-only-secret",
+    "default_company": "usrt",
+}
+PROSPECT = {
+    "dataAreaId": "usrt",
+    "ProspectId": "P-000001",
+    "ProspectName": "Ada Lovelace",
+    "CompanyName": "Analytical Engines Ltd",
+    "PrimaryEmailAddress": "ada@engines.example",
+}
+PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
+
+
+@pytest.fixture(scope="module")
+def fakes(tmp_path_factory: pytest.TempPathFactory):
+    with running_fakes(tmp_path_factory.mktemp("fakes"), [CLIENT]) as endpoints:
+        yield endpoints
+
+
+@pytest.fixture
+def admin(fakes: Endpoints):
+    with FakeAdmin(fakes) as admin:
+        admin.reset()
+        yield admin
+
+
+def msal_token(endpoints: Endpoints, resource: str) -> dict:
+    app = msal.ConfidentialClientApplication(
+        CLIENT["client_id"],
+        client_credential=CLIENT["client_secret"],
+        authority=endpoints.authority,
+        instance_discovery=False,
+        verify=endpoints.ca_bundle,
+    )
+    return app.acquire_token_for_client(scopes=[f"{resource}/.default"])
+
+
+def https(endpoints: Endpoints) -> httpx.Client:
+    return httpx.Client(verify=ssl.create_default_context(cafile=endpoints.ca_bundle), timeout=30)
+
+
+def test_endpoints_are_printed_and_written(fakes: Endpoints) -> None:
+    state_dir = Path(fakes.ca_bundle).parent
+    written = json.loads((state_dir / "endpoints.json").read_text())
+
+    assert written == vars(fakes)
+    assert fakes.authority == f"{fakes.entra}/{fakes.tenant_id}"
+    for url in (fakes.entra, fakes.commerce, fakes.dataverse):
+        assert url.startswith("https://127.0.0.1:")
+    assert len({fakes.entra, fakes.commerce, fakes.dataverse}) == 3
+    assert Path(fakes.ca_bundle).is_absolute() and Path(fakes.ca_bundle).exists()
+    os.kill(fakes.pid, 0)  # the server process is alive
+
+
+def test_token_for_commerce_opens_commerce_only(fakes, admin, msal_honours_verify) -> None:
+    token = msal_token(fakes, fakes.commerce)
+    assert token.get("token_source") == "identity_provider", token
+    headers = {"Authorization": f"Bearer {token['access_token']}"}
+
+    with https(fakes) as client:
+        commerce = client.get(f"{fakes.commerce}/data/Prospects", headers=headers)
+        dataverse = client.get(f"{fakes.dataverse}/api/data/v9.2/leads", headers=headers)
+
+    assert commerce.status_code == 200, commerce.text
+    assert dataverse.status_code == 401
+    assert f'resource_id="{fakes.dataverse}"' in dataverse.headers["WWW-Authenticate"]
+    assert admin.counts()["entra"] == {"tokens_issued": 1}
+
+
+def test_admin_seeds_counts_and_resets(fakes, admin) -> None:
+    assert admin.seed_prospects([PROSPECT]) == 1
+    assert admin.outbox() == []
+    counts = admin.counts()
+    assert set(counts) == {"commerce", "dataverse", "entra"}
+    assert counts["commerce"]["requests"] == 0  # admin calls are not Commerce requests
+
+    admin.reset()
+
+    assert admin.seed_prospects([PROSPECT]) == 1  # the first one is gone
+
+
+def test_admin_rejects_bad_seed_rows_with_the_reason(fakes, admin) -> None:
+    with pytest.raises(RuntimeError, match="400.*ProspectId"):
+        admin.seed_prospects([{"dataAreaId": "usrt"}])
+    with https(fakes) as client:
+        response = client.post(f"{fakes.commerce}/_admin/commerce/prospects", json=[PROSPECT])
+    assert response.status_code == 400
+    assert "prospects" in response.json()["error"]
+
+
+def test_restart_keeps_tenant_ca_and_signing_key(tmp_path: Path, msal_honours_verify) -> None:
+    with running_fakes(tmp_path, [CLIENT]) as first:
+        access_token = msal_token(first, first.commerce)["access_token"]
+        ca_bundle = Path(first.ca_bundle).read_bytes()
+    assert not (tmp_path / "endpoints.json").exists()  # removed on a clean shutdown
+    ports = {
+        f"{name}_port": int(getattr(first, name).rsplit(":", 1)[1])
+        for name in ("entra", "commerce", "dataverse")
+    }
+
+    with running_fakes(tmp_path, [CLIENT], **ports) as second:
+        with https(second) as client:
+            response = client.get(
+                f"{second.commerce}/data/Prospects",
+                headers={"Authorization": f"Bearer {access_token}"},
+            )
+
+    assert second.tenant_id == first.tenant_id
+    assert Path(second.ca_bundle).read_bytes() == ca_bundle
+    assert response.status_code == 200, response.text  # a cached token survives the restart
+
+
+def test_a_second_instance_on_taken_ports_fails_with_the_reason(fakes: Endpoints) -> None:
+    state_dir = Path(fakes.ca_bundle).parent
+    port = int(fakes.entra.rsplit(":", 1)[1])
+
+    with pytest.raises(FakesFailedToStart, match=f"cannot listen on 127.0.0.1:{port}"):
+        with running_fakes(state_dir, [CLIENT], entra_port=port):
+            pass
+
+    written = json.loads((state_dir / "endpoints.json").read_text())
+    assert written["pid"] == fakes.pid  # the running instance's endpoints file is left alone
+
+
+def test_command_line_serves_until_sigint_then_exits_cleanly(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(PLUGINS),
+        "D365_FAKES_CLIENTS": json.dumps([CLIENT]),  # inline JSON instead of --clients
+    }
+    ports = ["--entra-port", "0", "--commerce-port", "0", "--dataverse-port", "0"]
+    command = [sys.executable, "-m", "d365_fakes", "serve", "--state-dir", str(tmp_path), *ports]
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) as server:
+        endpoints = json.loads(server.stdout.readline())
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=15) == 0
+
+    assert endpoints["pid"] == server.pid
+    assert not (tmp_path / "endpoints.json").exists()
+
+
+def test_command_line_refuses_to_start_without_clients(tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "D365_FAKES_CLIENTS"}
+    env["PYTHONPATH"] = str(PLUGINS)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "d365_fakes", "serve", "--state-dir", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=30,
+    )
+
+    assert result.returncode == 2
+    assert "--clients FILE or set D365_FAKES_CLIENTS" in result.stderr
+    assert result.stdout == ""
