@@ -15,7 +15,10 @@ from .store import StateStore
 
 
 class _DynamicsHook(BaseHook):
+    conn_name_attr = "conn_id"
+    conn_type = "generic"
     default_conn_name: str
+    client_class: type[CommerceClient] | type[SalesClient]
 
     def __init__(self, conn_id: str | None = None) -> None:
         super().__init__()
@@ -27,29 +30,24 @@ class _DynamicsHook(BaseHook):
             self.conn_id, conn.host, conn.login, conn.password, conn.extra_dejson, port=conn.port
         )
 
+    def get_conn(self) -> CommerceClient | SalesClient:
+        return self.client_class.connect(self.settings())
+
 
 class CommerceHook(_DynamicsHook):
     """`d365_commerce`: Commerce headquarters (Finance and Operations OData)."""
 
-    conn_name_attr = "conn_id"
     default_conn_name = "d365_commerce"
-    conn_type = "generic"
     hook_name = "Dynamics 365 Commerce headquarters"
-
-    def get_conn(self) -> CommerceClient:
-        return CommerceClient.connect(self.settings())
+    client_class = CommerceClient
 
 
 class SalesHook(_DynamicsHook):
     """`d365_sales`: Dynamics 365 Sales (Dataverse Web API)."""
 
-    conn_name_attr = "conn_id"
     default_conn_name = "d365_sales"
-    conn_type = "generic"
     hook_name = "Dynamics 365 Sales (Dataverse)"
-
-    def get_conn(self) -> SalesClient:
-        return SalesClient.connect(self.settings())
+    client_class = SalesClient
 
 
 class StateStoreHook(BaseHook):

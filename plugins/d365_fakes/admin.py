@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from d365_fakes.faults import FaultPlan
 from d365_fakes.tokens import TokenIssuer
 
 
@@ -28,15 +29,42 @@ class DataverseAdmin(Protocol):
 
 
 def create_admin_router(
-    commerce_state: CommerceAdmin, dataverse_state: DataverseAdmin, issuer: TokenIssuer
+    commerce_state: CommerceAdmin,
+    dataverse_state: DataverseAdmin,
+    issuer: TokenIssuer,
+    faults: FaultPlan | None = None,
 ) -> APIRouter:
     router = APIRouter()
+    faults = faults if faults is not None else FaultPlan()  # without a plan from the apps: accepted, never served
 
     @router.post("/reset", status_code=204)
     async def reset() -> Response:
         commerce_state.reset()
         dataverse_state.reset()
         issuer.reset_counts()
+        faults.clear()
+        return Response(status_code=204)
+
+    @router.post("/faults", status_code=204)
+    async def inject_fault(request: Request) -> Response:
+        try:
+            body = json.loads(await request.body())
+        except ValueError as error:
+            return _bad_request(f"the body is not JSON: {error}")
+        if not isinstance(body, dict):
+            return _bad_request('the body must be {"system": ..., "status": ..., "count": ..., "retry_after": ...}')
+        unknown = sorted(set(body) - {"system", "status", "count", "retry_after"})
+        if unknown:
+            return _bad_request(f"unknown field(s): {', '.join(unknown)}")
+        try:
+            faults.add(body.get("system"), body.get("status"), body.get("count", 1), body.get("retry_after"))
+        except ValueError as error:
+            return _bad_request(str(error))
+        return Response(status_code=204)
+
+    @router.delete("/faults", status_code=204)
+    async def clear_faults() -> Response:
+        faults.clear()
         return Response(status_code=204)
 
     @router.post("/commerce/prospects")

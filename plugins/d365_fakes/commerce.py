@@ -23,8 +23,10 @@ from urllib.parse import quote, unquote_to_bytes, urlencode
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from starlette.convertors import Convertor, register_url_convertor
 
 from d365_fakes.clients import ClientRegistration
+from d365_fakes.faults import Fault, FaultPlan
 from d365_fakes.odata_query import Dialect, ODataQueryError, apply_query, page_of, unquote_string_literal
 from d365_fakes.tokens import InvalidToken, TokenIssuer
 
@@ -463,6 +465,20 @@ def _decision_email(prospect: Mapping[str, Any], status: str) -> dict[str, Any]:
 
 # --- HTTP ----------------------------------------------------------------------------------------
 
+class _ResourcePathConvertor(Convertor[str]):
+    """Like Starlette's `path` (`.*`), but across newlines too: key values may contain them."""
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("fno_resource", _ResourcePathConvertor())
+
 _RESOURCE = re.compile(r"(?P<entity_set>\w+)(?:\((?P<key>.*)\))?", re.DOTALL)
 _KEY_PART = re.compile(r"\s*(?:(?P<name>\w+)\s*=\s*)?(?P<value>'(?:[^']|'')*')\s*(?P<end>,|\Z)")
 _MAX_PAGE_SIZE_PREFERENCE = re.compile(r"odata\.maxpagesize\s*=\s*(\d+)", re.IGNORECASE)
@@ -602,12 +618,24 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return parsed
 
 
+def _fault_response(fault: Fault) -> Response:
+    """An injected fault, answered as F&O answers throttling and outages."""
+    if fault.status == 429:
+        message = "The request was throttled. Retry after the number of seconds in the Retry-After header."
+    elif fault.status >= 500:
+        message = "The service is temporarily unavailable. Try again later."
+    else:
+        message = "The request failed (a fault injected through the fakes' /_admin/faults)."
+    return _json_response(ODataError(fault.status, message, "").body(), fault.status, fault.headers())
+
+
 def create_app(
     state: CommerceState,
     issuer: TokenIssuer,
     audience: str,
     clients: Mapping[str, ClientRegistration],
     page_size: int = 10000,
+    faults: FaultPlan | None = None,
 ) -> FastAPI:
     """The Commerce HQ OData service; `audience` is its base URL (the token resource)."""
     app = FastAPI(title="Fake Commerce headquarters (F&O OData)", openapi_url=None, docs_url=None, redoc_url=None)
@@ -620,9 +648,12 @@ def create_app(
         error = ODataError(401, reason, "System.UnauthorizedAccessException", "Authorization has been denied for this request.")
         return _json_response(error.body(), 401, {"WWW-Authenticate": challenge})
 
-    @app.api_route("/data/{resource:path}", methods=["GET", "POST", "PATCH", "DELETE"])
+    @app.api_route("/data/{resource:fno_resource}", methods=["GET", "POST", "PATCH", "DELETE"])
     async def data(request: Request) -> Response:
         state.count_request()
+        fault = faults.take("commerce") if faults else None
+        if fault:
+            return _fault_response(fault)
         try:
             claims = issuer.verify(request.headers.get("authorization"), audience)
         except InvalidToken as error:

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 from starlette.convertors import Convertor, register_url_convertor
 
 from d365_fakes.clients import ClientRegistration
+from d365_fakes.faults import Fault, FaultPlan
 from d365_fakes.odata_query import Dialect, ODataQueryError, apply_query, unquote_string_literal
 from d365_fakes.tokens import InvalidToken, TokenIssuer
 
@@ -38,6 +39,8 @@ INVALID_ARGUMENT = "0x80040203"
 BAD_QUERY = "0x8006088a"
 UNKNOWN_NAME = "0x80060888"  # no property, or no resource segment, of that name
 UNAUTHORIZED = "0x80072243"
+REQUESTS_LIMIT = "0x80072322"  # service protection: number of requests
+UNEXPECTED = "0x80040216"
 
 _GUID = r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
 _IDS = uuid.uuid5(uuid.NAMESPACE_URL, "d365-fakes/dataverse")  # namespace of the fixed ids
@@ -809,11 +812,24 @@ def _page_size(preferences: Mapping[str, str]) -> int | None:
     return min(int(requested), MAX_PAGE_SIZE)
 
 
+def _fault_response(fault: Fault) -> JSONResponse:
+    """An injected fault, answered as the Web API answers service protection limits and outages."""
+    if fault.status == 429:
+        code, message = REQUESTS_LIMIT, "Number of requests exceeded the limit of 6000 over time window of 300 seconds."
+    elif fault.status >= 500:
+        code, message = UNEXPECTED, "An unexpected error occurred."
+    else:
+        code, message = INVALID_ARGUMENT, "The request failed (a fault injected through the fakes' /_admin/faults)."
+    body = {"error": {"code": code, "message": message}}
+    return JSONResponse(body, status_code=fault.status, headers=fault.headers())
+
+
 def create_app(
     state: DataverseState,
     issuer: TokenIssuer,
     audience: str,
     clients: Mapping[str, ClientRegistration],
+    faults: FaultPlan | None = None,
 ) -> FastAPI:
     """The Web API at `<audience>/api/data/v9.2`, accepting tokens whose audience is `audience`."""
     state.register_users(clients.values())
@@ -837,7 +853,8 @@ def create_app(
         if not request.url.path.startswith(API_ROOT + "/"):
             return await call_next(request)  # the /_admin routes mounted alongside
         state.count_request()
-        response = await call_next(request)
+        fault = faults.take("dataverse") if faults else None
+        response = _fault_response(fault) if fault else await call_next(request)
         response.headers["OData-Version"] = "4.0"
         return response
 

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from d365_fakes.clients import ClientRegistration
+from d365_fakes.faults import Fault, FaultPlan
 from d365_fakes.tokens import TokenIssuer
 
 DEFAULT_SCOPE_SUFFIX = "/.default"
@@ -29,7 +30,9 @@ class _EntraError(Exception):
         self.status, self.error, self.code, self.message = status, error, code, message
 
 
-def create_app(issuer: TokenIssuer, clients: Mapping[str, ClientRegistration]) -> FastAPI:
+def create_app(
+    issuer: TokenIssuer, clients: Mapping[str, ClientRegistration], faults: FaultPlan | None = None
+) -> FastAPI:
     app = FastAPI(title="Fake Microsoft Entra ID", docs_url=None, redoc_url=None, openapi_url=None)
     base = issuer.issuer_base_url
 
@@ -79,6 +82,9 @@ def create_app(issuer: TokenIssuer, clients: Mapping[str, ClientRegistration]) -
 
     @app.post("/{tenant}/oauth2/v2.0/token")
     async def token(tenant: str, request: Request) -> JSONResponse:
+        fault = faults.take("entra") if faults else None
+        if fault:
+            return _fault_response(request, fault)
         check_tenant(tenant)
         form = await request.form()
         grant_type = _required(form, "grant_type")
@@ -92,9 +98,10 @@ def create_app(issuer: TokenIssuer, clients: Mapping[str, ClientRegistration]) -
         client_id, secret = _client_credentials(request, form)
         client = clients.get(client_id)
         if client is None:
-            # Entra ID answers an unknown client id with 400 unauthorized_client, not 401.
+            # The error and code are Entra's (AADSTS700016, unauthorized_client); the status is 401, as
+            # the product card asks, where Entra itself answers 400 (see README, "Choices").
             raise _EntraError(
-                400,
+                401,
                 "unauthorized_client",
                 700016,
                 f"Application with identifier '{client_id}' was not found in the directory "
@@ -199,6 +206,19 @@ def _error_response(request: Request, error: _EntraError) -> JSONResponse:
     }
     headers = {"Cache-Control": "no-store", "Pragma": "no-cache", "x-ms-request-id": trace_id}
     return JSONResponse(body, status_code=error.status, headers=headers)
+
+
+def _fault_response(request: Request, fault: Fault) -> JSONResponse:
+    """An injected fault: a transient failure (429, 5xx) or a refused request (other 4xx)."""
+    if fault.status == 429 or fault.status >= 500:
+        error = _EntraError(fault.status, "temporarily_unavailable", 90033,
+                            "A transient error has occurred. Please try again.")  # fmt: skip
+    else:
+        error = _EntraError(fault.status, "invalid_request", 9002313,
+                            "Invalid request. Request is malformed or invalid.")  # fmt: skip
+    response = _error_response(request, error)
+    response.headers.update(fault.headers())
+    return response
 
 
 def _uuid_or_none(value: str | None) -> str | None:

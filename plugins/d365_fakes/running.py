@@ -112,6 +112,19 @@ class FakeAdmin:
     def counts(self) -> dict[str, Any]:
         return self._checked(self._http.get("/counts"))
 
+    def inject_fault(
+        self, system: str, status: int, count: int = 1, retry_after: int | None = None
+    ) -> None:
+        """The next `count` requests to `system` ("commerce", "dataverse" or "entra") answer
+        `status`, with `Retry-After: retry_after` if given. Cleared by `clear_faults` and `reset`."""
+        fault = {"system": system, "status": status, "count": count}
+        if retry_after is not None:
+            fault["retry_after"] = retry_after
+        self._checked(self._http.post("/faults", json=fault))
+
+    def clear_faults(self) -> None:
+        self._checked(self._http.delete("/faults"))
+
     @staticmethod
     def _checked(response: httpx.Response) -> Any:
         if response.is_error:

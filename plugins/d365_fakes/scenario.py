@@ -3,9 +3,11 @@ each seller decides, and what Commerce must show at the end."""
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from d365_fakes.actors import Clerk, Seller
 from d365_fakes.running import Endpoints, FakeAdmin
@@ -43,6 +45,31 @@ class Cast:
     @property
     def clients(self) -> list[dict]:
         return [self.integration, self.seller, self.clerk]
+
+
+def airflow_connections(
+    endpoints: Endpoints, cast: Cast, legal_entities: list[str], state_db: Path, sales_page_size: int = 5000
+) -> dict:
+    """The product's three Airflow connections as `AIRFLOW_CONN_*` variables (JSON form)."""
+
+    def service(resource: str, extra: dict) -> str:
+        return json.dumps({
+            "conn_type": "generic", "host": resource, "login": cast.integration["client_id"],
+            "password": cast.integration["client_secret"],
+            "extra": {"authority": endpoints.authority, "ca_bundle": endpoints.ca_bundle, **extra},
+        })  # fmt: skip
+
+    return {
+        "AIRFLOW_CONN_D365_COMMERCE": service(endpoints.commerce, {"legal_entities": legal_entities}),
+        "AIRFLOW_CONN_D365_SALES": service(endpoints.dataverse, {"page_size": sales_page_size}),
+        "AIRFLOW_CONN_D365_STATE": json.dumps({"conn_type": "generic", "schema": str(state_db),
+                                               "extra": {"driver": "sqlite"}}),  # fmt: skip
+    }
+
+
+def total_writes(counts: dict) -> int:
+    """Writes to Commerce and Sales, from the fakes' `/_admin/counts`."""
+    return sum(counts["commerce"]["writes"].values()) + sum(counts["dataverse"]["writes"].values())
 
 
 def prospects(count: int = 50, legal_entities: tuple[str, ...] = ("usrt", "usmf")) -> tuple[list[dict], dict]:

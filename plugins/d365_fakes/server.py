@@ -23,6 +23,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from d365_fakes import admin, entra
+from d365_fakes.faults import FaultPlan
 from d365_fakes.clients import ClientRegistration
 from d365_fakes.tls import TlsFiles, ensure_tls, load_or_create_rsa_key
 from d365_fakes.tokens import TokenIssuer
@@ -68,14 +69,15 @@ def serve(
     )
     commerce_state = commerce.CommerceState()
     dataverse_state = dataverse.DataverseState()
+    faults = FaultPlan()  # one plan: a fault injected through any server's /_admin reaches its system
     apps = [
-        entra.create_app(issuer, clients),
+        entra.create_app(issuer, clients, faults=faults),
         commerce.create_app(
-            commerce_state, issuer, commerce_url, clients, page_size=commerce_page_size
+            commerce_state, issuer, commerce_url, clients, page_size=commerce_page_size, faults=faults
         ),
-        dataverse.create_app(dataverse_state, issuer, dataverse_url, clients),
+        dataverse.create_app(dataverse_state, issuer, dataverse_url, clients, faults=faults),
     ]
-    admin_router = admin.create_admin_router(commerce_state, dataverse_state, issuer)
+    admin_router = admin.create_admin_router(commerce_state, dataverse_state, issuer, faults)
     for app in apps:
         app.include_router(admin_router, prefix="/_admin")
 

@@ -203,6 +203,13 @@ def test_key_values_survive_percent_encoding(api, state):
     assert api.get(key_url("Prospects", dataAreaId="USRT", ProspectId=awkward.upper())).status_code == 200
 
 
+def test_key_values_may_hold_newlines(api, state):
+    state.seed_prospects([prospect("line\nbreak")])
+    response = api.get(key_url("Prospects", dataAreaId="usrt", ProspectId="line\nbreak"))
+    assert response.status_code == 200, response.text
+    assert response.json()["ProspectId"] == "line\nbreak"
+
+
 def test_key_access_errors(api, state):
     state.seed_prospects([prospect("P-1")])
     missing = api.get(key_url("Prospects", ProspectId="P-1"))

@@ -7,7 +7,7 @@ import pytest
 from b2b_onboarding.store import StateStore
 from d365_fakes.actors import Seller
 from d365_fakes.running import FakeAdmin
-from d365_fakes.scenario import observe, play_sellers, prospects
+from d365_fakes.scenario import observe, play_sellers, prospects, total_writes
 
 pytestmark = pytest.mark.e2e
 
@@ -24,11 +24,6 @@ def dags(airflow_db):
 def run(dags, dag_id: str) -> None:
     dag_run = dags.get_dag(dag_id).test()
     assert dag_run.state == "success", f"{dag_id} ended {dag_run.state}"
-
-
-def total_writes(admin: FakeAdmin) -> int:
-    counts = admin.counts()
-    return sum(counts["commerce"]["writes"].values()) + sum(counts["dataverse"]["writes"].values())
 
 
 def test_prospects_become_leads_then_decisions_reach_commerce_exactly_once(world, dags):
@@ -57,10 +52,10 @@ def test_prospects_become_leads_then_decisions_reach_commerce_exactly_once(world
         decided = sum(row["expected"] != "Pending" for row in outcome.rows)
         assert outcome.emails == decided > 0
 
-        before = total_writes(admin)
+        before = total_writes(admin.counts())
         run(dags, "b2b_prospect_sync")
         run(dags, "b2b_outcome_reconciliation")
-        assert total_writes(admin) == before, "a second run wrote again"
+        assert total_writes(admin.counts()) == before, "a second run wrote again"
         assert observe(world.endpoints, world.cast, plan).rows == outcome.rows
     seller.close()
 

@@ -1,0 +1,311 @@
+"""The product's clients (auth, Commerce, Sales, OData retries) against the fakes over real HTTPS.
+
+Nothing here patches MSAL or httpx: tokens come from the fake Entra ID, data from the fake
+Commerce HQ and Dataverse, through the same code paths as in production.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from b2b_onboarding import sales
+from b2b_onboarding.auth import TokenProvider, token_provider
+from b2b_onboarding.commerce import CommerceClient
+from b2b_onboarding.errors import AuthenticationError, D365Error
+from b2b_onboarding.sales import SalesClient
+from b2b_onboarding.settings import ServiceSettings
+from d365_fakes.actors import Clerk, Seller
+from d365_fakes.running import Endpoints, FakeAdmin, running_fakes
+from d365_fakes.scenario import Cast
+from d365_fakes.tls import ensure_tls
+
+COMMERCE_PAGE_SIZE = 3
+HOSTILE_PROSPECT_IDS = [
+    "O'Brien", "' or 1 eq 1", "P-1' or ProspectId ne '", "%27", "50%", "a/b", "../Prospects", "a#b", "a?b=c",
+    "line\nbreak", "Zoë 李 😀",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class World:
+    endpoints: Endpoints
+    cast: Cast
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    cast = Cast.new()
+    state_dir = tmp_path_factory.mktemp("fakes")
+    with running_fakes(state_dir, cast.clients, commerce_page_size=COMMERCE_PAGE_SIZE) as endpoints:
+        yield World(endpoints, cast)
+
+
+@pytest.fixture
+def admin(world: World) -> Iterator[FakeAdmin]:
+    """The fakes' admin surface, with empty systems and no faults at the start of each test."""
+    with FakeAdmin(world.endpoints) as admin:
+        admin.reset()
+        yield admin
+
+
+def settings(world: World, resource: str, **extra) -> ServiceSettings:
+    app = world.cast.integration
+    return ServiceSettings.from_connection(
+        "d365_test", host=resource, login=app["client_id"], password=app["client_secret"],
+        extra={"authority": world.endpoints.authority, "ca_bundle": world.endpoints.ca_bundle, **extra},
+    )  # fmt: skip
+
+
+@pytest.fixture
+def commerce(world: World, admin: FakeAdmin) -> Iterator[CommerceClient]:
+    client = CommerceClient.connect(settings(world, world.endpoints.commerce, legal_entities=["usrt", "usmf"]))
+    yield client
+    client.odata.close()
+
+
+@pytest.fixture
+def sales_client(world: World, admin: FakeAdmin) -> Iterator[SalesClient]:
+    client = SalesClient.connect(settings(world, world.endpoints.dataverse, page_size=2))
+    yield client
+    client.odata.close()
+
+
+@pytest.fixture
+def seller(world: World) -> Iterator[Seller]:
+    """Another app registration working in Sales, as a person would through the UI."""
+    seller = Seller(world.endpoints, world.cast.seller["client_id"], world.cast.seller["client_secret"])
+    yield seller
+    seller.close()
+
+
+@pytest.fixture
+def clerk(world: World) -> Iterator[Clerk]:
+    """A back-office user editing prospects in Commerce HQ."""
+    clerk = Clerk(world.endpoints, world.cast.clerk["client_id"], world.cast.clerk["client_secret"])
+    yield clerk
+    clerk.close()
+
+
+def prospect(prospect_id: str, legal_entity: str = "usrt", **fields) -> dict:
+    return {"dataAreaId": legal_entity, "ProspectId": prospect_id, "ProspectName": "Ada Lovelace",
+            "CompanyName": "Analytical Engines", "PrimaryEmailAddress": "ada@engines.example", **fields}  # fmt: skip
+
+
+def lead(company: str, **fields) -> dict:
+    return {"firstname": "Ada", "lastname": "Lovelace", "companyname": company, "msdyn_b2bcommerceprospect": True,
+            **fields}  # fmt: skip
+
+
+def requests_to(admin: FakeAdmin, system: str) -> int:
+    return admin.counts()[system]["requests"]
+
+
+# --- TokenProvider -------------------------------------------------------------------------------
+
+
+def integration_provider(world: World, secret: str | None = None, verify: str | bool | None = None) -> TokenProvider:
+    app = world.cast.integration
+    return TokenProvider(world.endpoints.authority, app["client_id"], secret or app["client_secret"],
+                         world.endpoints.ca_bundle if verify is None else verify)  # fmt: skip
+
+
+def test_first_token_comes_from_entra_and_the_second_from_the_cache(world, admin):
+    provider = integration_provider(world)
+    scope = f"{world.endpoints.commerce}/.default"
+
+    first = provider.token(scope)
+    assert provider.last_token_source == "identity_provider"
+    second = provider.token(scope)
+    assert provider.last_token_source == "cache"
+
+    assert first == second
+    assert admin.counts()["entra"]["tokens_issued"] == 1
+
+
+def test_token_provider_is_shared_per_authority_and_client_until_the_secret_changes(world, admin):
+    app, endpoints = world.cast.integration, world.endpoints
+    shared = token_provider(endpoints.authority, app["client_id"], app["client_secret"], endpoints.ca_bundle)
+
+    assert token_provider(endpoints.authority, app["client_id"], app["client_secret"], endpoints.ca_bundle) is shared
+    rotated = token_provider(endpoints.authority, app["client_id"], "rotated-secret", endpoints.ca_bundle)
+    assert rotated is not shared
+    assert token_provider(endpoints.authority, app["client_id"], "rotated-secret", endpoints.ca_bundle) is rotated
+
+
+def test_a_wrong_secret_is_refused_naming_the_client_and_the_aadsts_error_but_not_the_secret(world, admin):
+    wrong_secret = "wrong-" + uuid.uuid4().hex
+    provider = integration_provider(world, secret=wrong_secret)
+
+    with pytest.raises(AuthenticationError) as refused:
+        provider.token(f"{world.endpoints.dataverse}/.default")
+
+    message = str(refused.value)
+    assert world.cast.integration["client_id"] in message
+    assert "invalid_client" in message and "AADSTS7000215" in message
+    assert wrong_secret not in message
+
+
+@pytest.mark.parametrize("trust", ["system store", "unrelated CA"])
+def test_a_ca_bundle_that_does_not_trust_the_server_fails_even_with_requests_ca_bundle_set(
+    world, admin, tmp_path, monkeypatch, trust
+):
+    # requests lets REQUESTS_CA_BUNDLE override `verify=` (psf/requests#3829). Pointing it at the
+    # fakes' own CA would make a requests-based MSAL trust the server: the provider must not.
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", world.endpoints.ca_bundle)
+    verify = True if trust == "system store" else str(ensure_tls(tmp_path / "other").ca_bundle)
+
+    with pytest.raises(AuthenticationError, match="CA bundle") as refused:
+        integration_provider(world, verify=verify)
+
+    assert world.endpoints.authority in str(refused.value)
+
+
+# --- CommerceClient ------------------------------------------------------------------------------
+
+
+def test_pending_prospects_are_read_across_pages_for_one_legal_entity_only(commerce, admin):
+    pending = [prospect(f"P-{n:06d}") for n in range(1, 8)]
+    admin.seed_prospects(pending + [
+        prospect("P-000101", B2BProspectStatus="Approved"),
+        prospect("P-000102", B2BProspectStatus="Rejected"),
+        prospect("P-000103", IsB2BProspect="No"),
+        prospect("P-000001", legal_entity="usmf"),  # same id, other company
+    ])  # fmt: skip
+    before = requests_to(admin, "commerce")
+
+    pages = list(commerce.iter_pending_prospect_pages("usrt"))
+
+    assert [len(page) for page in pages] == [3, 3, 1]
+    assert requests_to(admin, "commerce") - before == 3  # the first page and two nextLinks
+    assert [(row["dataAreaId"], row["ProspectId"]) for page in pages for row in page] == [
+        ("usrt", row["ProspectId"]) for row in pending
+    ]
+    assert {row["B2BProspectStatus"] for page in pages for row in page} == {"Pending"}
+
+
+def test_a_missing_prospect_reads_as_none(commerce, admin):
+    admin.seed_prospects([prospect("P-000001")])
+
+    assert commerce.get_prospect("usrt", "P-000002") is None
+    assert commerce.get_prospect("usmf", "P-000001") is None
+
+
+def test_hostile_prospect_ids_are_read_back_exactly(commerce, admin):
+    admin.seed_prospects([prospect("P-1")] + [prospect(prospect_id) for prospect_id in HOSTILE_PROSPECT_IDS])
+
+    for prospect_id in HOSTILE_PROSPECT_IDS:
+        row = commerce.get_prospect("usrt", prospect_id)
+        assert row is not None, prospect_id
+        assert row["ProspectId"] == prospect_id
+
+
+def test_approving_with_a_stale_etag_fails_with_412(commerce, admin, clerk):
+    admin.seed_prospects([prospect("P-000001")])
+    stale = commerce.get_prospect("usrt", "P-000001")["@odata.etag"]
+    clerk.call("PATCH", "Prospects(dataAreaId='usrt',ProspectId='P-000001')", params={"cross-company": "true"},
+               json={"Note": "Called back"})  # someone edits the prospect in HQ after we read it
+
+    with pytest.raises(D365Error) as failed:
+        commerce.set_prospect_status("usrt", "P-000001", "Approved", stale)
+
+    assert failed.value.status == 412
+    assert commerce.get_prospect("usrt", "P-000001")["B2BProspectStatus"] == "Pending"
+    assert admin.outbox() == []
+
+
+def test_a_prospect_that_is_no_longer_pending_cannot_be_moved(commerce, admin):
+    admin.seed_prospects([prospect("P-000009", B2BProspectStatus="Approved")])
+    etag = commerce.get_prospect("usrt", "P-000009")["@odata.etag"]
+
+    with pytest.raises(D365Error) as failed:
+        commerce.set_prospect_status("usrt", "P-000009", "Rejected", etag)
+
+    assert failed.value.status == 400
+    assert "P-000009" in failed.value.message and "Approved" in failed.value.message
+    assert "prospect usrt/P-000009" in str(failed.value)
+    assert commerce.get_prospect("usrt", "P-000009")["B2BProspectStatus"] == "Approved"
+
+
+# --- SalesClient ---------------------------------------------------------------------------------
+
+
+def test_create_lead_creates_once_then_adopts_without_overwriting_the_sellers_change(sales_client, seller):
+    lead_id, created = sales_client.create_lead("usrt:P-000001", lead("Analytical Engines"))
+    assert created
+    seller.call("PATCH", f"leads({lead_id})", json={"companyname": "Analytical Engines Ltd"},
+                headers={"If-Match": "*"})  # fmt: skip
+
+    again_id, created_again = sales_client.create_lead("usrt:P-000001", lead("Babbage & Co", lastname="Byron"))
+
+    assert (again_id, created_again) == (lead_id, False)
+    row = seller.call("GET", f"leads({lead_id})", params={"$select": "companyname,lastname"}).json()
+    assert (row["companyname"], row["lastname"]) == ("Analytical Engines Ltd", "Lovelace")
+
+
+def test_get_by_ids_splits_many_ids_into_bounded_queries(sales_client, admin, monkeypatch):
+    monkeypatch.setattr(sales, "IDS_PER_QUERY", 2)
+    ids = [sales_client.create_lead(f"usrt:P-{n:06d}", lead(f"Company {n}"))[0] for n in range(5)]
+    before = requests_to(admin, "dataverse")
+
+    rows = sales_client.get_by_ids("leads", "leadid", ids + [ids[0].upper()], ["leadid", "companyname"])
+
+    assert sorted(row["leadid"] for row in rows) == sorted(ids)
+    assert requests_to(admin, "dataverse") - before == 3  # 5 distinct ids, 2 per query
+
+
+def test_decided_leads_are_read_in_pages_of_the_connections_page_size(sales_client, seller):
+    ids = [sales_client.create_lead(f"usrt:P-{n:06d}", lead(f"Company {n}"))[0] for n in range(6)]
+    for lead_id in ids[:5]:
+        seller.disqualify(lead_id)  # the sixth stays open
+
+    pages = list(sales_client.iter_decided_lead_pages())
+
+    assert [len(page) for page in pages] == [2, 2, 1]  # page_size=2 in the connection's extra
+    assert sorted(row["leadid"] for page in pages for row in page) == sorted(ids[:5])
+    assert {row["statecode"] for page in pages for row in page} == {2}
+
+
+# --- ODataClient retries -------------------------------------------------------------------------
+
+
+def test_throttling_is_retried_after_the_services_retry_after(sales_client, admin):
+    sales_client.whoami()  # a token in the cache, so only the Web API calls are timed
+    admin.inject_fault("dataverse", 429, count=2, retry_after=1)
+    before = requests_to(admin, "dataverse")
+
+    started = time.monotonic()
+    answer = sales_client.whoami()
+    elapsed = time.monotonic() - started
+
+    assert answer["UserId"]
+    assert elapsed >= 2.0
+    assert requests_to(admin, "dataverse") - before == 3
+
+
+def test_a_service_that_stays_unavailable_fails_with_a_readable_error(commerce, admin):
+    admin.inject_fault("commerce", 503, count=6, retry_after=0)
+    before = requests_to(admin, "commerce")
+
+    with pytest.raises(D365Error) as failed:
+        commerce.get_prospect("usrt", "P-000001")
+
+    assert failed.value.status == 503
+    message = str(failed.value)
+    assert "Commerce headquarters" in message and "read prospect" in message and "Next step" in message
+    assert requests_to(admin, "commerce") - before == 5  # the client's max_attempts
+
+
+def test_a_bad_request_is_never_retried(commerce, admin):
+    admin.inject_fault("commerce", 400, count=3)
+    before = requests_to(admin, "commerce")
+
+    with pytest.raises(D365Error) as failed:
+        commerce.get_prospect("usrt", "P-000001")
+
+    assert failed.value.status == 400
+    assert requests_to(admin, "commerce") - before == 1

@@ -1,0 +1,36 @@
+import json
+
+import pytest
+
+from b2b_onboarding.errors import ConfigurationError
+from b2b_onboarding.hooks import CommerceHook, SalesHook, StateStoreHook
+
+
+def test_state_store_url_is_built_from_the_connection_fields(monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_D365_STATE", json.dumps({
+        "conn_type": "generic", "host": "db.internal", "port": 5432, "login": "b2b", "password": "p@ss/word",
+        "schema": "b2b_state", "extra": {"driver": "postgresql+psycopg2"}}))  # fmt: skip
+    assert StateStoreHook().url() == "postgresql+psycopg2://b2b:p%40ss%2Fword@db.internal:5432/b2b_state"
+
+
+def test_without_a_state_connection_the_store_is_a_sqlite_file_in_airflow_home(monkeypatch, tmp_path):
+    monkeypatch.delenv("AIRFLOW_CONN_D365_STATE", raising=False)
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    assert StateStoreHook().url() == f"sqlite:///{tmp_path / 'b2b_onboarding_state.db'}"
+
+
+def test_service_hooks_read_their_own_connection(monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_D365_SALES", json.dumps({
+        "conn_type": "generic", "host": "contoso.crm.dynamics.com", "login": "app", "password": "s",
+        "extra": {"tenant_id": "t-1", "page_size": 100}}))  # fmt: skip
+    settings = SalesHook().settings()
+    assert settings.conn_id == "d365_sales" and settings.resource == "https://contoso.crm.dynamics.com"
+    assert settings.page_size == 100
+
+
+def test_a_connection_with_a_bad_field_fails_before_any_call(monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_D365_COMMERCE", json.dumps({
+        "conn_type": "generic", "host": "https://contoso.operations.dynamics.com", "login": "app",
+        "password": "s", "extra": {"tenant_id": "t-1", "page_size": 0}}))  # fmt: skip
+    with pytest.raises(ConfigurationError, match="extra.page_size"):
+        CommerceHook().settings()
