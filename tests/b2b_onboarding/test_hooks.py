@@ -34,3 +34,13 @@ def test_a_connection_with_a_bad_field_fails_before_any_call(monkeypatch):
         "password": "s", "extra": {"tenant_id": "t-1", "page_size": 0}}))  # fmt: skip
     with pytest.raises(ConfigurationError, match="extra.page_size"):
         CommerceHook().settings()
+
+
+def test_a_commerce_connection_without_legal_entities_says_how_to_fix_it(monkeypatch):
+    from b2b_onboarding import tasks
+
+    monkeypatch.setenv("AIRFLOW_CONN_D365_COMMERCE", json.dumps({
+        "conn_type": "generic", "host": "https://contoso.operations.dynamics.com", "login": "app",
+        "password": "s", "extra": {"tenant_id": "t-1"}}))  # fmt: skip
+    with pytest.raises(ConfigurationError, match='names no legal entities.*"legal_entities"'):
+        tasks.legal_entities()

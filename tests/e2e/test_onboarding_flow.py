@@ -70,3 +70,48 @@ def test_prospects_become_leads_then_decisions_reach_commerce_exactly_once(world
     history = store.history(won["legal_entity"], won["prospect_id"])
     assert list(history["to_stage"]) == ["pulled", "lead_open", "qualified", "won", "approved"]
     assert history["run_id"].str.startswith("manual__").all()
+
+
+def test_a_lost_state_store_is_rebuilt_from_the_systems_without_writing(world, dags):
+    """The state store is a cache: losing it costs reads, never a duplicate or a second email."""
+    def pending_stages():
+        frame = StateStore(f"sqlite:///{world.state_db}").frame()
+        frame = frame[frame["decision"].isna()]  # decided prospects are no longer Pending in Commerce
+        return dict(zip(frame["legal_entity"] + "/" + frame["prospect_id"], frame["stage"]))
+
+    expected = pending_stages()
+    assert set(expected.values()) == {"lead_open", "customers_created", "invalid"}
+    with FakeAdmin(world.endpoints) as admin:
+        before, emails = total_writes(admin.counts()), len(admin.outbox())
+        for suffix in ("", "-wal", "-shm"):
+            world.state_db.with_name(world.state_db.name + suffix).unlink(missing_ok=True)
+        run(dags, "b2b_prospect_sync")
+        run(dags, "b2b_outcome_reconciliation")
+        assert total_writes(admin.counts()) == before
+        assert len(admin.outbox()) == emails
+    assert pending_stages() == expected
+
+
+def test_a_prospect_decided_by_hand_in_commerce_is_reported_never_flipped(world, dags):
+    from d365_fakes.actors import Clerk
+
+    clerk = Clerk(world.endpoints, world.cast.clerk["client_id"], world.cast.clerk["client_secret"])
+    seller = Seller(world.endpoints, world.cast.seller["client_id"], world.cast.seller["client_secret"])
+    lead = next(lead for lead in seller.view("My open leads") + seller.view("All Commerce B2B leads")
+                if lead["statecode"] == 0)  # fmt: skip
+    legal_entity, prospect_id = lead["msdyn_prospectid"].split(":", 1)
+    clerk.call("PATCH", f"Prospects(dataAreaId='{legal_entity}',ProspectId='{prospect_id}')",
+               params={"cross-company": "true"}, json={"B2BProspectStatus": "Approved"})  # fmt: skip
+    seller.disqualify(lead["leadid"])
+    with FakeAdmin(world.endpoints) as admin:
+        run(dags, "b2b_outcome_reconciliation")
+        mails = [mail for mail in admin.outbox() if (mail["dataAreaId"], mail["ProspectId"]) == (legal_entity, prospect_id)]
+    assert [mail["template"] for mail in mails] == ["B2B prospect approved"]  # the clerk's, and no rejection
+    prospect = clerk.call("GET", f"Prospects(dataAreaId='{legal_entity}',ProspectId='{prospect_id}')",
+                          params={"cross-company": "true"}).json()  # fmt: skip
+    assert prospect["B2BProspectStatus"] == "Approved"
+    row = StateStore(f"sqlite:///{world.state_db}").frame().set_index("prospect_id").loc[prospect_id]
+    assert row["last_error"].startswith("conflict: ") and "Rejected" in row["last_error"]
+    assert row["decision"] is None
+    clerk.close()
+    seller.close()
