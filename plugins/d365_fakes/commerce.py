@@ -23,11 +23,11 @@ from urllib.parse import quote, unquote_to_bytes, urlencode
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from starlette.convertors import Convertor, register_url_convertor
 
 from d365_fakes.clients import ClientRegistration
 from d365_fakes.faults import Fault, FaultPlan
 from d365_fakes.odata_query import Dialect, ODataQueryError, apply_query, page_of, unquote_string_literal
+from d365_fakes.routing import RESOURCE_CONVERTOR
 from d365_fakes.tokens import InvalidToken, TokenIssuer
 
 NAMESPACE = "Microsoft.Dynamics.DataEntities"
@@ -465,20 +465,6 @@ def _decision_email(prospect: Mapping[str, Any], status: str) -> dict[str, Any]:
 
 # --- HTTP ----------------------------------------------------------------------------------------
 
-class _ResourcePathConvertor(Convertor[str]):
-    """Like Starlette's `path` (`.*`), but across newlines too: key values may contain them."""
-
-    regex = r"[\s\S]*"
-
-    def convert(self, value: str) -> str:
-        return value
-
-    def to_string(self, value: str) -> str:
-        return value
-
-
-register_url_convertor("fno_resource", _ResourcePathConvertor())
-
 _RESOURCE = re.compile(r"(?P<entity_set>\w+)(?:\((?P<key>.*)\))?", re.DOTALL)
 _KEY_PART = re.compile(r"\s*(?:(?P<name>\w+)\s*=\s*)?(?P<value>'(?:[^']|'')*')\s*(?P<end>,|\Z)")
 _MAX_PAGE_SIZE_PREFERENCE = re.compile(r"odata\.maxpagesize\s*=\s*(\d+)", re.IGNORECASE)
@@ -648,7 +634,7 @@ def create_app(
         error = ODataError(401, reason, "System.UnauthorizedAccessException", "Authorization has been denied for this request.")
         return _json_response(error.body(), 401, {"WWW-Authenticate": challenge})
 
-    @app.api_route("/data/{resource:fno_resource}", methods=["GET", "POST", "PATCH", "DELETE"])
+    @app.api_route(f"/data/{{resource:{RESOURCE_CONVERTOR}}}", methods=["GET", "POST", "PATCH", "DELETE"])
     async def data(request: Request) -> Response:
         state.count_request()
         fault = faults.take("commerce") if faults else None

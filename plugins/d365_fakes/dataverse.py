@@ -22,11 +22,11 @@ from urllib.parse import unquote_to_bytes
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from starlette.convertors import Convertor, register_url_convertor
 
 from d365_fakes.clients import ClientRegistration
 from d365_fakes.faults import Fault, FaultPlan
 from d365_fakes.odata_query import Dialect, ODataQueryError, apply_query, unquote_string_literal
+from d365_fakes.routing import RESOURCE_CONVERTOR
 from d365_fakes.tokens import InvalidToken, TokenIssuer
 
 API_ROOT = "/api/data/v9.2"
@@ -673,20 +673,6 @@ def _unknown_property(table: Table, name: str) -> DataverseError:
 # --- HTTP -----------------------------------------------------------------------------------------
 
 
-class _ResourcePathConvertor(Convertor[str]):
-    """Like Starlette's `path`, but also across newlines: key values may contain them."""
-
-    regex = r"[\s\S]+"
-
-    def convert(self, value: str) -> str:
-        return value
-
-    def to_string(self, value: str) -> str:
-        return value
-
-
-register_url_convertor("odata_resource", _ResourcePathConvertor())
-
 # `<set>`, `<set>(<guid>)` or `<set>(<alternate key>='<value>')`, then an optional `/<action>`. A
 # quote inside the value is doubled, so the literal ends at the first lone quote, and `)`, `/`,
 # `#`, `?` or newlines inside it are data.
@@ -893,7 +879,7 @@ def create_app(
         return Response(status_code=204)
 
     # The routes below match any resource path; _parse_resource reads it from the raw path.
-    @app.get(API_ROOT + "/{resource:odata_resource}")
+    @app.get(f"{API_ROOT}/{{resource:{RESOURCE_CONVERTOR}}}")
     async def read(request: Request, user_id: str = Depends(caller)) -> JSONResponse:
         target = _parse_resource(request)
         if target.action is not None:
@@ -920,7 +906,7 @@ def create_app(
         applied = {"Preference-Applied": f"odata.maxpagesize={page_size}"} if page_size else None
         return JSONResponse(body, headers=applied)
 
-    @app.post(API_ROOT + "/{resource:odata_resource}")
+    @app.post(f"{API_ROOT}/{{resource:{RESOURCE_CONVERTOR}}}")
     async def create_or_act(request: Request, user_id: str = Depends(caller)) -> Response:
         target = _parse_resource(request)
         if target.action is not None:
@@ -943,7 +929,7 @@ def create_app(
         body = {"@odata.context": metadata, **_with_etag(row)}
         return JSONResponse(body, status_code=201, headers=headers)
 
-    @app.patch(API_ROOT + "/{resource:odata_resource}")
+    @app.patch(f"{API_ROOT}/{{resource:{RESOURCE_CONVERTOR}}}")
     async def update(request: Request, user_id: str = Depends(caller)) -> Response:
         target = _parse_resource(request)
         if target.key is None or target.action is not None:
