@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from airflow.sdk import get_current_context
 
 from . import reconcile, report, sync
+from .commerce import CommerceClient
 from .errors import ConfigurationError
 from .hooks import CommerceHook, SalesHook, StateStoreHook
 
@@ -55,11 +56,12 @@ def read_outcomes() -> dict:
 
 
 def write_customers(legal_entity: str) -> dict:
-    commerce_hook = CommerceHook()
-    commerce, sales, store = commerce_hook.get_conn(), SalesHook().get_conn(), StateStoreHook().get_conn()
-    group = commerce_hook.settings().customer_group
+    settings = CommerceHook().settings()  # read once: the client and the customer group both need it
+    commerce, sales, store = CommerceClient.connect(settings), SalesHook().get_conn(), StateStoreHook().get_conn()
     with commerce.odata, sales.odata:
-        return _logged(reconcile.write_customers(commerce, sales, store, legal_entity, _run_id(), group))
+        return _logged(
+            reconcile.write_customers(commerce, sales, store, legal_entity, _run_id(), settings.customer_group)
+        )
 
 
 def approve_won(legal_entity: str) -> dict:

@@ -32,10 +32,9 @@ def create_admin_router(
     commerce_state: CommerceAdmin,
     dataverse_state: DataverseAdmin,
     issuer: TokenIssuer,
-    faults: FaultPlan | None = None,
+    faults: FaultPlan,
 ) -> APIRouter:
     router = APIRouter()
-    faults = faults if faults is not None else FaultPlan()  # without a plan from the apps: accepted, never served
 
     @router.post("/reset", status_code=204)
     async def reset() -> Response:

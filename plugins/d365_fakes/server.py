@@ -23,8 +23,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from d365_fakes import admin, entra
-from d365_fakes.faults import FaultPlan
 from d365_fakes.clients import ClientRegistration
+from d365_fakes.faults import FaultPlan
 from d365_fakes.tls import TlsFiles, ensure_tls, load_or_create_rsa_key
 from d365_fakes.tokens import TokenIssuer
 
