@@ -11,7 +11,7 @@ export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 
-.PHONY: install demo test fakes constraints clean
+.PHONY: install demo test bench fakes constraints clean
 
 install: $(STAMP)
 
@@ -27,6 +27,10 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+# Not part of `make test`: the flow at 100,000 prospects, and bulk vs naive side by side (README, Performance).
+bench: install
+	$(BIN)/python -m d365_fakes.bench $(BENCH_ARGS)
+
 # Serve the fakes in the foreground, for exploring them by hand.
 fakes: install
 	$(BIN)/python -m d365_fakes serve --state-dir .fakes --clients .fakes/clients.json
@@ -38,4 +42,4 @@ constraints:
 	/tmp/b2b-constraints-venv/bin/pip freeze --exclude-editable > constraints.txt
 
 clean:
-	rm -rf $(VENV) .airflow .fakes .demo .pytest_cache
+	rm -rf $(VENV) .airflow .fakes .demo .bench .pytest_cache

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlencode
 
+from . import batch
+from .batch import BatchRequest, BatchResponse
+from .errors import D365Error
 from .odata import ODataClient, key_segment, literal
 from .settings import ServiceSettings
 
@@ -18,29 +23,84 @@ PROSPECT_FIELDS = (
 
 # Every call reads and writes across legal entities; without this HQ shows only the caller's default.
 _CROSS_COMPANY = {"cross-company": "true"}
+# Changesets (one prospect's writes each) per `$batch` request unless the connection says otherwise.
+DEFAULT_CHANGESETS_PER_BATCH = 100
 
 
 def enum_literal(enum_name: str, member: str) -> str:
     return f"Microsoft.Dynamics.DataEntities.{enum_name}'{member}'"
 
 
+def _in_url(entity_set_or_key: str) -> str:
+    """A resource path with the cross-company option, as a `$batch` request line names it."""
+    return f"{entity_set_or_key}?{urlencode(_CROSS_COMPANY)}"
+
+
 class CommerceClient:
-    def __init__(self, odata: ODataClient) -> None:
+    def __init__(
+        self, odata: ODataClient, bulk: bool = True, changesets_per_batch: int = DEFAULT_CHANGESETS_PER_BATCH,
+        max_concurrency: int = 1,
+    ) -> None:  # fmt: skip
         self.odata = odata
+        self.bulk = bulk
+        self.changesets_per_batch = changesets_per_batch
+        self.max_concurrency = max_concurrency
 
     @classmethod
     def connect(cls, settings: ServiceSettings) -> CommerceClient:
-        return cls(ODataClient.connect(settings, system=SYSTEM, root_path="/data"))
-
-    def iter_pending_prospect_pages(self, legal_entity: str) -> Iterator[list[dict]]:
-        """Pending B2B prospects of one legal entity, a server page at a time."""
-        query = (
-            f"dataAreaId eq {literal(legal_entity)}"
-            f" and IsB2BProspect eq {enum_literal('NoYes', 'Yes')}"
-            f" and B2BProspectStatus eq {enum_literal('RetailB2BProspectStatus', 'Pending')}"
+        return cls(
+            ODataClient.connect(settings, system=SYSTEM, root_path="/data"),
+            bulk=settings.bulk,
+            changesets_per_batch=settings.batch_size or DEFAULT_CHANGESETS_PER_BATCH,
+            max_concurrency=settings.max_concurrency,
         )
+
+    def iter_prospect_pages(
+        self, legal_entity: str, status: str | None = "Pending", id_range: tuple[str, str] | None = None
+    ) -> Iterator[list[dict]]:
+        """B2B prospects of one legal entity (of one status or all; of an id range or all), a server
+        page at a time."""
+        query = f"dataAreaId eq {literal(legal_entity)} and IsB2BProspect eq {enum_literal('NoYes', 'Yes')}"
+        if status is not None:
+            query += f" and B2BProspectStatus eq {enum_literal('RetailB2BProspectStatus', status)}"
+        if id_range is not None:
+            query += f" and ProspectId ge {literal(id_range[0])} and ProspectId le {literal(id_range[1])}"
         params = {**_CROSS_COMPANY, "$filter": query, "$select": ",".join(PROSPECT_FIELDS)}
-        return self.odata.iter_pages("Prospects", operation="read pending B2B prospects", params=params)
+        operation = f"read {status or 'all'} B2B prospects".replace("Pending", "pending")
+        return self.odata.iter_pages("Prospects", operation=operation, params=params)
+
+    def run_changesets(self, changesets: Sequence[Sequence[BatchRequest]], operation: str) -> list[list[BatchResponse]]:
+        """Sends changesets in `$batch` requests (several at once, up to the client's concurrency);
+        every changeset is answered, applied whole or not at all."""
+        groups = [changesets[start : start + self.changesets_per_batch]
+                  for start in range(0, len(changesets), self.changesets_per_batch)]  # fmt: skip
+
+        def send(group: Sequence[Sequence[BatchRequest]]) -> list[list[BatchResponse]]:
+            content_type, body = batch.encode(group)
+            response = self.odata.request(
+                "POST", "$batch", operation=operation, content=body,
+                headers={"Content-Type": content_type, "Prefer": "odata.continue-on-error"},
+            )  # fmt: skip
+            answers = batch.decode(response.headers.get("Content-Type", ""), response.content)
+            if len(answers) != len(group):
+                raise D365Error(
+                    system=SYSTEM, operation=operation, status=response.status_code,
+                    message=f"$batch answered {len(answers)} of {len(group)} changesets",
+                )  # fmt: skip
+            return answers
+
+        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+            return [answer for answers in pool.map(send, groups) for answer in answers]
+
+    @staticmethod
+    def create_request(entity_set: str, row: dict) -> BatchRequest:
+        return BatchRequest("POST", _in_url(entity_set), row)
+
+    @staticmethod
+    def status_request(legal_entity: str, prospect_id: str, status: str, etag: str) -> BatchRequest:
+        """The approval or rejection of a prospect, guarded by the ETag it was read with."""
+        key = key_segment("Prospects", dataAreaId=legal_entity, ProspectId=prospect_id)
+        return BatchRequest("PATCH", _in_url(key), {"B2BProspectStatus": status}, {"If-Match": etag})
 
     def get_prospect(self, legal_entity: str, prospect_id: str) -> dict | None:
         return self.odata.get(
@@ -80,25 +140,20 @@ class CommerceClient:
             json=customer,
         ).json()
 
-    def find_b2b_hierarchy(self, organization_party_number: str) -> dict | None:
-        page = self.odata.get(
-            "CustomerHiearchies",
-            operation="find customer hierarchy",
-            record=f"organization party {organization_party_number}",
-            params={
-                **_CROSS_COMPANY,
-                "$filter": f"OrganizationPartyNumber eq {literal(organization_party_number)}",
-                "$top": "1",
-            },
+    def get_hierarchy(self, hierarchy_id: str) -> dict | None:
+        return self.odata.get(
+            key_segment("CustomerHiearchies", CustomerHierarchyId=hierarchy_id),
+            operation="read customer hierarchy",
+            record=f"hierarchy {hierarchy_id}",
+            params=_CROSS_COMPANY,
         )
-        return next(iter(page["value"]), None) if page else None
 
     def create_hierarchy(self, hierarchy: dict) -> dict:
         return self.odata.request(
             "POST",
             "CustomerHiearchies",
             operation="create customer hierarchy",
-            record=f"organization party {hierarchy['OrganizationPartyNumber']}",
+            record=f"hierarchy {hierarchy['CustomerHierarchyId']}",
             params=_CROSS_COMPANY,
             json=hierarchy,
         ).json()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import random
+import threading
+import time
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from typing import Any
 from urllib.parse import quote
@@ -16,6 +19,8 @@ from .settings import ServiceSettings
 
 # Throttling and "service unavailable" are the two answers that promise a later success.
 RETRYABLE_STATUSES = frozenset({429, 503})
+# Throttling is waited out for this long in all before a task gives up; other retries count attempts.
+MAX_THROTTLED_WAIT_S = 900.0
 
 
 def literal(value: str) -> str:
@@ -46,12 +51,28 @@ def _retry_after_seconds(response: httpx.Response) -> float | None:
         return None
 
 
-def _wait(state: tenacity.RetryCallState) -> float:
-    """Honour Retry-After when the service names a wait; otherwise exponential back-off with jitter."""
-    error = state.outcome.exception() if state.outcome else None
-    if isinstance(error, _RetryableResponse) and error.retry_after is not None:
-        return error.retry_after
-    return min(30.0, 0.5 * 2 ** (state.attempt_number - 1)) * random.uniform(0.5, 1.0)
+def _backoff(attempt_number: int) -> float:
+    return min(30.0, 0.5 * 2 ** (attempt_number - 1)) * random.uniform(0.5, 1.0)
+
+
+class _Gate:
+    """Holds back every request of a client while the service's Retry-After runs.
+
+    Dataverse answers a client that keeps sending during a throttle with ever longer waits, so one
+    429 pauses all of this client's threads, not only the one that received it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._resume_at = 0.0
+
+    def pause(self, seconds: float) -> None:
+        with self._lock:
+            self._resume_at = max(self._resume_at, time.monotonic() + seconds)
+
+    def wait(self) -> None:
+        while (delay := self._resume_at - time.monotonic()) > 0:
+            time.sleep(delay)
 
 
 def error_from_response(system: str, operation: str, response: httpx.Response, record: str | None) -> D365Error:
@@ -83,6 +104,7 @@ class ODataClient:
         verify: str | bool = True,
         timeout_s: float = 60.0,
         max_attempts: int = 5,
+        max_throttled_wait_s: float = MAX_THROTTLED_WAIT_S,
         headers: Mapping[str, str] | None = None,
     ) -> None:
         self.system = system
@@ -90,6 +112,12 @@ class ODataClient:
         self._scope = scope
         self._tokens = tokens
         self._max_attempts = max_attempts
+        self._max_throttled_wait_s = max_throttled_wait_s
+        self._gate = _Gate()
+        # What this client sent, by operation, and how often it was throttled: each task reports both.
+        self.requests: Counter[str] = Counter()
+        self.throttled = 0
+        self._count_lock = threading.Lock()
         self._http = httpx.Client(
             base_url=self.service_root,
             verify=verify,
@@ -131,16 +159,21 @@ class ODataClient:
         record: str | None = None,
         params: Mapping[str, str] | None = None,
         json: Any = None,
+        content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
         accept: frozenset[int] = frozenset(),
     ) -> httpx.Response:
-        """Sends one request, retrying 429/503; raises D365Error for any other failure not in `accept`."""
+        """Sends one request; waits out 429s (honouring Retry-After, pausing the whole client) and
+        retries 503s with back-off; raises D365Error for any other failure not in `accept`."""
 
         def attempt() -> httpx.Response:
+            self._gate.wait()
             auth = {"Authorization": f"Bearer {self._tokens.token(self._scope)}"}
+            with self._count_lock:
+                self.requests[operation] += 1
             try:
                 response = self._http.request(
-                    method, url, params=params, json=json, headers={**auth, **(headers or {})}
+                    method, url, params=params, json=json, content=content, headers={**auth, **(headers or {})}
                 )
             except httpx.TransportError as error:
                 raise D365Error(
@@ -151,15 +184,33 @@ class ODataClient:
                 return response
             failure = error_from_response(self.system, operation, response, record)
             if response.status_code in RETRYABLE_STATUSES:
-                raise _RetryableResponse(failure, _retry_after_seconds(response))
+                retry_after = _retry_after_seconds(response)
+                if response.status_code == 429:
+                    with self._count_lock:
+                        self.throttled += 1
+                    self._gate.pause(retry_after if retry_after is not None else _backoff(1))
+                raise _RetryableResponse(failure, retry_after)
             raise failure
+
+        throttled_since = time.monotonic()
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            error = state.outcome.exception() if state.outcome else None
+            if isinstance(error, _RetryableResponse) and error.error.status == 429:
+                return 0.0  # the gate already holds every request until Retry-After has passed
+            if isinstance(error, _RetryableResponse) and error.retry_after is not None:
+                return error.retry_after
+            return _backoff(state.attempt_number)
+
+        def stop(state: tenacity.RetryCallState) -> bool:
+            error = state.outcome.exception() if state.outcome else None
+            if isinstance(error, _RetryableResponse) and error.error.status == 429:
+                return time.monotonic() - throttled_since > self._max_throttled_wait_s
+            return state.attempt_number >= self._max_attempts
 
         try:
             return tenacity.Retrying(
-                retry=tenacity.retry_if_exception_type(_RetryableResponse),
-                wait=_wait,
-                stop=tenacity.stop_after_attempt(self._max_attempts),
-                reraise=True,
+                retry=tenacity.retry_if_exception_type(_RetryableResponse), wait=wait, stop=stop, reraise=True
             )(attempt)
         except _RetryableResponse as exhausted:
             raise exhausted.error from None
@@ -171,12 +222,19 @@ class ODataClient:
         )
         return None if response.status_code == 404 else response.json()
 
+    def iter_page_bodies(
+        self, url: str, *, operation: str, params: Mapping[str, str] | None = None, headers=None
+    ) -> Iterator[dict]:
+        """Each page's whole answer, following `@odata.nextLink` unchanged until the service stops paging."""
+        page = self.request("GET", url, operation=operation, params=params, headers=headers).json()
+        yield page
+        while next_link := page.get("@odata.nextLink"):
+            page = self.request("GET", next_link, operation=operation, headers=headers).json()
+            yield page
+
     def iter_pages(
         self, url: str, *, operation: str, params: Mapping[str, str] | None = None, headers=None
     ) -> Iterator[list[dict]]:
-        """Follows `@odata.nextLink` unchanged until the service stops paging."""
-        page = self.request("GET", url, operation=operation, params=params, headers=headers).json()
-        yield page.get("value", [])
-        while next_link := page.get("@odata.nextLink"):
-            page = self.request("GET", next_link, operation=operation, headers=headers).json()
+        """The rows of each page."""
+        for page in self.iter_page_bodies(url, operation=operation, params=params, headers=headers):
             yield page.get("value", [])

@@ -27,13 +27,13 @@ def for_each_prospect(
         try:
             outcome, facts = act(row)
         except DecisionConflict as conflict:
-            _keep(store, row, run_id, f"conflict: {conflict}")
+            store.update(row["legal_entity"], row["prospect_id"], run_id, error=keep(row, f"conflict: {conflict}"))
             counts["conflicts"] += 1
             continue
         except D365Error as error:
             if not error.is_record_error:
                 raise
-            _keep(store, row, run_id, str(error))
+            store.update(row["legal_entity"], row["prospect_id"], run_id, error=keep(row, str(error)))
             counts["failed"] += 1
             continue
         store.update(row["legal_entity"], row["prospect_id"], run_id, **facts)
@@ -41,6 +41,7 @@ def for_each_prospect(
     return {"step": step, "legal_entity": legal_entity, **counts}
 
 
-def _keep(store: StateStore, row: dict, run_id: str, error: str) -> None:
+def keep(row: dict, error: str) -> str:
+    """Logs that a prospect is kept, with its error, for the next run; returns the error to store."""
     log.warning("kept prospect %s/%s for the next run: %s", row["legal_entity"], row["prospect_id"], error)
-    store.update(row["legal_entity"], row["prospect_id"], run_id, error=error)
+    return error

@@ -66,6 +66,12 @@ def customer_accounts(prospect_id: str) -> tuple[str, str]:
     return prospect_id + ORGANIZATION_ACCOUNT_SUFFIX, prospect_id + PERSON_ACCOUNT_SUFFIX
 
 
+def prospect_hierarchy_id(legal_entity: str, prospect_id: str) -> str:
+    """The B2B customer hierarchy's id, derived so that a rerun finds the one it made. Hierarchy
+    ids are global in HQ while prospect ids repeat per legal entity, so both are in it."""
+    return f"{legal_entity.upper()}-{prospect_id}"
+
+
 def split_name(full_name: str) -> tuple[str, str]:
     """Dataverse computes `fullname` from first and last name, so the prospect's name is split."""
     first, _, last = full_name.strip().rpartition(" ")

@@ -10,12 +10,19 @@ from .rules import Stage
 
 
 def run_table(results: Iterable[dict]) -> pd.DataFrame:
-    """One row per step and legal entity, one column per outcome count."""
+    """One row per step and legal entity (its chunks summed; peak memory the largest), one column
+    per outcome count."""
     frame = pd.DataFrame.from_records(list(results))
     if frame.empty:
         return frame
-    counts = frame.drop(columns=["step", "legal_entity"]).fillna(0).astype(int)
-    return pd.concat([frame[["step", "legal_entity"]], counts], axis=1).set_index(["step", "legal_entity"])
+    frame = frame.fillna(0)
+    how = {name: "max" if name == "peak_rss_mb" else "sum" for name in frame.columns if name not in _KEYS}
+    table = frame.groupby(_KEYS, sort=False).agg(how)
+    whole = [name for name in table.columns if (table[name] % 1 == 0).all()]
+    return table.astype({name: int for name in whole})
+
+
+_KEYS = ["step", "legal_entity"]
 
 
 def stage_counts(tracked: pd.DataFrame) -> pd.DataFrame:

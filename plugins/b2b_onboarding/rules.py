@@ -25,6 +25,12 @@ class Stage(StrEnum):
     REJECTED = "rejected"
 
 
+# The columns every rule below reads: enough to plan work without loading each prospect's fields.
+RULE_COLUMNS = (
+    "legal_entity", "prospect_id", "stage", "lead_id", "lead_state", "opportunity_id", "opportunity_state",
+    "account_id", "contact_id", "person_party_number", "decision",
+)  # fmt: skip
+
 LEAD_STATES = {0: "open", 1: "qualified", 2: "disqualified"}
 OPPORTUNITY_STATES = {0: "open", 1: "won", 2: "lost"}
 
@@ -111,3 +117,36 @@ def to_reject(tracked: pd.DataFrame) -> pd.DataFrame:
     """Disqualified leads and lost opportunities not yet rejected in Commerce."""
     lost = (tracked["lead_state"] == "disqualified") | (tracked["opportunity_state"] == "lost")
     return tracked[lost & tracked["decision"].isna()]
+
+
+def to_push(tracked: pd.DataFrame) -> pd.DataFrame:
+    """Valid prospects without a lead."""
+    return tracked[tracked["stage"] == Stage.PULLED]
+
+
+# Each step's work, by the name the DAGs plan and map it under.
+STEPS = {"push": to_push, "customers": needing_customers, "approve": to_approve, "reject": to_reject}
+
+
+def chunks(work: pd.DataFrame, size: int) -> list[dict]:
+    """Prospect-id ranges per legal entity holding at most `size` prospects of work each: the
+    units the DAGs map over, small enough to list in a task name."""
+    ranges = []
+    for legal_entity, group in work.groupby("legal_entity", sort=True):
+        ids = sorted(group["prospect_id"])
+        for start in range(0, len(ids), size):
+            part = ids[start : start + size]
+            ranges.append({"legal_entity": legal_entity, "first_id": part[0], "last_id": part[-1]})
+    return ranges
+
+
+def in_range(work: pd.DataFrame, first_id: str | None, last_id: str | None) -> pd.DataFrame:
+    """The rows of a chunk. Compared here, as `chunks` sorted them, not in SQL, whose collation
+    may order ids differently and so drop a row from every chunk."""
+    ids = work["prospect_id"]
+    inside = pd.Series(True, index=work.index)
+    if first_id is not None:
+        inside &= ids.map(lambda value: value >= first_id)
+    if last_id is not None:
+        inside &= ids.map(lambda value: value <= last_id)
+    return work[inside]

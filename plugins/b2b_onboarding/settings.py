@@ -28,6 +28,13 @@ class ServiceSettings(BaseModel):
     legal_entities: tuple[str, ...] = ()
     customer_group: str | None = None
     page_size: int = Field(default=5000, ge=1, le=5000)
+    # Bulk writes (Sales: UpsertMultiple/UpdateMultiple; Commerce: $batch changesets) and change
+    # tracking; `false` is the one-request-per-record mode, kept as the benchmark's baseline.
+    bulk: bool = True
+    batch_size: int | None = Field(default=None, ge=1, le=1000)
+    change_tracking: bool = True
+    # Requests one task keeps in flight: with the Airflow pool's slots, what this client may send at once.
+    max_concurrency: int = Field(default=4, ge=1, le=52)
 
     @field_validator("resource", "authority")
     @classmethod

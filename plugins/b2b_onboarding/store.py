@@ -14,6 +14,7 @@ import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy import event
 
+from . import rules
 from .rules import stage_of
 
 metadata = sa.MetaData()
@@ -39,6 +40,8 @@ prospects = sa.Table(
     sa.Column("last_run_id", sa.String(250)),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_b2b_prospects_lead", "lead_id"),
+    sa.Index("ix_b2b_prospects_opportunity", "opportunity_id"),
 )
 
 transitions = sa.Table(
@@ -54,6 +57,29 @@ transitions = sa.Table(
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),
     sa.Index("ix_b2b_transitions_prospect", "legal_entity", "prospect_id"),
 )
+
+delta_links = sa.Table(
+    "b2b_delta_links",
+    metadata,
+    sa.Column("entity_set", sa.String(64), primary_key=True),
+    sa.Column("delta_link", sa.Text, nullable=False),
+    sa.Column("run_id", sa.String(250)),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+drift_findings = sa.Table(
+    "b2b_drift_findings",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(250), nullable=False, index=True),
+    sa.Column("checked_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("legal_entity", sa.String(16)),
+    sa.Column("prospect_id", sa.String(255)),
+    sa.Column("lead_id", sa.String(64)),
+    sa.Column("detail", sa.Text, nullable=False),
+)
+DRIFT_COLUMNS = ("kind", "legal_entity", "prospect_id", "lead_id", "detail")
 
 # Keys per IN clause: far below every database's bound-parameter limit.
 _KEYS_PER_QUERY = 400
@@ -81,15 +107,45 @@ class StateStore:
     def close(self) -> None:
         self.engine.dispose()
 
-    def frame(self, legal_entity: str | None = None) -> pd.DataFrame:
-        """Tracked prospects (all, or of one legal entity) as a frame with PROSPECT_COLUMNS."""
-        query = sa.select(prospects)
+    def frame(
+        self,
+        legal_entity: str | None = None,
+        *,
+        columns: Iterable[str] = PROSPECT_COLUMNS,
+        keys: Iterable[tuple[str, str]] | None = None,
+        lead_ids: Iterable[str] | None = None,
+        opportunity_ids: Iterable[str] | None = None,
+    ) -> pd.DataFrame:
+        """Tracked prospects as a frame of `columns`: all, or of one legal entity, of given keys, or
+        of given lead or opportunity ids. Ask for few columns where many
+        rows are read: the `prospect` column is the heavy one."""
+        columns = list(dict.fromkeys([*KEY_COLUMNS, *columns]))
+        query = sa.select(*(prospects.c[name] for name in columns))
         if legal_entity is not None:
             query = query.where(prospects.c.legal_entity == legal_entity)
+        selections = [
+            (sa.tuple_(prospects.c.legal_entity, prospects.c.prospect_id), None if keys is None else list(keys)),
+            (prospects.c.lead_id, None if lead_ids is None else list(lead_ids)),
+            (prospects.c.opportunity_id, None if opportunity_ids is None else list(opportunity_ids)),
+        ]
+        rows: list[dict] = []
         with self.engine.connect() as connection:
-            rows = connection.execute(query).mappings().all()
+            chosen = [(column, values) for column, values in selections if values is not None]
+            if not chosen:
+                rows = [dict(row) for row in connection.execute(query).mappings()]
+            for column, values in chosen:
+                for start in range(0, len(values), _KEYS_PER_QUERY):
+                    chunk = query.where(column.in_(values[start : start + _KEYS_PER_QUERY]))
+                    rows.extend(dict(row) for row in connection.execute(chunk).mappings())
         # dtype=object keeps None as None (pandas would turn it into NaN in string columns).
-        return pd.DataFrame([dict(row) for row in rows], columns=list(PROSPECT_COLUMNS), dtype=object)
+        return pd.DataFrame(rows, columns=columns, dtype=object)
+
+    def work(self, step: str, legal_entity: str, first_id: str | None = None, last_id: str | None = None) -> pd.DataFrame:
+        """The full rows of one step's work (see `rules.STEPS`) in a chunk: the rule runs on light
+        columns first, so only the rows worked on are read with their prospect."""
+        light = rules.in_range(self.frame(legal_entity, columns=rules.RULE_COLUMNS), first_id, last_id)
+        keys = rules.STEPS[step](light)[["legal_entity", "prospect_id"]].itertuples(index=False, name=None)
+        return self.frame(keys=list(keys)).sort_values("prospect_id", ignore_index=True)
 
     def history(self, legal_entity: str, prospect_id: str) -> pd.DataFrame:
         query = (
@@ -102,46 +158,104 @@ class StateStore:
 
     def record_pulled(self, pulled: pd.DataFrame, run_id: str) -> dict[str, int]:
         """Tracks newly pulled prospects; refreshes those without a lead yet (a fixed bad record
-        becomes valid); leaves alone every prospect that already has a lead."""
+        becomes valid); leaves alone every prospect that already has a lead. One transaction."""
         counts = {"new": 0, "refreshed": 0, "unchanged": 0}
         rows = pulled.to_dict("records")
+        now = _now()
         with self.engine.begin() as connection:
             for start in range(0, len(rows), _KEYS_PER_QUERY):
                 chunk = rows[start : start + _KEYS_PER_QUERY]
                 existing = self._rows(connection, [(row["legal_entity"], row["prospect_id"]) for row in chunk])
+                inserts, history, updates = [], [], []
                 for row in chunk:
                     facts = {"prospect": row["prospect"], "validation_error": row["error"]}
-                    known = existing.get((row["legal_entity"], row["prospect_id"]))
+                    key = (row["legal_entity"], row["prospect_id"])
+                    known = existing.get(key)
                     if known is None:
-                        self._insert(connection, row["legal_entity"], row["prospect_id"], facts, run_id)
+                        stage = stage_of(facts)
+                        inserts.append({
+                            "legal_entity": key[0], "prospect_id": key[1], "stage": stage, "last_run_id": run_id,
+                            "last_error": row["error"], "created_at": now, "updated_at": now, **facts,
+                            **{name: None for name in FACT_COLUMNS[2:]},
+                        })  # fmt: skip
+                        history.append(_transition(key, None, stage, run_id, row["error"], now))
+                        existing[key] = inserts[-1]  # a page repeating a key counts once
                         counts["new"] += 1
                     elif known["lead_id"] is None and any(known[name] != value for name, value in facts.items()):
-                        self._update(connection, known, facts, run_id, error=None)
+                        updates.append((key, facts, None))
                         counts["refreshed"] += 1
                     else:
                         counts["unchanged"] += 1
+                if inserts:
+                    connection.execute(prospects.insert(), inserts)
+                    connection.execute(transitions.insert(), history)
+                self._apply(connection, existing, updates, run_id, now)
         return counts
 
     def update(
         self, legal_entity: str, prospect_id: str, run_id: str, *, error: str | None = None, **facts: Any
     ) -> None:
         """Records new facts (and clears the last error), or records an error for this prospect."""
-        unknown = set(facts) - set(FACT_COLUMNS)
-        if unknown:
-            raise ValueError(f"not facts of a prospect: {sorted(unknown)}")
+        self.update_many([((legal_entity, prospect_id), facts, error)], run_id)
+
+    def update_many(self, updates: Iterable[tuple[tuple[str, str], Mapping[str, Any], str | None]], run_id: str) -> int:
+        """Applies (key, facts, error) updates in one transaction; returns how many rows changed."""
+        updates = list(updates)
+        for key, facts, _ in updates:
+            unknown = set(facts) - set(FACT_COLUMNS)
+            if unknown:
+                raise ValueError(f"not facts of a prospect: {sorted(unknown)}")
+        changed = 0
+        now = _now()
         with self.engine.begin() as connection:
-            known = self._rows(connection, [(legal_entity, prospect_id)]).get((legal_entity, prospect_id))
-            if known is None:
-                raise KeyError(f"prospect {legal_entity}/{prospect_id} is not tracked")
-            self._update(connection, known, facts, run_id, error=error)
+            for start in range(0, len(updates), _KEYS_PER_QUERY):
+                chunk = updates[start : start + _KEYS_PER_QUERY]
+                known = self._rows(connection, [key for key, _, _ in chunk])
+                for key, _, _ in chunk:
+                    if key not in known:
+                        raise KeyError(f"prospect {key[0]}/{key[1]} is not tracked")
+                changed += self._apply(connection, known, chunk, run_id, now)
+        return changed
 
     def apply_changes(self, changes: pd.DataFrame, run_id: str) -> int:
         """Applies a frame of (legal_entity, prospect_id, fact columns...) from the rules."""
         fact_names = [name for name in changes.columns if name in FACT_COLUMNS]
-        for change in changes.to_dict("records"):
-            facts = {name: change[name] for name in fact_names if pd.notna(change[name])}
-            self.update(change["legal_entity"], change["prospect_id"], run_id, **facts)
+        updates = [
+            ((change["legal_entity"], change["prospect_id"]),
+             {name: change[name] for name in fact_names if pd.notna(change[name])}, None)
+            for change in changes.to_dict("records")
+        ]  # fmt: skip
+        self.update_many(updates, run_id)
         return len(changes)
+
+    def delta_link(self, entity_set: str) -> str | None:
+        with self.engine.connect() as connection:
+            query = sa.select(delta_links.c.delta_link).where(delta_links.c.entity_set == entity_set)
+            return connection.execute(query).scalar_one_or_none()
+
+    def set_delta_link(self, entity_set: str, delta_link: str | None, run_id: str) -> None:
+        """Kept only after every change it covers is recorded: a crash re-reads, never skips."""
+        with self.engine.begin() as connection:
+            connection.execute(delta_links.delete().where(delta_links.c.entity_set == entity_set))
+            if delta_link:
+                connection.execute(delta_links.insert().values(
+                    entity_set=entity_set, delta_link=delta_link, run_id=run_id, updated_at=_now()
+                ))  # fmt: skip
+
+    def record_drift(self, findings: pd.DataFrame, run_id: str) -> None:
+        """Replaces this run's drift findings (a rerun of the check does not double them)."""
+        now = _now()
+        rows = [{"run_id": run_id, "checked_at": now, **{name: row.get(name) for name in DRIFT_COLUMNS}}
+                for row in findings.to_dict("records")]  # fmt: skip
+        with self.engine.begin() as connection:
+            connection.execute(drift_findings.delete().where(drift_findings.c.run_id == run_id))
+            if rows:
+                connection.execute(drift_findings.insert(), rows)
+
+    def drift(self, run_id: str) -> pd.DataFrame:
+        query = sa.select(*(drift_findings.c[name] for name in DRIFT_COLUMNS)).where(drift_findings.c.run_id == run_id)
+        with self.engine.connect() as connection:
+            return pd.DataFrame(connection.execute(query).mappings().all(), columns=list(DRIFT_COLUMNS), dtype=object)
 
     def _rows(self, connection: sa.Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], dict]:
         keys = list(keys)
@@ -150,37 +264,49 @@ class StateStore:
         query = sa.select(prospects).where(sa.tuple_(prospects.c.legal_entity, prospects.c.prospect_id).in_(keys))
         return {(row["legal_entity"], row["prospect_id"]): dict(row) for row in connection.execute(query).mappings()}
 
-    def _insert(self, connection: sa.Connection, legal_entity: str, prospect_id: str, facts: Mapping, run_id: str):
-        stage = stage_of(facts)
-        now = _now()
-        connection.execute(
-            prospects.insert().values(
-                legal_entity=legal_entity, prospect_id=prospect_id, stage=stage, last_run_id=run_id,
-                last_error=facts.get("validation_error"), created_at=now, updated_at=now, **facts,
+    def _apply(
+        self,
+        connection: sa.Connection,
+        known: Mapping[tuple[str, str], dict],
+        updates: Iterable[tuple[tuple[str, str], Mapping[str, Any], str | None]],
+        run_id: str,
+        now: datetime,
+    ) -> int:
+        """Writes the updates that change something, and a transition where the stage changed or a
+        new error appeared (the history stays free of repeats)."""
+        rows, history = [], []
+        for key, facts, error in updates:
+            before = known[key]
+            merged = {**before, **facts}
+            stage = stage_of(merged)
+            error = error or merged.get("validation_error")
+            if stage == before["stage"] and error == before["last_error"] and all(before[k] == v for k, v in facts.items()):
+                continue
+            after = {**merged, "stage": stage, "last_error": error, "last_run_id": run_id, "updated_at": now}
+            known[key] = after  # type: ignore[index]  # a second update of the key in this batch builds on this one
+            rows.append(after)
+            if stage != before["stage"] or (error and error != before["last_error"]):
+                history.append(_transition(key, before["stage"], stage, run_id, error, now))
+        if rows:
+            statement = (
+                prospects.update()
+                .where(prospects.c.legal_entity == sa.bindparam("key_legal_entity"),
+                       prospects.c.prospect_id == sa.bindparam("key_prospect_id"))
+                .values({name: sa.bindparam(name) for name in _WRITTEN_COLUMNS})
             )  # fmt: skip
-        )
-        self._log(connection, legal_entity, prospect_id, None, stage, run_id, facts.get("validation_error"), now)
+            connection.execute(statement, [
+                {"key_legal_entity": row["legal_entity"], "key_prospect_id": row["prospect_id"],
+                 **{name: row[name] for name in _WRITTEN_COLUMNS}}
+                for row in rows
+            ])  # fmt: skip
+        if history:
+            connection.execute(transitions.insert(), history)
+        return len(rows)
 
-    def _update(self, connection: sa.Connection, known: dict, facts: Mapping, run_id: str, error: str | None):
-        merged = {**known, **facts}
-        stage = stage_of(merged)
-        error = error or merged.get("validation_error")
-        if stage == known["stage"] and error == known["last_error"] and all(known[k] == v for k, v in facts.items()):
-            return  # nothing new: keep the history free of repeats
-        now = _now()
-        connection.execute(
-            prospects.update()
-            .where(prospects.c.legal_entity == known["legal_entity"], prospects.c.prospect_id == known["prospect_id"])
-            .values(stage=stage, last_error=error, last_run_id=run_id, updated_at=now, **facts)
-        )
-        if stage != known["stage"] or (error and error != known["last_error"]):
-            self._log(connection, known["legal_entity"], known["prospect_id"], known["stage"], stage, run_id, error, now)
 
-    @staticmethod
-    def _log(connection, legal_entity, prospect_id, from_stage, to_stage, run_id, error, at) -> None:
-        connection.execute(
-            transitions.insert().values(
-                legal_entity=legal_entity, prospect_id=prospect_id, from_stage=from_stage, to_stage=to_stage,
-                run_id=run_id, error=error, at=at,
-            )  # fmt: skip
-        )
+_WRITTEN_COLUMNS = ("stage", *FACT_COLUMNS, "last_error", "last_run_id", "updated_at")
+
+
+def _transition(key: tuple[str, str], from_stage, to_stage, run_id: str, error: str | None, at: datetime) -> dict:
+    return {"legal_entity": key[0], "prospect_id": key[1], "from_stage": from_stage, "to_stage": to_stage,
+            "run_id": run_id, "error": error, "at": at}  # fmt: skip

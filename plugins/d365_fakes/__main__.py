@@ -49,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         type=_tenant_id,
         help="a GUID (default: one created once and kept in the state dir)",
     )
+    serve_parser.add_argument(
+        "--delta-token-ttl-s",
+        type=float,
+        default=604_800,
+        help="how long a Dataverse delta link stays valid, in seconds (default: 604800, 7 days)",
+    )
+    _add_limit_arguments(serve_parser)
     args = parser.parse_args(argv)
 
     clients_source = args.clients or os.environ.get(CLIENTS_ENV)
@@ -63,8 +70,27 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"cannot load app registrations: {error}")
     if args.commerce_page_size < 1:
         parser.error("--commerce-page-size must be at least 1")
+    if not args.delta_token_ttl_s > 0:
+        parser.error("--delta-token-ttl-s must be more than 0")
 
-    from d365_fakes.server import serve  # after argument checks: the servers import FastAPI
+    # After the argument checks: the servers import FastAPI.
+    from d365_fakes.limits import Limits
+    from d365_fakes.server import serve
+
+    try:
+        limits = Limits(
+            enabled=args.limits == "on",
+            latency_ms=args.latency_ms,
+            dataverse_requests=args.dataverse_requests,
+            dataverse_window_s=args.dataverse_window_s,
+            dataverse_execution_s=args.dataverse_execution_s,
+            dataverse_concurrent=args.dataverse_concurrent,
+            commerce_requests=args.commerce_requests,
+            commerce_window_s=args.commerce_window_s,
+        )
+    except ValueError as error:
+        field, _, reason = str(error).partition(" ")
+        parser.error(f"--{field.replace('_', '-')} {reason}")
 
     try:
         serve(
@@ -75,11 +101,43 @@ def main(argv: list[str] | None = None) -> int:
             clients=clients,
             commerce_page_size=args.commerce_page_size,
             tenant_id=args.tenant_id,
+            limits=limits,
+            delta_token_ttl_s=args.delta_token_ttl_s,
         )
     except OSError as error:
         print(f"d365_fakes: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "service protection",
+        "Per-caller limits over a sliding window, answered with 429 and Retry-After (0 = no limit). "
+        "Change them at runtime with POST /_admin/limits.",
+    )
+    group.add_argument(
+        "--limits", choices=("on", "off"), default="on", help="off: no 429s at all (default: on)"
+    )
+    group.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0,
+        help="added to every Commerce and Dataverse OData request (default: 0)",
+    )
+    group.add_argument("--dataverse-requests", type=int, default=6000, help="default: 6000")
+    group.add_argument("--dataverse-window-s", type=float, default=300, help="default: 300")
+    group.add_argument(
+        "--dataverse-execution-s",
+        type=float,
+        default=1200,
+        help="handler time per window (default: 1200)",
+    )
+    group.add_argument("--dataverse-concurrent", type=int, default=52, help="default: 52")
+    group.add_argument(
+        "--commerce-requests", type=int, default=0, help="per window (default: 0, HQ's are optional)"
+    )
+    group.add_argument("--commerce-window-s", type=float, default=300, help="default: 300")
 
 
 def _tenant_id(value: str) -> str:

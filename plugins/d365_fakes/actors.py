@@ -71,6 +71,9 @@ class Seller(ApiUser):
         self.call("PATCH", f"leads({lead_id})", json={"statecode": 2, "statuscode": statuscode},
                   headers={"If-Match": "*"})  # fmt: skip
 
+    def delete_lead(self, lead_id: str) -> None:
+        self.call("DELETE", f"leads({lead_id})")
+
     def close_opportunity(self, opportunity_id: str, won: bool) -> None:
         action, status = ("WinOpportunity", 3) if won else ("LoseOpportunity", 4)
         self.call("POST", action, json={"Status": status, "OpportunityClose": {
@@ -86,3 +89,8 @@ class Clerk(ApiUser):
 
     def all(self, entity_set: str) -> list[dict]:
         return self.rows(entity_set, {"cross-company": "true"})
+
+    def set_status(self, legal_entity: str, prospect_id: str, status: str) -> None:
+        """Approve or reject a prospect by hand, as Convert > Approve / Reject in the HQ form does."""
+        key = f"Prospects(dataAreaId='{legal_entity}',ProspectId='{prospect_id}')"
+        self.call("PATCH", key, params={"cross-company": "true"}, json={"B2BProspectStatus": status})

@@ -26,6 +26,9 @@ class CommerceAdmin(Protocol):
 class DataverseAdmin(Protocol):
     def reset(self) -> None: ...
     def counts(self) -> dict[str, Any]: ...
+    def add_rejection(self, entity_set: Any, column: Any, value: Any, message: Any = None) -> None: ...
+    def clear_rejections(self) -> None: ...
+    def apply_decisions(self, decisions: Any, as_client_id: Any = None) -> dict[str, Any]: ...
 
 
 def create_admin_router(
@@ -84,6 +87,32 @@ def create_admin_router(
     async def outbox() -> dict[str, Any]:
         return {"emails": list(commerce_state.outbox)}
 
+    @router.post("/dataverse/rejections", status_code=204)
+    async def add_rejection(request: Request) -> Response:
+        try:
+            body = await _json_object(request, ("entity_set", "column", "value", "message"))
+            dataverse_state.add_rejection(
+                body.get("entity_set"), body.get("column"), body.get("value"), body.get("message")
+            )
+        except ValueError as error:
+            return _bad_request(str(error))
+        return Response(status_code=204)
+
+    @router.delete("/dataverse/rejections", status_code=204)
+    async def clear_rejections() -> Response:
+        dataverse_state.clear_rejections()
+        return Response(status_code=204)
+
+    @router.post("/dataverse/decisions")
+    async def apply_decisions(request: Request) -> JSONResponse:
+        try:
+            body = await _json_object(request, ("decisions", "as_client_id"))
+            decisions, as_client_id = body.get("decisions"), body.get("as_client_id")
+            result = dataverse_state.apply_decisions(decisions, as_client_id)
+        except ValueError as error:
+            return _bad_request(str(error))
+        return JSONResponse(result)
+
     @router.get("/counts")
     async def counts() -> dict[str, Any]:
         return {
@@ -93,6 +122,20 @@ def create_admin_router(
         }
 
     return router
+
+
+async def _json_object(request: Request, fields: tuple[str, ...]) -> dict[str, Any]:
+    """The body as a JSON object of (some of) `fields`; ValueError saying what is wrong."""
+    try:
+        body = json.loads(await request.body())
+    except ValueError as error:
+        raise ValueError(f"the body is not JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise ValueError(f"the body must be a JSON object with {', '.join(fields)}")
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown field(s): {', '.join(unknown)}")
+    return body
 
 
 def _bad_request(message: str) -> JSONResponse:

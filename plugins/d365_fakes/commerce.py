@@ -12,14 +12,22 @@ Facts follow /work/shared/domain.md section 2. Field and enum type names are tho
 from __future__ import annotations
 
 import base64
+import bisect
+import contextlib
+import email.message
+import email.parser
+import http.client
+import io
 import itertools
 import json
 import re
 import threading
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping
-from urllib.parse import quote, unquote_to_bytes, urlencode
+from http import HTTPStatus
+from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping
+from urllib.parse import quote, unquote, unquote_to_bytes, urlencode, urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -190,8 +198,35 @@ def _checked_fields(entity: EntitySet, body: Mapping[str, Any]) -> dict[str, Any
     return checked
 
 
+# Fields whose values HQ draws from number sequences; a value a caller chose is skipped.
+_NUMBERED = {
+    PROSPECTS.name: ("ProspectId",),
+    CUSTOMERS.name: ("CustomerAccount", "PartyNumber"),
+    HIERARCHIES.name: ("CustomerHierarchyId",),
+}
+# Lookups the business rules need, kept as each write lands so that a write costs O(1), not a scan:
+# index name -> (entity set, the row's entry in the index or None).
+_UNIQUE_INDEXES: dict[str, tuple[str, Callable[[Mapping[str, Any]], Hashable | None]]] = {
+    "party": (CUSTOMERS.name, lambda row: row["PartyNumber"].casefold() or None),
+    "person_email": (
+        CUSTOMERS.name,
+        lambda row: (row["dataAreaId"].casefold(), row["PrimaryContactEmail"].casefold())
+        if row["PartyType"] == "Person" and row["PrimaryContactEmail"] else None,
+    ),
+    "admin": (
+        NODES.name,
+        lambda row: row["CustomerHierarchyId"].casefold() if row["Role"] == "Admin" and not row["VersionRemoved"] else None,
+    ),
+}
+_Key = tuple[str, ...]
+
+
 class CommerceState:
-    """In-memory Commerce HQ: tables, the email outbox, counts. Safe to share between threads."""
+    """In-memory Commerce HQ: tables, the email outbox, counts. Safe to share between threads.
+
+    A stored row is never changed in place (an update stores a new dict), so readers may hold rows
+    without copying them; treat the rows this class hands out as read-only.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
@@ -199,7 +234,13 @@ class CommerceState:
 
     def reset(self) -> None:
         with self._lock:
-            self._tables: dict[str, dict[tuple[str, ...], dict[str, Any]]] = {name: {} for name in ENTITY_SETS}
+            self._tables: dict[str, dict[_Key, dict[str, Any]]] = {name: {} for name in ENTITY_SETS}
+            self._order: dict[str, list[_Key]] = {name: [] for name in ENTITY_SETS}  # keys, sorted
+            self._taken: dict[str, dict[str, int]] = {
+                field: {} for fields in _NUMBERED.values() for field in fields
+            }  # casefolded value -> rows holding it
+            self._indexes: dict[str, dict[Hashable, _Key]] = {name: {} for name in _UNIQUE_INDEXES}
+            self._journal: dict[tuple[str, _Key], dict[str, Any] | None] | None = None
             self._outbox: list[dict[str, Any]] = []
             self._requests = 0
             self._writes = {name: 0 for name in ENTITY_SETS}
@@ -218,7 +259,7 @@ class CommerceState:
     def seed_prospects(self, rows: Iterable[Mapping[str, Any]]) -> int:
         """Add prospects as the P-0001 job would (B2B, Pending unless given). All or nothing."""
         with self._lock:
-            prepared: dict[tuple[str, ...], dict[str, Any]] = {}
+            prepared: dict[_Key, dict[str, Any]] = {}
             for index, given in enumerate(rows):
                 if not isinstance(given, Mapping):
                     raise ValueError(f"prospects[{index}] must be an object with Prospects fields")
@@ -237,8 +278,33 @@ class CommerceState:
                     raise ValueError(f"prospects[{index}] (ProspectId {prospect_id!r}): ProspectId already exists in {row['dataAreaId']}")
                 row["@odata.etag"] = self._new_etag()
                 prepared[key] = row
-            self._tables[PROSPECTS.name].update(prepared)
+            for key, row in prepared.items():
+                self._store(PROSPECTS, key, row)
             return len(prepared)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All or nothing: the writes made inside take effect together, or, when the block raises,
+        not at all (the rows, the emails queued and the write counts are put back).
+
+        Holds the lock throughout, so no other request sees half of it. Does not nest.
+        """
+        with self._lock:
+            if self._journal is not None:
+                raise RuntimeError("a transaction is already open")
+            self._journal = {}
+            outbox_length, writes = len(self._outbox), dict(self._writes)
+            try:
+                yield
+            except BaseException:
+                journal, self._journal = self._journal, None
+                for (name, key), row in journal.items():
+                    self._store(ENTITY_SETS[name], key, row)
+                del self._outbox[outbox_length:]
+                self._writes = writes
+                raise
+            finally:
+                self._journal = None
 
     # --- used by the OData app -------------------------------------------------------------------
 
@@ -247,31 +313,35 @@ class CommerceState:
             self._requests += 1
 
     def visible_rows(self, entity: EntitySet, company: str, cross_company: bool) -> list[dict[str, Any]]:
-        """Copies of the rows the caller may see, in key order (F&O's default, stable order)."""
+        """The rows the caller may see, in key order (F&O's default, stable order). Read-only."""
         with self._lock:
             table = self._tables[entity.name]
-            return [dict(table[key]) for key in sorted(table) if _visible(table[key], company, cross_company)]
+            if cross_company:
+                return [table[key] for key in self._order[entity.name]]
+            company = company.casefold()
+            return [row for key in self._order[entity.name] if (row := table[key])["dataAreaId"].casefold() == company]
 
     def get(self, entity: EntitySet, key: Mapping[str, str], company: str, cross_company: bool, url: str) -> dict[str, Any]:
+        """The row (read-only), or NotFound."""
         with self._lock:
-            return dict(self._find(entity, key, company, cross_company, url))
+            return self._find(entity, key, company, cross_company, url)
 
     def create(self, entity: EntitySet, body: Mapping[str, Any], company: str) -> dict[str, Any]:
+        """The new row (read-only)."""
         with self._lock:
             row = entity.default_row() | _checked_fields(entity, body)
             if "dataAreaId" in entity.keys:
                 row["dataAreaId"] = (row["dataAreaId"] or company).lower()
             _CREATE_RULES[entity.name](self, row, company)
             _require_keys(entity, row)
-            table = self._tables[entity.name]
             key = _key_tuple(entity, row)
-            if key in table:
+            if key in self._tables[entity.name]:
                 described = ", ".join(f"{name}: {row[name]}" for name in entity.keys)
                 raise _bad_request(f"Cannot create a record in {entity.table}. {described}. The record already exists.")
             row["@odata.etag"] = self._new_etag()
-            table[key] = row
+            self._store(entity, key, row)
             self._writes[entity.name] += 1
-            return dict(row)
+            return row
 
     def update(self, entity: EntitySet, key: Mapping[str, str], body: Mapping[str, Any], company: str,
                cross_company: bool, if_match: str | None, url: str) -> None:
@@ -284,8 +354,7 @@ class CommerceState:
                     raise _bad_request(f"The field '{name}' of {entity.name} cannot be changed.")
             rule = _UPDATE_RULES.get(entity.name)
             email = rule(self, row, changes) if rule else None
-            row.update(changes)
-            row["@odata.etag"] = self._new_etag()
+            self._store(entity, _key_tuple(entity, row), row | changes | {"@odata.etag": self._new_etag()})
             if email:
                 self._outbox.append(email)
             self._writes[entity.name] += 1
@@ -295,7 +364,7 @@ class CommerceState:
         with self._lock:
             row = self._find(entity, key, company, cross_company, url)
             _check_if_match(row, if_match)
-            del self._tables[entity.name][_key_tuple(entity, row)]
+            self._store(entity, _key_tuple(entity, row), None)
             self._writes[entity.name] += 1
 
     # --- internals -------------------------------------------------------------------------------
@@ -306,46 +375,81 @@ class CommerceState:
             raise NotFound(url)
         return row
 
+    def _store(self, entity: EntitySet, key: _Key, row: dict[str, Any] | None) -> None:
+        """The one way rows change: put `row` at `key` (None: delete), keeping the key order, the
+        indexes and an open transaction's journal right."""
+        table = self._tables[entity.name]
+        old = table.get(key)
+        if self._journal is not None:
+            self._journal.setdefault((entity.name, key), old)
+        if old is not None:
+            self._unindex(entity, key, old)
+        if row is None:
+            del table[key]
+            order = self._order[entity.name]
+            del order[bisect.bisect_left(order, key)]
+            return
+        table[key] = row
+        if old is None:
+            bisect.insort(self._order[entity.name], key)
+        for field in _NUMBERED.get(entity.name, ()):
+            taken = self._taken[field]
+            value = row[field].casefold()
+            taken[value] = taken.get(value, 0) + 1
+        for name, (entity_name, entry_of) in _UNIQUE_INDEXES.items():
+            if entity_name == entity.name and (entry := entry_of(row)) is not None:
+                self._indexes[name][entry] = key
+
+    def _unindex(self, entity: EntitySet, key: _Key, row: Mapping[str, Any]) -> None:
+        for field in _NUMBERED.get(entity.name, ()):
+            taken = self._taken[field]
+            value = row[field].casefold()
+            taken[value] -= 1
+            if not taken[value]:
+                del taken[value]
+        for name, (entity_name, entry_of) in _UNIQUE_INDEXES.items():
+            entry = entry_of(row) if entity_name == entity.name else None
+            if entry is not None and self._indexes[name].get(entry) == key:
+                del self._indexes[name][entry]
+
+    def _indexed(self, index: str, entry: Hashable) -> dict[str, Any] | None:
+        key = self._indexes[index].get(entry)
+        return None if key is None else self._tables[_UNIQUE_INDEXES[index][0]][key]
+
     def _new_etag(self) -> str:
         # Opaque to clients, like F&O's base64 of the record version.
         version = base64.b64encode(f"'1,{next(self._versions)}'".encode()).decode()
         return f'W/"{version}"'
 
-    def _next_number(self, sequence: str, template: str, taken: Iterable[str]) -> str:
-        """The next free value of a number sequence (values a caller chose are skipped)."""
-        counter = self._sequences.setdefault(sequence, itertools.count(1))
-        used = {value.casefold() for value in taken}
+    def _next_number(self, field: str, template: str) -> str:
+        """The next free value of the field's number sequence (values a caller chose are skipped)."""
+        counter = self._sequences.setdefault(field, itertools.count(1))
+        taken = self._taken[field]
         while True:
             value = template.format(next(counter))
-            if value.casefold() not in used:
+            if value.casefold() not in taken:
                 return value
-
-    def _rows(self, entity: EntitySet) -> Iterable[dict[str, Any]]:
-        return self._tables[entity.name].values()
 
     # Create rules: fill what HQ assigns, enforce the business rules, raise 400s.
 
     def _create_prospect(self, row: dict[str, Any], company: str) -> None:
         if not row["ProspectId"]:
-            row["ProspectId"] = self._next_number("ProspectId", "P-{:06d}", (r["ProspectId"] for r in self._rows(PROSPECTS)))
+            row["ProspectId"] = self._next_number("ProspectId", "P-{:06d}")
 
     def _create_customer(self, row: dict[str, Any], company: str) -> None:
         if not row["CustomerAccount"]:
-            row["CustomerAccount"] = self._next_number(
-                "CustomerAccount", "C{:06d}", (r["CustomerAccount"] for r in self._rows(CUSTOMERS))
-            )
-        row["PartyNumber"] = self._next_number("PartyNumber", "{:09d}", (r["PartyNumber"] for r in self._rows(CUSTOMERS)))
+            row["CustomerAccount"] = self._next_number("CustomerAccount", "C{:06d}")
+        row["PartyNumber"] = self._next_number("PartyNumber", "{:09d}")
         self._check_customer(row)
 
     def _create_hierarchy(self, row: dict[str, Any], company: str) -> None:
         row["dataAreaId"] = company.lower()
         row["CurrentVersion"] = 1
         if not row["CustomerHierarchyId"]:
-            row["CustomerHierarchyId"] = self._next_number(
-                "CustomerHierarchyId", "CH-{:06d}", (r["CustomerHierarchyId"] for r in self._rows(HIERARCHIES))
-            )
+            row["CustomerHierarchyId"] = self._next_number("CustomerHierarchyId", "CH-{:06d}")
         party = row["OrganizationPartyNumber"]
-        if not any(_same(c["PartyNumber"], party) and c["PartyType"] == "Organization" for c in self._rows(CUSTOMERS)):
+        customer = self._indexed("party", party.casefold())
+        if customer is None or customer["PartyType"] != "Organization":
             raise _bad_request(f"OrganizationPartyNumber '{party}' is not the party of an Organization customer.")
 
     def _create_node(self, row: dict[str, Any], company: str) -> None:
@@ -356,7 +460,7 @@ class CommerceState:
         row["dataAreaId"] = hierarchy["dataAreaId"]
         row["VersionAdded"] = hierarchy["CurrentVersion"]
         party = row["NodePartyNumber"]
-        if not any(_same(c["PartyNumber"], party) for c in self._rows(CUSTOMERS)):
+        if self._indexed("party", party.casefold()) is None:
             raise _bad_request(f"NodePartyNumber '{party}' is not the party of a customer.")
         self._check_single_admin(row)
 
@@ -389,28 +493,22 @@ class CommerceState:
         if party_type == "Person" and not (row["PersonFirstName"] or row["PersonLastName"]):
             # A person's name may be a single word (a last name alone); it may not be empty.
             raise _bad_request("PersonFirstName or PersonLastName must be filled in for a customer of party type Person.")
-        email = row["PrimaryContactEmail"]
-        if party_type != "Person" or not email:
-            return
-        for other in self._rows(CUSTOMERS):
-            if (other["PartyType"] == "Person" and _same(other["PrimaryContactEmail"], email)
-                    and _same(other["dataAreaId"], row["dataAreaId"])
-                    and _key_tuple(CUSTOMERS, other) != _key_tuple(CUSTOMERS, row)):
-                raise _bad_request(
-                    f"The email address {email} is already the primary contact email of customer "
-                    f"{other['CustomerAccount']} in company {other['dataAreaId']}."
-                )
+        entry = _UNIQUE_INDEXES["person_email"][1](row)
+        other = None if entry is None else self._indexed("person_email", entry)
+        if other is not None and _key_tuple(CUSTOMERS, other) != _key_tuple(CUSTOMERS, row):
+            raise _bad_request(
+                f"The email address {row['PrimaryContactEmail']} is already the primary contact email of customer "
+                f"{other['CustomerAccount']} in company {other['dataAreaId']}."
+            )
 
     def _check_single_admin(self, node: dict[str, Any]) -> None:
-        if node["Role"] != "Admin" or node["VersionRemoved"]:
-            return
-        for other in self._rows(NODES):
-            if (_same(other["CustomerHierarchyId"], node["CustomerHierarchyId"]) and other["Role"] == "Admin"
-                    and not other["VersionRemoved"] and _key_tuple(NODES, other) != _key_tuple(NODES, node)):
-                raise _bad_request(
-                    f"Customer hierarchy {node['CustomerHierarchyId']} already has an Admin "
-                    f"({other['NodePartyNumber']}); a hierarchy has only one Admin."
-                )
+        entry = _UNIQUE_INDEXES["admin"][1](node)
+        other = None if entry is None else self._indexed("admin", entry)
+        if other is not None and _key_tuple(NODES, other) != _key_tuple(NODES, node):
+            raise _bad_request(
+                f"Customer hierarchy {node['CustomerHierarchyId']} already has an Admin "
+                f"({other['NodePartyNumber']}); a hierarchy has only one Admin."
+            )
 
 
 _CREATE_RULES = {
@@ -542,13 +640,18 @@ def _page_size(request: Request, server_page_size: int) -> tuple[int, dict[str, 
 
 def _read_collection(call: _Call, state: CommerceState, server_page_size: int) -> Response:
     rows = state.visible_rows(call.entity, call.company, call.cross_company)
+    options = dict(call.request.query_params)
+    # $select is applied to the page sent only, not to every matching row of a large table.
+    selection = {"$select": options.pop("$select")} if "$select" in options else {}
+    page_size, preference_applied = _page_size(call.request, server_page_size)
     try:
-        result = apply_query(rows, call.request.query_params, Dialect.FINANCE_OPERATIONS, call.entity.types, call.entity.enum_map)
+        result = apply_query(rows, options, Dialect.FINANCE_OPERATIONS, call.entity.types, call.entity.enum_map)
+        page, next_position = page_of(result.rows, page_size)
+        projected = apply_query(page, selection, Dialect.FINANCE_OPERATIONS, call.entity.types, call.entity.enum_map)
     except ODataQueryError as error:
         raise _bad_query(str(error)) from None
-    page_size, preference_applied = _page_size(call.request, server_page_size)
-    page, next_position = page_of(result.rows, page_size)
-    body: dict[str, Any] = {"@odata.context": call.context(result.selected)}
+    page = projected.rows
+    body: dict[str, Any] = {"@odata.context": call.context(projected.selected)}
     if result.count is not None:
         body["@odata.count"] = result.count
     body["value"] = page
@@ -615,6 +718,156 @@ def _fault_response(fault: Fault) -> Response:
     return _json_response(ODataError(fault.status, message, "").body(), fault.status, fault.headers())
 
 
+# --- $batch ---------------------------------------------------------------------------------------
+
+MAX_BATCH_REQUESTS = 1000
+_CRLF = b"\r\n"
+_CONTENT_ID_REFERENCE = re.compile(r"\$([^/?]+)")
+# Header names as F&O spells them in a part (Starlette keeps them lower-case).
+_HEADER_NAMES = {b"etag": b"ETag", b"odata-version": b"OData-Version", b"odata-entityid": b"OData-EntityId"}
+
+
+@dataclass(frozen=True)
+class _BatchItem:
+    """One request of a `$batch`, as its `application/http` part wrote it."""
+
+    method: str
+    url: str  # relative to /data/, absolute, or `$<Content-ID>` of an earlier request of the changeset
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    content_id: str | None
+
+
+_Changeset = tuple[_BatchItem, ...]
+
+
+class _ChangesetFailed(Exception):
+    """Raised inside a changeset's transaction to undo it; carries the answer of the failed request."""
+
+    def __init__(self, item: _BatchItem, response: Response):
+        super().__init__(item.url)
+        self.item = item
+        self.response = response
+
+
+def _bad_batch(message: str) -> ODataError:
+    return _bad_query(f"The $batch request is not valid: {message}")
+
+
+def _parse_batch(content_type: str, body: bytes) -> list[_BatchItem | _Changeset]:
+    """The parts of a `$batch` body, in order: single requests and changesets. 400 if malformed."""
+    # The stdlib MIME parser reads the multipart structure; it notes (rather than raises) defects.
+    message = email.parser.BytesParser().parsebytes(b"Content-Type: " + content_type.encode("latin-1") + _CRLF * 2 + body)
+    if message.get_content_type() != "multipart/mixed" or not message.get_boundary():
+        raise _bad_batch("the Content-Type must be multipart/mixed with a boundary.")
+    parts: list[_BatchItem | _Changeset] = []
+    total = 0
+    for part in _mime_parts(message):
+        if part.get_content_type() == "multipart/mixed":
+            changeset = tuple(_batch_item(inner, in_changeset=True) for inner in _mime_parts(part))
+            content_ids = [item.content_id for item in changeset if item.content_id is not None]
+            if len(set(content_ids)) != len(content_ids):
+                raise _bad_batch("a Content-ID is used twice in one changeset.")
+            parts.append(changeset)
+            total += len(changeset)
+        else:
+            parts.append(_batch_item(part, in_changeset=False))
+            total += 1
+        if total > MAX_BATCH_REQUESTS:
+            raise _bad_batch(f"it holds more than {MAX_BATCH_REQUESTS} requests.")
+    return parts
+
+
+def _mime_parts(message: email.message.Message) -> list[email.message.Message]:
+    if message.defects or not message.is_multipart() or not message.get_boundary():
+        raise _bad_batch(f"the multipart body is malformed ({', '.join(type(d).__name__ for d in message.defects) or 'no parts'}).")
+    return message.get_payload()
+
+
+def _batch_item(part: email.message.Message, in_changeset: bool) -> _BatchItem:
+    """An `application/http` part: request line, headers, blank line, body."""
+    if part.get_content_type() != "application/http":
+        nested = in_changeset and part.get_content_type() == "multipart/mixed"
+        raise _bad_batch("changesets cannot be nested." if nested else
+                         f"a part has Content-Type {part.get_content_type()}; expected application/http.")
+    stream = io.BytesIO(part.get_payload(decode=True) or b"")
+    request_line = stream.readline()
+    while request_line in (b"\r\n", b"\n"):
+        request_line = stream.readline()
+    words = request_line.decode("utf-8", "replace").split()
+    if len(words) != 3 or not words[2].startswith("HTTP/"):
+        raise _bad_batch(f"{request_line.decode('utf-8', 'replace').strip()!r} is not a request line (METHOD URL HTTP/1.1).")
+    method = words[0].upper()
+    if in_changeset and method == "GET":
+        raise _bad_batch(f"GET {words[1]} is inside a changeset; changesets hold only POST, PATCH and DELETE requests.")
+    try:
+        headers = http.client.parse_headers(stream)
+    except http.client.HTTPException as error:
+        raise _bad_batch(f"the headers of {method} {words[1]} are malformed ({type(error).__name__}).") from None
+    content_id = part.get("Content-ID")
+    return _BatchItem(method, words[1], tuple(headers.items()), stream.read(), content_id.strip() if content_id else None)
+
+
+def _inner_request(outer: Request, item: _BatchItem, locations: Mapping[str, str]) -> Request:
+    """The request a batch part describes, as if it had come on its own (same host, its own URL,
+    method and headers), so that the ordinary dispatch serves it."""
+    url = item.url
+    reference = _CONTENT_ID_REFERENCE.match(url)
+    if reference and reference[1] in locations:
+        url = locations[reference[1]] + url[reference.end():]
+    target = urlsplit(url)
+    if target.scheme or url.startswith("/"):
+        if not target.path.startswith("/data/"):
+            raise NotFound(url)
+        path = target.path
+    else:
+        path = "/data/" + target.path
+    headers = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in item.headers]
+    if not any(name == b"host" for name, _ in headers):
+        headers += [(name, value) for name, value in outer.scope["headers"] if name == b"host"]
+    return Request({
+        "type": "http",
+        "http_version": "1.1",
+        "scheme": outer.scope["scheme"],
+        "server": outer.scope.get("server"),
+        "client": outer.scope.get("client"),
+        "root_path": outer.scope.get("root_path", ""),
+        "method": item.method,
+        "path": unquote(path),
+        "raw_path": path.encode("utf-8"),
+        "query_string": target.query.encode("utf-8"),
+        "headers": headers,
+    })
+
+
+def _prefers_continue_on_error(prefer: str) -> bool:
+    for preference in prefer.split(","):
+        name, _, value = preference.partition("=")
+        if name.strip().lower() in ("odata.continue-on-error", "continue-on-error"):
+            return value.strip().lower() != "false"
+    return False
+
+
+def _http_part(response: Response, content_id: str | None) -> bytes:
+    """An `application/http` part holding `response`."""
+    head = [b"Content-Type: application/http", b"Content-Transfer-Encoding: binary"]
+    if content_id is not None:
+        head.append(b"Content-ID: " + content_id.encode("latin-1"))
+    status = f"HTTP/1.1 {response.status_code} {HTTPStatus(response.status_code).phrase}".encode()
+    headers = [_HEADER_NAMES.get(name, name.title()) + b": " + value for name, value in response.raw_headers]
+    return _CRLF.join([*head, b"", status, *headers, b"", response.body])
+
+
+def _multipart(boundary: str, parts: Iterable[bytes]) -> bytes:
+    delimiter = b"--" + boundary.encode()
+    return b"".join(delimiter + _CRLF + part + _CRLF for part in parts) + delimiter + b"--" + _CRLF
+
+
+def _changeset_part(parts: Iterable[bytes]) -> bytes:
+    boundary = f"changesetresponse_{uuid.uuid4()}"
+    return f"Content-Type: multipart/mixed; boundary={boundary}".encode() + _CRLF * 2 + _multipart(boundary, parts)
+
+
 def create_app(
     state: CommerceState,
     issuer: TokenIssuer,
@@ -634,8 +887,8 @@ def create_app(
         error = ODataError(401, reason, "System.UnauthorizedAccessException", "Authorization has been denied for this request.")
         return _json_response(error.body(), 401, {"WWW-Authenticate": challenge})
 
-    @app.api_route(f"/data/{{resource:{RESOURCE_CONVERTOR}}}", methods=["GET", "POST", "PATCH", "DELETE"])
-    async def data(request: Request) -> Response:
+    def admit(request: Request) -> ClientRegistration | Response:
+        """Count the request; then an injected fault, a 401, or the calling app."""
         state.count_request()
         fault = faults.take("commerce") if faults else None
         if fault:
@@ -647,6 +900,65 @@ def create_app(
         client = clients.get(claims.client_id)
         if client is None:
             return unauthorized(f"The application {claims.client_id} is not registered in Microsoft Entra applications.")
+        return client
+
+    @app.post("/data/$batch")
+    async def batch(request: Request) -> Response:
+        """OData v4 `$batch`: one request (for the counts and the limits) carrying many."""
+        client = admit(request)
+        if isinstance(client, Response):
+            return client
+        try:
+            parts = _parse_batch(request.headers.get("content-type", ""), await request.body())
+        except ODataError as error:
+            return _json_response(error.body(), error.status)
+        continue_on_error = _prefers_continue_on_error(request.headers.get("prefer", ""))
+        answers = []
+        for part in parts:
+            if isinstance(part, tuple):
+                answer, failed = run_changeset(request, part, client.default_company)
+            else:
+                response = run(request, part, client.default_company, {})
+                answer, failed = _http_part(response, part.content_id), response.status_code >= 400
+            answers.append(answer)
+            if failed and not continue_on_error:
+                break  # OData: without continue-on-error, processing stops at the first failure
+        boundary = f"batchresponse_{uuid.uuid4()}"
+        headers = {"OData-Version": "4.0"}
+        if continue_on_error:
+            headers["Preference-Applied"] = "odata.continue-on-error"
+        return Response(_multipart(boundary, answers), 200, headers, media_type=f"multipart/mixed; boundary={boundary}")
+
+    def run_changeset(outer: Request, changeset: _Changeset, company: str) -> tuple[bytes, bool]:
+        """All of the changeset's answers, or (undone) the answer of the request that failed."""
+        answered: list[bytes] = []
+        locations: dict[str, str] = {}  # Content-ID -> Location, for `$<Content-ID>` URLs
+        try:
+            with state.transaction():
+                for item in changeset:
+                    response = run(outer, item, company, locations)
+                    if response.status_code >= 400:
+                        raise _ChangesetFailed(item, response)
+                    answered.append(_http_part(response, item.content_id))
+                    if item.content_id is not None and "location" in response.headers:
+                        locations[item.content_id] = response.headers["location"]
+        except _ChangesetFailed as failure:
+            return _http_part(failure.response, failure.item.content_id), True
+        return _changeset_part(answered), False
+
+    def run(outer: Request, item: _BatchItem, company: str, locations: Mapping[str, str]) -> Response:
+        """A batch part, served as the same request on its own would be (same caller and company)."""
+        try:
+            inner = _inner_request(outer, item, locations)
+            return dispatch(inner, _resource_path(inner), item.body, company)
+        except ODataError as error:
+            return _json_response(error.body(), error.status)
+
+    @app.api_route(f"/data/{{resource:{RESOURCE_CONVERTOR}}}", methods=["GET", "POST", "PATCH", "DELETE"])
+    async def data(request: Request) -> Response:
+        client = admit(request)
+        if isinstance(client, Response):
+            return client
         body = await request.body()
         try:
             return dispatch(request, _resource_path(request), body, client.default_company)

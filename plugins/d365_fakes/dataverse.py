@@ -3,8 +3,11 @@ and the actions that move a lead to a won or lost opportunity.
 
 It keeps the Web API conventions clients depend on: server-generated lowercase GUID keys; lookups
 read as `_<name>_value` and written as `<navigation property>@odata.bind`; weak etags from a
-version number; PATCH as upsert, also by the lead alternate key `msdyn_prospectid`; keyset
-server-driven paging; errors as `{"error": {"code": "0x...", "message": "..."}}`.
+version number; PATCH as upsert, also by the lead alternate key `msdyn_prospectid`; the bulk
+actions CreateMultiple, UpdateMultiple and UpsertMultiple, all-or-nothing; DELETE; change tracking
+(`Prefer: odata.track-changes`, delta links, deleted rows); keyset server-driven paging; errors as
+`{"error": {"code": "0x...", "message": "..."}}`. Keyed reads and writes cost O(rows touched), so
+a table of 100,000 leads stays quick: an index per alternate key, and rows kept in key order.
 
 All state is touched from async handlers that do not await while they read or write it, so the
 event loop serialises requests and the state needs no lock.
@@ -13,12 +16,18 @@ event loop serialises requests and the state needs no lock.
 import base64
 import json
 import re
+import time
 import uuid
-from collections.abc import Iterable, Mapping
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
+from itertools import chain, islice
+from operator import itemgetter
 from typing import Any, NamedTuple
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote, unquote, unquote_to_bytes
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -41,6 +50,10 @@ UNKNOWN_NAME = "0x80060888"  # no property, or no resource segment, of that name
 UNAUTHORIZED = "0x80072243"
 REQUESTS_LIMIT = "0x80072322"  # service protection: number of requests
 UNEXPECTED = "0x80040216"
+ISV_ABORTED = "0x80040265"  # a synchronous plugin threw; the whole operation is rolled back
+EXPIRED_VERSION_STAMP = "0x80044352"  # a change tracking token older than its retention
+
+DELTA_TOKEN_TTL_S = 7 * 24 * 3600  # change tracking tokens expire after 7 days by default
 
 _GUID = r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}"
 _IDS = uuid.uuid5(uuid.NAMESPACE_URL, "d365-fakes/dataverse")  # namespace of the fixed ids
@@ -78,7 +91,7 @@ class Table:
     state_model: StateModel | None = None
     writable: bool = True  # by POST/PATCH; read-only sets are written by actions or at start
 
-    @property
+    @cached_property
     def read_columns(self) -> tuple[str, ...]:
         lookup_values = dict.fromkeys(f"_{column}_value" for column, _ in self.lookups.values())
         return (self.primary_key, *self.columns, *self.computed, *lookup_values, *SERVER_COLUMNS)
@@ -242,24 +255,84 @@ class Page(NamedTuple):
     last: dict | None  # the page's last row, unprojected, when more rows follow
 
 
-class DataverseState:
-    """The organization's rows, the fixed views and users, and request/write counts."""
+class DeletedRow(NamedTuple):
+    id: str
+    version: int  # the version the delete was given
 
-    def __init__(self) -> None:
+
+class ChangePage(NamedTuple):
+    rows: list[dict]  # rows changed since the token, projected, in primary key order...
+    deleted: list[str]  # ...then the ids of rows deleted since
+    cursor: dict | None  # where the next page starts; None on the last page
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A synchronous plugin that throws on any write of a row whose `column` equals `value`."""
+
+    column: str
+    value: str | int | bool
+    message: str | None
+
+
+DECISION_OUTCOMES = ("won", "lost", "disqualified", "qualified")
+_DISQUALIFIED_STATUS = 6  # No Longer Interested, as Seller.disqualify sets it
+_LOST_STATUS = 4  # Canceled, as Seller.close_opportunity sets it
+_TOKEN_TIME = "%m/%d/%Y %H:%M:%S"  # as in Dataverse's tokens: `919042!08/22/2017 08:10:44`
+_DELTA_TOKEN = re.compile(r"(?P<version>\d{1,18})!(?P<moment>\d\d/\d\d/\d{4} \d\d:\d\d:\d\d)")
+
+
+class DataverseState:
+    """The organization's rows, the fixed views and users, and request/write counts.
+
+    `clock` stamps rows and change tracking tokens (tests pass a fake one to make tokens expire);
+    a token older than `delta_token_ttl_s` is refused, as Dataverse refuses one older than its
+    change tracking retention.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.time,
+        delta_token_ttl_s: float = DELTA_TOKEN_TTL_S,
+    ) -> None:
         self.organization_id = str(uuid.uuid5(_IDS, "organization"))
         self.business_unit_id = str(uuid.uuid5(_IDS, "businessunit"))
+        self.system_user_id = str(uuid.uuid5(_IDS, "systemuser/SYSTEM"))
+        self._clock = clock
+        self._delta_token_ttl_s = delta_token_ttl_s
         self._rows: dict[str, dict[str, dict]] = {name: {} for name in TABLES}
+        # Each table's rows in primary key order, and the rows added since (merged in on reading).
+        self._ordered_rows: dict[str, list[dict]] = {name: [] for name in TABLES}
+        self._added: dict[str, dict[str, dict]] = {name: {} for name in TABLES}
+        # Per alternate key: its values, casefolded as the database collation compares them, to ids.
+        self._keys: dict[str, dict[str, str]] = {
+            table.entity_set: {} for table in TABLES.values() if table.alternate_key
+        }
+        self._tombstones: dict[str, list[DeletedRow]] = {name: [] for name in TABLES}
+        self._app_users: dict[str, str] = {}  # client id -> its application user's systemuserid
+        self._journal: list[tuple[Table, str, dict | None]] | None = None  # see _atomic
         self._version = 0
         self.reset()
         for name, entity, _ in SAVED_VIEWS:
             view = self._new_row(SAVED_QUERIES, saved_view_id(name))
             self._store(SAVED_QUERIES, view, {"name": name, "returnedtypecode": entity})
+        system = self._new_row(SYSTEM_USERS, self.system_user_id)
+        self._store(SYSTEM_USERS, system, {"fullname": "SYSTEM"})
 
     def reset(self) -> None:
-        """Empty the data tables and the counts; the users and saved queries stay."""
+        """Empty the data tables, their change history, the rejections and the counts; the users
+        and saved queries stay. Delta tokens issued before expire: the rows emptied here left no
+        tombstones to report, so their holders must sync in full."""
         for name, rows in self._rows.items():
             if name not in _KEPT_ON_RESET:
                 rows.clear()
+                self._ordered_rows[name] = []
+                self._added[name].clear()
+                self._tombstones[name].clear()
+                self._keys.get(name, {}).clear()
+        self._rejections: dict[str, list[Rejection]] = {}
+        self._version += 1
+        self._oldest_token_version = self._version
         self._requests = 0
         self._writes = {table.entity_set: 0 for table in TABLES.values() if table.writable}
 
@@ -275,6 +348,7 @@ class DataverseState:
             user = self._new_row(SYSTEM_USERS, client.app_user_id)
             values = {"fullname": client.display_name, "applicationid": client.client_id}
             self._store(SYSTEM_USERS, user, values)
+            self._app_users[client.client_id] = client.app_user_id
 
     def get(self, table: Table, key: RowKey, params: Mapping[str, str]) -> dict:
         unsupported = sorted(set(params) - {"$select"})
@@ -293,7 +367,8 @@ class DataverseState:
         page_size: int,
         after: dict | None,
     ) -> Page:
-        """One page of a collection; `after` is the previous page's last row (the paging cookie)."""
+        """One page of a collection; `after` is the previous page's last row (the paging cookie).
+        Filters and sorts references to the stored rows; only the page's rows are copied."""
         options = {
             name: value for name, value in params.items() if name not in ("$select", "savedQuery")
         }
@@ -306,7 +381,8 @@ class DataverseState:
         filters = [text for text in (view_filter, params.get("$filter")) if text]
         if filters:
             options["$filter"] = " and ".join(f"({text})" for text in filters)
-        rows = [_with_etag(row) for _, row in sorted(self._rows[table.entity_set].items())]
+        candidates = self._keyed_candidates(table, params.get("$filter")) if not view_filter else None
+        rows = self._ordered(table) if candidates is None else candidates
         result = apply_query(rows, options, Dialect.DATAVERSE, table.read_columns)
         matching = result.rows
         if "$top" in options:  # $top asks for one bounded result: no paging
@@ -316,14 +392,86 @@ class DataverseState:
                 matching = _rows_after(after, matching, table, options.get("$orderby"))
             page = matching[:page_size]
             last = page[-1] if len(matching) > page_size else None
-        return Page(_project(page, table, params.get("$select")), result.count, last)
+        rows = _project([_with_etag(row) for row in page], table, params.get("$select"))
+        return Page(rows, result.count, last)
+
+    def changes(
+        self,
+        table: Table,
+        select: str | None,
+        since: int | None,
+        cursor: Mapping[str, Any] | None,
+        page_size: int,
+    ) -> ChangePage:
+        """One page of change tracking: the rows changed after version `since` (every row when
+        None) in primary key order, then the rows deleted after it. A row created and deleted
+        since shows only as deleted; one deleted and created again (same id) only as changed."""
+        key = itemgetter(table.primary_key)
+        changed: Iterable[dict] = ()
+        deleted_after = since
+        if cursor is None or "row" in cursor:
+            rows = self._ordered(table)
+            start = bisect_right(rows, cursor["row"], key=key) if cursor else 0
+            changed = (
+                row
+                for row in islice(rows, start, None)
+                if since is None or row["versionnumber"] > since
+            )
+        else:
+            deleted_after = cursor["deleted"]
+        deleted: Iterable[DeletedRow] = ()
+        if since is not None:
+            tombstones, live = self._tombstones[table.entity_set], self._rows[table.entity_set]
+            start = bisect_right(tombstones, deleted_after, key=itemgetter(1))
+            deleted = (gone for gone in islice(tombstones, start, None) if gone.id not in live)
+        taken = list(islice(chain(changed, deleted), page_size + 1))
+        page = taken[:page_size]
+        next_cursor = None
+        if len(taken) > page_size:
+            last = page[-1]
+            is_deleted = isinstance(last, DeletedRow)
+            next_cursor = {"deleted": last.version} if is_deleted else {"row": key(last)}
+        rows = [_with_etag(item) for item in page if not isinstance(item, DeletedRow)]
+        deleted_ids = [item.id for item in page if isinstance(item, DeletedRow)]
+        return ChangePage(_project(rows, table, select), deleted_ids, next_cursor)
+
+    def delta_token(self) -> str:
+        """A token for the changes after now: the version, then the time, as Dataverse writes it."""
+        moment = datetime.fromtimestamp(self._clock(), timezone.utc)
+        return f"{self._version}!{moment.strftime(_TOKEN_TIME)}"
+
+    def token_version(self, token: str, check_expiry: bool = True) -> int:
+        """The version a delta token stands for: 400 if the token is not one this organization
+        issued, 400 ExpiredVersionStamp if it is older than the retention or than the last reset."""
+        match = _DELTA_TOKEN.fullmatch(token)
+        try:
+            issued = datetime.strptime(match["moment"], _TOKEN_TIME) if match else None
+        except ValueError:
+            issued = None
+        if match is None or issued is None or int(match["version"]) > self._version:
+            raise DataverseError(400, BAD_QUERY, f"The $deltatoken '{token}' is not valid.")
+        version = int(match["version"])
+        age = self._clock() - issued.replace(tzinfo=timezone.utc).timestamp()
+        if check_expiry and (version < self._oldest_token_version or age > self._delta_token_ttl_s):
+            raise DataverseError(
+                400,
+                EXPIRED_VERSION_STAMP,
+                "ExpiredVersionStamp: The version stamp associated with the change tracking "
+                "token has expired. Perform a full sync.",
+            )
+        return version
 
     def create(self, table: Table, body: Mapping[str, Any], caller: str) -> dict:
+        """POST. A primary key in the body names the new row's id: create-only at that id."""
+        if body.get(table.primary_key) is not None:
+            key = _id_key(table, body[table.primary_key])
+            return self.upsert(table, key, body, caller, if_match=None, if_none_match="*")
         changes = self._changes_from_body(table, body)
         row = self._new_row(table, str(uuid.uuid4()), caller)
         self._check_changes(table, row, changes)
+        self._store(table, row, changes)
         self._writes[table.entity_set] += 1
-        return self._store(table, row, changes)
+        return row
 
     def upsert(
         self,
@@ -363,12 +511,56 @@ class DataverseState:
                 "provided.",
             )
         self._check_changes(table, row, changes)
+        self._store(table, row, changes)
         self._writes[table.entity_set] += 1
-        return self._store(table, row, changes)
+        return row
+
+    def write_multiple(self, table: Table, operation: str, targets: Any, caller: str) -> list[str]:
+        """CreateMultiple, UpdateMultiple or UpsertMultiple (`operation` "create", "update" or
+        "upsert"): each target written exactly as the single-row POST, PATCH with `If-Match: *`
+        or PATCH writes it, all in one transaction, so the first target that fails fails the
+        request and leaves every row as it was. Answers the rows' ids in target order."""
+        if not isinstance(targets, list) or not targets:
+            raise DataverseError(
+                400,
+                INVALID_ARGUMENT,
+                "The parameter 'Targets' is required: a non-empty collection of records.",
+            )
+        keyed = [
+            (_target_key(table, index, target, key_required=operation != "create"), target)
+            for index, target in enumerate(targets)
+        ]
+        seen: dict[tuple[str, str], int] = {}
+        for index, (key, target) in enumerate(keyed):
+            identity = self._identity(table, key, target)
+            if identity in seen:
+                raise DataverseError(
+                    400,
+                    INVALID_ARGUMENT,
+                    f"Targets[{seen[identity]}] and Targets[{index}] are the same "
+                    f"{table.logical_name} record; a request may write each record once.",
+                )
+            if identity is not None:
+                seen[identity] = index
+        with self._atomic():
+            rows = [
+                self._write_target(table, operation, key, target, caller) for key, target in keyed
+            ]
+        return [row[table.primary_key] for row in rows]
+
+    def delete(self, table: Table, key: RowKey) -> None:
+        """DELETE: the row goes; a tombstone stays, for change tracking to report."""
+        row = self._find(table, key)
+        self._remove(table, row)
+        self._version += 1
+        self._tombstones[table.entity_set].append(
+            DeletedRow(row[table.primary_key], self._version)
+        )
+        self._writes[table.entity_set] += 1
 
     def qualify_lead(self, key: RowKey, params: Mapping[str, Any], caller: str) -> list[dict]:
         """The QualifyLead action: create what is asked, close the lead as Qualified, and answer
-        references to the created rows."""
+        references to the created rows. One transaction."""
         lead = self._find(LEADS, key)
         creates = {
             name: params.get(name)
@@ -390,36 +582,37 @@ class DataverseState:
         origin = {"_originatingleadid_value": lead["leadid"]}
         created: list[tuple[Table, dict]] = []
         lead_changes: dict[str, Any] = {"statecode": 1, "statuscode": status}
-        if creates["CreateAccount"]:
-            copied = _copy(lead, ("emailaddress1", "telephone1", *_ADDRESS))
-            account = self._insert(
-                ACCOUNTS, caller, {"name": lead["companyname"], **copied, **origin}
-            )
-            created.append((ACCOUNTS, account))
-            lead_changes["_parentaccountid_value"] = account["accountid"]
-        account_id = lead_changes.get("_parentaccountid_value", lead["_parentaccountid_value"])
-        if creates["CreateContact"]:
-            copied = _copy(lead, ("firstname", "lastname", "emailaddress1", "telephone1"))
-            contact = self._insert(
-                CONTACTS, caller, {**copied, "_parentcustomerid_value": account_id, **origin}
-            )
-            created.append((CONTACTS, contact))
-            lead_changes["_parentcontactid_value"] = contact["contactid"]
-        contact_id = lead_changes.get("_parentcontactid_value", lead["_parentcontactid_value"])
-        if creates["CreateOpportunity"]:
-            opportunity = self._insert(
-                OPPORTUNITIES,
-                caller,
-                {
-                    "name": lead["subject"] or lead["companyname"],
-                    "_parentaccountid_value": account_id,
-                    "_parentcontactid_value": contact_id,
-                    **origin,
-                },
-            )
-            created.append((OPPORTUNITIES, opportunity))
-            lead_changes["_qualifyingopportunityid_value"] = opportunity["opportunityid"]
-        self._store(LEADS, lead, lead_changes)
+        with self._atomic():
+            if creates["CreateAccount"]:
+                copied = _copy(lead, ("emailaddress1", "telephone1", *_ADDRESS))
+                account = self._insert(
+                    ACCOUNTS, caller, {"name": lead["companyname"], **copied, **origin}
+                )
+                created.append((ACCOUNTS, account))
+                lead_changes["_parentaccountid_value"] = account["accountid"]
+            account_id = lead_changes.get("_parentaccountid_value", lead["_parentaccountid_value"])
+            if creates["CreateContact"]:
+                copied = _copy(lead, ("firstname", "lastname", "emailaddress1", "telephone1"))
+                contact = self._insert(
+                    CONTACTS, caller, {**copied, "_parentcustomerid_value": account_id, **origin}
+                )
+                created.append((CONTACTS, contact))
+                lead_changes["_parentcontactid_value"] = contact["contactid"]
+            contact_id = lead_changes.get("_parentcontactid_value", lead["_parentcontactid_value"])
+            if creates["CreateOpportunity"]:
+                opportunity = self._insert(
+                    OPPORTUNITIES,
+                    caller,
+                    {
+                        "name": lead["subject"] or lead["companyname"],
+                        "_parentaccountid_value": account_id,
+                        "_parentcontactid_value": contact_id,
+                        **origin,
+                    },
+                )
+                created.append((OPPORTUNITIES, opportunity))
+                lead_changes["_qualifyingopportunityid_value"] = opportunity["opportunityid"]
+            self._store(LEADS, lead, lead_changes)
         self._writes[LEADS.entity_set] += 1
         return [
             {"@odata.type": f"#{table.type_name}", table.primary_key: row[table.primary_key]}
@@ -427,7 +620,8 @@ class DataverseState:
         ]
 
     def close_opportunity(self, params: Mapping[str, Any], caller: str, won: bool) -> None:
-        """WinOpportunity / LoseOpportunity: record an opportunityclose and close the opportunity."""
+        """WinOpportunity / LoseOpportunity: record an opportunityclose and close the opportunity,
+        in one transaction."""
         closing = params.get("OpportunityClose")
         if not isinstance(closing, dict):
             raise DataverseError(
@@ -451,9 +645,121 @@ class DataverseState:
                 INVALID_ARGUMENT,
                 "Cannot close the entity because it is not in the correct state.",
             )
-        self._insert(OPPORTUNITY_CLOSES, caller, changes)
-        self._store(OPPORTUNITIES, opportunity, {"statecode": closed_state, "statuscode": status})
+        with self._atomic():
+            self._insert(OPPORTUNITY_CLOSES, caller, changes)
+            self._store(
+                OPPORTUNITIES, opportunity, {"statecode": closed_state, "statuscode": status}
+            )
         self._writes[OPPORTUNITIES.entity_set] += 1
+
+    def add_rejection(self, entity_set: Any, column: Any, value: Any, message: Any = None) -> None:
+        """From now on, a write of a row of `entity_set` whose `column` would equal `value` fails
+        as it does when a synchronous plugin throws on that record. ValueError naming the field if
+        an argument is wrong."""
+        table = TABLES.get(entity_set) if isinstance(entity_set, str) else None
+        if table is None or not table.writable:
+            writable = ", ".join(name for name, candidate in TABLES.items() if candidate.writable)
+            raise ValueError(f"entity_set must be one of {writable}")
+        if column not in table.read_columns:
+            raise ValueError(f"column must be a column of {entity_set}, as {table.primary_key} is")
+        if not isinstance(value, (str, int, bool)):
+            raise ValueError("value must be a string, an integer or a boolean")
+        if message is not None and not isinstance(message, str):
+            raise ValueError("message must be a string")
+        self._rejections.setdefault(entity_set, []).append(Rejection(column, value, message))
+
+    def clear_rejections(self) -> None:
+        self._rejections.clear()
+
+    def apply_decisions(self, decisions: Any, as_client_id: Any = None) -> dict[str, Any]:
+        """Sellers' decisions on leads named by prospect id, made through the Web API's own
+        actions (QualifyLead, WinOpportunity, LoseOpportunity, the disqualifying PATCH) as the
+        application user of the registered client `as_client_id`, or as SYSTEM. Each decision is
+        its own transaction: those that fail are reported, the others stay. ValueError if the
+        request itself is malformed (then nothing is applied)."""
+        if as_client_id is None:
+            caller = self.system_user_id
+        elif isinstance(as_client_id, str) and as_client_id in self._app_users:
+            caller = self._app_users[as_client_id]
+        else:
+            raise ValueError("as_client_id must be the client_id of a registered client")
+        outcomes = " | ".join(f'"{outcome}"' for outcome in DECISION_OUTCOMES)
+        shape = f'{{"msdyn_prospectid": "...", "outcome": {outcomes}}}'
+        if not isinstance(decisions, list):
+            raise ValueError(f"decisions must be a list of {shape}")
+        for index, decision in enumerate(decisions):
+            if (
+                not isinstance(decision, dict)
+                or set(decision) != {"msdyn_prospectid", "outcome"}
+                or not isinstance(decision["msdyn_prospectid"], str)
+                or decision["outcome"] not in DECISION_OUTCOMES
+            ):
+                raise ValueError(f"decisions[{index}] must be {shape}")
+        errors = []
+        for index, decision in enumerate(decisions):
+            prospect_id = decision["msdyn_prospectid"]
+            try:
+                with self._atomic():
+                    key = RowKey(LEADS.alternate_key, prospect_id)
+                    self._decide(key, decision["outcome"], caller)
+            except DataverseError as error:
+                errors.append(
+                    {
+                        "index": index,
+                        "msdyn_prospectid": prospect_id,
+                        "code": error.code,
+                        "error": error.message,
+                    }
+                )
+        return {"applied": len(decisions) - len(errors), "errors": errors}
+
+    def _decide(self, lead_key: RowKey, outcome: str, caller: str) -> None:
+        """A seller's decision: won and lost qualify the lead (account, contact, opportunity) and
+        close the opportunity; a lead already qualified has its qualifying opportunity closed."""
+        if outcome == "disqualified":
+            changes = {"statecode": 2, "statuscode": _DISQUALIFIED_STATUS}
+            self.upsert(LEADS, lead_key, changes, caller, if_match="*", if_none_match=None)
+            return
+        lead = self._find(LEADS, lead_key)
+        opportunity_id = lead["_qualifyingopportunityid_value"] if lead["statecode"] == 1 else None
+        if outcome == "qualified" or opportunity_id is None:
+            everything = {"CreateAccount": True, "CreateContact": True, "CreateOpportunity": True}
+            created = self.qualify_lead(lead_key, {**everything, "Status": 3}, caller)
+            opportunity_id = created[-1]["opportunityid"]
+        if outcome in ("won", "lost"):
+            won = outcome == "won"
+            closing = {
+                "subject": "Won" if won else "Lost",
+                "opportunityid@odata.bind": f"/opportunities({opportunity_id})",
+            }
+            params = {"Status": 3 if won else _LOST_STATUS, "OpportunityClose": closing}
+            self.close_opportunity(params, caller, won)
+
+    def _write_target(
+        self, table: Table, operation: str, key: RowKey | None, target: dict, caller: str
+    ) -> dict:
+        if operation == "create":
+            if key is None:
+                return self.create(table, target, caller)
+            return self.upsert(table, key, target, caller, if_match=None, if_none_match="*")
+        if_match = "*" if operation == "update" else None
+        return self.upsert(table, key, target, caller, if_match=if_match, if_none_match=None)
+
+    def _identity(
+        self, table: Table, key: RowKey | None, target: dict
+    ) -> tuple[str, str] | None:
+        """The record a bulk target writes, so that two targets for one record are caught: the
+        existing row's id, else the key the row would be created at; None for a new row
+        named by nothing."""
+        if key is None:
+            value = target.get(table.alternate_key) if table.alternate_key else None
+            if not isinstance(value, str):
+                return None
+            key = RowKey(table.alternate_key, value)
+        row = self._lookup(table, key)
+        if row is not None:
+            return table.primary_key, row[table.primary_key]
+        return key.column, key.value.casefold()
 
     def _view_filter(self, table: Table, view_id: str | None, caller: str) -> str | None:
         if view_id is None:
@@ -473,15 +779,8 @@ class DataverseState:
         rows = self._rows[table.entity_set]
         if key.column == table.primary_key:
             return rows.get(key.value)
-        wanted = key.value.casefold()  # key values compare as the database collation does
-        return next(
-            (
-                row
-                for row in rows.values()
-                if row[key.column] is not None and row[key.column].casefold() == wanted
-            ),
-            None,
-        )
+        row_id = self._keys[table.entity_set].get(key.value.casefold())
+        return None if row_id is None else rows[row_id]
 
     def _find(self, table: Table, key: RowKey) -> dict:
         row = self._lookup(table, key)
@@ -563,7 +862,7 @@ class DataverseState:
         """A row with the server's defaults, not stored yet."""
         row: dict[str, Any] = dict.fromkeys(table.read_columns)
         row[table.primary_key] = row_id
-        row["createdon"] = _now()
+        row["createdon"] = self._now()
         if "ownerid" in table.lookups:
             row["_ownerid_value"] = caller
         if table.state_model is not None:
@@ -571,19 +870,121 @@ class DataverseState:
         return row
 
     def _store(self, table: Table, row: dict, changes: Mapping[str, Any]) -> dict:
+        """Every write of a row goes here: plugins may refuse it; it is journalled for rollback
+        and gets the next version; a new row joins its table and the indexes."""
+        self._check_rejections(table, row, changes)
+        row_id = row[table.primary_key]
+        stored = self._rows[table.entity_set].get(row_id)
+        if self._journal is not None:
+            self._journal.append((table, row_id, None if stored is None else dict(stored)))
+        if stored is not None and stored is not row:  # a fresh row at a stored id (a user again)
+            self._remove(table, stored)
+            stored = None
+        if stored is not None:
+            self._unindex(table, row)
         row.update(changes)
         if "fullname" in table.computed:
             names = (row["firstname"], row["lastname"])
             row["fullname"] = " ".join(name for name in names if name) or None
         self._version += 1
         row["versionnumber"] = self._version
-        row["modifiedon"] = _now()
-        self._rows[table.entity_set][row[table.primary_key]] = row
+        row["modifiedon"] = self._now()
+        if stored is None:
+            self._add(table, row)
+        else:
+            self._index(table, row)
         return row
 
     def _insert(self, table: Table, caller: str, values: Mapping[str, Any]) -> dict:
         """A row the server itself creates (by an action), with values already checked."""
         return self._store(table, self._new_row(table, str(uuid.uuid4()), caller), values)
+
+    def _check_rejections(self, table: Table, row: dict, changes: Mapping[str, Any]) -> None:
+        for rejection in self._rejections.get(table.entity_set, ()):
+            value = changes.get(rejection.column, row[rejection.column])
+            if type(value) is type(rejection.value) and value == rejection.value:
+                message = "ISV code aborted the operation"
+                message += f": {rejection.message}" if rejection.message else "."
+                raise DataverseError(400, ISV_ABORTED, message)
+
+    @contextmanager
+    def _atomic(self) -> Iterator[None]:
+        """A transaction: if the block raises, every row it created or updated is as it was, and
+        the version and write counts too. A block inside another joins the outer one."""
+        if self._journal is not None:
+            yield
+            return
+        self._journal = []
+        version, writes = self._version, dict(self._writes)
+        try:
+            yield
+        except BaseException:
+            for table, row_id, previous in reversed(self._journal):
+                current = self._rows[table.entity_set][row_id]
+                if previous is None:
+                    self._remove(table, current)
+                else:
+                    self._unindex(table, current)
+                    current.clear()
+                    current.update(previous)
+                    self._index(table, current)
+            self._version, self._writes = version, writes
+            raise
+        finally:
+            self._journal = None
+
+    def _keyed_candidates(self, table: Table, text: str | None) -> list[dict] | None:
+        """For a filter that is only `pk eq <guid>` terms joined by `or`, the rows it can match,
+        found by key as Dataverse's SQL finds them by index (the filter still runs on them); None
+        for any other filter, which scans."""
+        if not text:
+            return None
+        term = rf"\s*{re.escape(table.primary_key)}\s+eq\s+({_GUID})\s*"
+        if not re.fullmatch(rf"{term}(?:or{term})*", text):
+            return None
+        ids = {match.lower() for match in re.findall(_GUID, text)}
+        rows = self._rows[table.entity_set]
+        return sorted((rows[row_id] for row_id in ids if row_id in rows), key=itemgetter(table.primary_key))
+
+    def _ordered(self, table: Table) -> list[dict]:
+        """The table's rows in primary key order. Rows added since the last call are sorted and
+        merged in; Timsort merges the two sorted runs in about linear time."""
+        name = table.entity_set
+        added = self._added[name]
+        if added:
+            key = itemgetter(table.primary_key)
+            merged = chain(self._ordered_rows[name], sorted(added.values(), key=key))
+            self._ordered_rows[name] = sorted(merged, key=key)
+            added.clear()
+        return self._ordered_rows[name]
+
+    def _add(self, table: Table, row: dict) -> None:
+        row_id = row[table.primary_key]
+        self._rows[table.entity_set][row_id] = row
+        self._added[table.entity_set][row_id] = row
+        self._index(table, row)
+
+    def _remove(self, table: Table, row: dict) -> None:
+        name, row_id = table.entity_set, row[table.primary_key]
+        del self._rows[name][row_id]
+        self._unindex(table, row)
+        if self._added[name].pop(row_id, None) is None:
+            ordered = self._ordered_rows[name]
+            del ordered[bisect_left(ordered, row_id, key=itemgetter(table.primary_key))]
+
+    def _index(self, table: Table, row: dict) -> None:
+        value = row[table.alternate_key] if table.alternate_key else None
+        if value is not None:
+            self._keys[table.entity_set][value.casefold()] = row[table.primary_key]
+
+    def _unindex(self, table: Table, row: dict) -> None:
+        value = row[table.alternate_key] if table.alternate_key else None
+        index = self._keys.get(table.entity_set, {})
+        if value is not None and index.get(value.casefold()) == row[table.primary_key]:
+            del index[value.casefold()]
+
+    def _now(self) -> str:
+        return datetime.fromtimestamp(self._clock(), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 _BIND = re.compile(rf"(?:.*/)?(?P<set>\w+)\((?P<id>{_GUID})\)")
@@ -606,11 +1007,14 @@ def _rows_after(
 ) -> list[dict]:
     """The rows of `ordered` that sort after `last` by $orderby, then by primary key: keyset
     paging, so rows that change or stop matching between pages are neither skipped nor repeated.
-    `last` is put among them and the lot re-sorted by the shared $orderby code."""
+    Without $orderby the rows are in key order: a binary search. With it, `last` is put among
+    them and the lot re-sorted by the shared $orderby code."""
     key = table.primary_key
+    if not orderby:
+        return ordered[bisect_right(ordered, last[key], key=itemgetter(key)) :]
     others = [row for row in ordered if row[key] != last[key]]
-    candidates = sorted([*others, last], key=lambda row: row[key])
-    sort = {"$orderby": orderby} if orderby else {}
+    candidates = sorted([*others, last], key=itemgetter(key))
+    sort = {"$orderby": orderby}
     resorted = apply_query(candidates, sort, Dialect.DATAVERSE, table.read_columns).rows
     position = next(index for index, row in enumerate(resorted) if row is last)
     return resorted[position + 1 :]
@@ -648,10 +1052,6 @@ def _etag(row: Mapping[str, Any]) -> str:
     return f'W/"{row["versionnumber"]}"'
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _not_found(table: Table, key: RowKey) -> DataverseError:
     if key.column == table.primary_key:
         message = f"{table.logical_name} With Id = {key.value} Does Not Exist"
@@ -660,6 +1060,74 @@ def _not_found(table: Table, key: RowKey) -> DataverseError:
             f"A record with the specified key values does not exist in {table.logical_name} entity"
         )
     return DataverseError(404, NOT_FOUND, message)
+
+
+def _id_key(table: Table, value: Any) -> RowKey:
+    """A primary key value from a request body."""
+    if not isinstance(value, str) or not re.fullmatch(_GUID, value):
+        raise DataverseError(
+            400,
+            INVALID_ARGUMENT,
+            f"Cannot convert the literal '{value}' to the expected type 'Edm.Guid' of "
+            f"'{table.primary_key}'.",
+        )
+    return RowKey(table.primary_key, value.lower())
+
+
+def _target_key(table: Table, index: int, target: Any, key_required: bool) -> RowKey | None:
+    """The record a bulk target names, by `@odata.id` or by its primary key column. 400 if the
+    target is not a record of `table` or, where `key_required`, names no record."""
+    where = f"Targets[{index}]"
+    if not isinstance(target, dict):
+        raise DataverseError(400, INVALID_ARGUMENT, f"{where} must be a JSON object.")
+    if target.get("@odata.type") not in (table.type_name, f"#{table.type_name}"):
+        raise DataverseError(
+            400,
+            INVALID_ARGUMENT,
+            f'{where} must be annotated "@odata.type": "{table.type_name}": the entity set '
+            f"'{table.entity_set}' holds {table.logical_name} records.",
+        )
+    forms = f"{table.entity_set}(<{table.primary_key}>)"
+    if table.alternate_key:
+        forms += f" or {table.entity_set}({table.alternate_key}='<value>')"
+    reference, row_id = target.get("@odata.id"), target.get(table.primary_key)
+    if reference is not None and row_id is not None:
+        raise DataverseError(
+            400,
+            INVALID_ARGUMENT,
+            f"{where} names its record twice: by @odata.id and by {table.primary_key}.",
+        )
+    if reference is not None:
+        return _referenced_key(table, where, reference, forms)
+    if row_id is not None:
+        return _id_key(table, row_id)
+    if key_required:
+        raise DataverseError(
+            400,
+            INVALID_ARGUMENT,
+            f'{where} must name its record: "@odata.id": "{forms}", or {table.primary_key}.',
+        )
+    return None
+
+
+def _referenced_key(table: Table, where: str, reference: Any, forms: str) -> RowKey:
+    """An `@odata.id`, read as the request URL is read: percent-decoded once, then the key
+    literal (quotes doubled); relative to the service root, or absolute."""
+    text = unquote(reference) if isinstance(reference, str) else ""
+    if text.startswith(("https://", "http://")):
+        text = text.partition(API_ROOT + "/")[2]
+    try:
+        resource = _parse_resource_path(text.removeprefix("/"))
+    except DataverseError:
+        resource = None
+    if resource is None or resource.table is not table or resource.key is None or resource.action:
+        raise DataverseError(
+            400,
+            INVALID_ARGUMENT,
+            f"{where}: the @odata.id '{reference}' is not a reference to a {table.logical_name} "
+            f"record: {forms}.",
+        )
+    return resource.key
 
 
 def _unknown_property(table: Table, name: str) -> DataverseError:
@@ -682,6 +1150,11 @@ _RESOURCE = re.compile(
     r"(?:/(?P<action>[\w.]+))?"
 )
 _QUALIFY_LEAD = "Microsoft.Dynamics.CRM.QualifyLead"
+_BULK_OPERATIONS = {  # bound to a collection; the operation each target gets
+    "Microsoft.Dynamics.CRM.CreateMultiple": "create",
+    "Microsoft.Dynamics.CRM.UpdateMultiple": "update",
+    "Microsoft.Dynamics.CRM.UpsertMultiple": "upsert",
+}
 
 
 class _Resource(NamedTuple):
@@ -691,7 +1164,11 @@ class _Resource(NamedTuple):
 
 
 def _parse_resource(request: Request) -> _Resource:
-    resource = _resource_path(request)
+    return _parse_resource_path(_resource_path(request))
+
+
+def _parse_resource_path(resource: str) -> _Resource:
+    """A path after the service root, already percent-decoded."""
     match = _RESOURCE.fullmatch(resource)
     if match is None:
         raise DataverseError(400, BAD_QUERY, f"Bad Request - Error in query syntax: '{resource}'.")
@@ -733,19 +1210,41 @@ def _preferences(request: Request) -> dict[str, str]:
     return preferences
 
 
-def _encode_cookie(row: dict) -> str:
-    text = json.dumps(row, separators=(",", ":"))
+def _encode_cookie(cookie: Mapping[str, Any]) -> str:
+    text = json.dumps(cookie, separators=(",", ":"))
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
-def _decode_cookie(token: str, table: Table) -> dict:
+def _decode_cookie(token: str) -> dict:
     try:
-        row = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        cookie = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
     except ValueError:
-        row = None
-    if not isinstance(row, dict) or not isinstance(row.get(table.primary_key), str):
-        raise DataverseError(400, BAD_QUERY, "The $skiptoken is not a valid paging cookie.")
-    return row
+        cookie = None
+    if not isinstance(cookie, dict):
+        raise _bad_cookie()
+    return cookie
+
+
+def _row_cookie(cookie: dict, table: Table) -> dict:
+    """The last row of the previous page of a query."""
+    if not isinstance(cookie.get(table.primary_key), str):
+        raise _bad_cookie()
+    return cookie
+
+
+def _tracking_cookie(cookie: dict) -> tuple[str, dict]:
+    """The delta token the last page will hand out, and where the next page of changes starts."""
+    token, row_id, deleted = cookie.get("$deltatoken"), cookie.get("row"), cookie.get("deleted")
+    if isinstance(token, str) and len(cookie) == 2:
+        if isinstance(row_id, str):
+            return token, {"row": row_id}
+        if isinstance(deleted, int) and not isinstance(deleted, bool):
+            return token, {"deleted": deleted}
+    raise _bad_cookie()
+
+
+def _bad_cookie() -> DataverseError:
+    return DataverseError(400, BAD_QUERY, "The $skiptoken is not a valid paging cookie.")
 
 
 def _next_link(request: Request, cookie: str) -> str:
@@ -760,6 +1259,58 @@ def _next_link(request: Request, cookie: str) -> str:
 
 def _service_root(request: Request) -> str:
     return str(request.base_url).rstrip("/") + API_ROOT
+
+
+def _changes_response(
+    request: Request,
+    state: DataverseState,
+    table: Table,
+    params: dict[str, str],
+    cookie: dict | None,
+    preferences: Mapping[str, str],
+) -> JSONResponse:
+    """A change tracking read: the first one (every row) or one through a delta link (the rows
+    changed and deleted since), paged alike; the last page carries the next delta link, whose
+    version is the one current when the read's first page was served."""
+    refused = sorted(set(params) - {"$select", "$deltatoken"})
+    if refused:
+        raise DataverseError(
+            400,
+            BAD_QUERY,
+            f"The query option {refused[0]} cannot be used with change tracking "
+            "(Prefer: odata.track-changes).",
+        )
+    since = state.token_version(params["$deltatoken"]) if "$deltatoken" in params else None
+    if cookie is None:
+        next_token, cursor = state.delta_token(), None
+    else:
+        next_token, cursor = _tracking_cookie(cookie)
+        state.token_version(next_token, check_expiry=False)
+    select = params.get("$select")
+    page_size = _page_size(preferences)
+    page = state.changes(table, select, since, cursor, page_size or MAX_PAGE_SIZE)
+    root = _service_root(request)
+    context = f"{root}/$metadata#{table.entity_set}" + (f"({select})" if select else "")
+    deleted_context = f"{root}/$metadata#{table.entity_set}/$deletedEntity"
+    deleted = [
+        {"@odata.context": deleted_context, "id": row_id, "reason": "deleted"}
+        for row_id in page.deleted
+    ]
+    body: dict[str, Any] = {
+        "@odata.context": context + ("/$delta" if since is not None else ""),
+        "value": [*page.rows, *deleted],
+    }
+    if page.cursor is not None:
+        cookie_text = _encode_cookie({"$deltatoken": next_token, **page.cursor})
+        body["@odata.nextLink"] = _next_link(request, cookie_text)
+    else:
+        query = [f"$select={quote(select, safe=',')}"] if select else []
+        query.append(f"$deltatoken={quote(next_token, safe='')}")
+        body["@odata.deltaLink"] = f"{root}/{table.entity_set}?{'&'.join(query)}"
+    applied = ["odata.track-changes"] if "odata.track-changes" in preferences else []
+    applied += [f"odata.maxpagesize={page_size}"] if page_size else []
+    headers = {"Preference-Applied": ", ".join(applied)} if applied else None
+    return JSONResponse(body, headers=headers)
 
 
 def _entity_id(request: Request, table: Table, row: dict) -> dict[str, str]:
@@ -891,9 +1442,17 @@ def create_app(
         if target.key is not None:
             row = state.get(target.table, target.key, params)
             return JSONResponse({"@odata.context": f"{metadata}/$entity", **row})
-        page_size = _page_size(_preferences(request))
+        preferences = _preferences(request)
         token = params.pop("$skiptoken", None)
-        after = _decode_cookie(token, target.table) if token is not None else None
+        cookie = _decode_cookie(token) if token is not None else None
+        if (
+            "odata.track-changes" in preferences
+            or "$deltatoken" in params
+            or (cookie is not None and "$deltatoken" in cookie)
+        ):
+            return _changes_response(request, state, target.table, params, cookie, preferences)
+        page_size = _page_size(preferences)
+        after = _row_cookie(cookie, target.table) if cookie is not None else None
         page = state.query(target.table, params, user_id, page_size or MAX_PAGE_SIZE, after)
         selected = params.get("$select")
         context = metadata + (f"({selected})" if selected else "")
@@ -909,6 +1468,16 @@ def create_app(
     @app.post(f"{API_ROOT}/{{resource:{RESOURCE_CONVERTOR}}}")
     async def create_or_act(request: Request, user_id: str = Depends(caller)) -> Response:
         target = _parse_resource(request)
+        operation = _BULK_OPERATIONS.get(target.action or "")
+        if operation is not None and target.key is None:
+            _require_writable(target.table)
+            targets = (await _json_body(request)).get("Targets")
+            ids = state.write_multiple(target.table, operation, targets, user_id)
+            if operation != "create":  # UpdateMultiple and UpsertMultiple answer no content
+                return Response(status_code=204)
+            response_type = "Microsoft.Dynamics.CRM.CreateMultipleResponse"
+            metadata = f"{_service_root(request)}/$metadata#{response_type}"
+            return JSONResponse({"@odata.context": metadata, "Ids": ids})
         if target.action is not None:
             if target.table is not LEADS or target.key is None or target.action != _QUALIFY_LEAD:
                 raise DataverseError(
@@ -944,5 +1513,14 @@ def create_app(
             request.headers.get("if-none-match"),
         )
         return Response(status_code=204, headers=_entity_id(request, target.table, row))
+
+    @app.delete(f"{API_ROOT}/{{resource:{RESOURCE_CONVERTOR}}}")
+    async def delete(request: Request, user_id: str = Depends(caller)) -> Response:
+        target = _parse_resource(request)
+        if target.key is None or target.action is not None:
+            raise _method_not_allowed("DELETE")
+        _require_writable(target.table)
+        state.delete(target.table, target.key)
+        return Response(status_code=204)
 
     return app

@@ -50,6 +50,7 @@ def main() -> int:
     }
     print("Airflow metadata database (SQLite)")
     airflow(env, "db-migrate", "db", "migrate")
+    airflow(env, "pools", "pools", "import", str(ROOT / "plugins" / "b2b_onboarding" / "pools.json"))
     with running_fakes(OUT / "fakes", cast.clients) as endpoints, FakeAdmin(endpoints) as admin:
         print(f"Fakes: Entra ID {endpoints.entra}, Commerce {endpoints.commerce}, Dataverse {endpoints.dataverse}")
         env.update(airflow_connections(endpoints, cast, LEGAL_ENTITIES, OUT / "state.db"))

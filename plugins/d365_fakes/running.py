@@ -51,8 +51,11 @@ def running_fakes(
 ) -> Iterator[Endpoints]:
     """Run `python -m d365_fakes serve` for the duration of the block.
 
-    `flags` are the serve options in Python spelling (`commerce_page_size=3`, `tenant_id=...`).
-    Ports default to 0 (any free port) so parallel runs do not collide.
+    `flags` are the serve options in Python spelling (`commerce_page_size=3`, `tenant_id=...`),
+    among them service protection: `limits` (True/False or "on"/"off"), `latency_ms`,
+    `dataverse_requests`, `dataverse_window_s`, `dataverse_execution_s`, `dataverse_concurrent`,
+    `commerce_requests`, `commerce_window_s`; and `delta_token_ttl_s`. Ports default to 0 (any
+    free port) so parallel runs do not collide.
     """
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -63,6 +66,8 @@ def running_fakes(
     command = [sys.executable, "-m", "d365_fakes", "serve"]
     command += ["--state-dir", str(state_dir), "--clients", str(clients_file)]
     for name, value in options.items():
+        if isinstance(value, bool):
+            value = "on" if value else "off"
         command += [f"--{name.replace('_', '-')}", str(value)]
 
     stderr_path = state_dir / STDERR_FILE
@@ -99,7 +104,9 @@ class FakeAdmin:
         self._http.close()
 
     def reset(self) -> None:
+        """Empty both states and the fault plan, and forget the service protection windows."""
         self._checked(self._http.post("/reset"))
+        self.reset_limits()
 
     def seed_prospects(self, rows: list[dict[str, Any]]) -> int:
         return self._checked(self._http.post("/commerce/prospects", json={"prospects": rows}))[
@@ -124,6 +131,36 @@ class FakeAdmin:
 
     def clear_faults(self) -> None:
         self._checked(self._http.delete("/faults"))
+
+    def reject_writes(self, entity_set: str, column: str, value: str, message: str | None = None) -> None:
+        """Dataverse refuses any write of a row whose `column` is `value` (400, 0x80040265), as a
+        synchronous plugin that throws on one record would. Cleared by `clear_rejections` and `reset`."""
+        rejection = {"entity_set": entity_set, "column": column, "value": value}
+        self._checked(self._http.post("/dataverse/rejections", json=rejection | ({"message": message} if message else {})))
+
+    def clear_rejections(self) -> None:
+        self._checked(self._http.delete("/dataverse/rejections"))
+
+    def decide(self, decisions: list[dict[str, str]], as_client_id: str | None = None) -> dict[str, Any]:
+        """Sellers' decisions in bulk: `[{"msdyn_prospectid": ..., "outcome": "won" | "lost" |
+        "disqualified" | "qualified"}]`, applied as the Web API actions apply them; the answer is
+        `{"applied": n, "errors": [{"index", "msdyn_prospectid", "error"}]}`."""
+        body: dict[str, Any] = {"decisions": decisions} | ({"as_client_id": as_client_id} if as_client_id else {})
+        return self._checked(self._http.post("/dataverse/decisions", json=body, timeout=600))
+
+    def limits(self) -> dict[str, Any]:
+        """`{"enabled", "latency_ms", "dataverse": {requests, window_s, execution_s, concurrent,
+        throttled: {code: n}}, "commerce": {requests, window_s, throttled: {"requests": n}}}`."""
+        return self._checked(self._http.get("/limits"))
+
+    def set_limits(self, **values: Any) -> dict[str, Any]:
+        """Change some limits, named as the serve flags (`dataverse_requests=10`, `latency_ms=50`,
+        `enabled=False`); the answer is `limits()`. The windows and counts carry on."""
+        return self._checked(self._http.post("/limits", json=values))
+
+    def reset_limits(self) -> None:
+        """Forget every caller's window and the 429 counts; the limits themselves stay."""
+        self._checked(self._http.post("/limits/reset"))
 
     @staticmethod
     def _checked(response: httpx.Response) -> Any:

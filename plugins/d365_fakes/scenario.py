@@ -48,9 +48,12 @@ class Cast:
 
 
 def airflow_connections(
-    endpoints: Endpoints, cast: Cast, legal_entities: list[str], state_db: Path, sales_page_size: int = 5000
+    endpoints: Endpoints, cast: Cast, legal_entities: list[str], state_db: Path, sales_page_size: int = 5000,
+    naive: bool = False,
 ) -> dict:
-    """The product's three Airflow connections as `AIRFLOW_CONN_*` variables (JSON form)."""
+    """The product's three Airflow connections as `AIRFLOW_CONN_*` variables (JSON form). `naive`
+    switches the product to one request per record and no change tracking (the benchmark's baseline)."""
+    mode = {"bulk": False, "change_tracking": False} if naive else {}
 
     def service(resource: str, extra: dict) -> str:
         return json.dumps({
@@ -60,8 +63,9 @@ def airflow_connections(
         })  # fmt: skip
 
     return {
-        "AIRFLOW_CONN_D365_COMMERCE": service(endpoints.commerce, {"legal_entities": legal_entities}),
-        "AIRFLOW_CONN_D365_SALES": service(endpoints.dataverse, {"page_size": sales_page_size}),
+        "AIRFLOW_CONN_D365_COMMERCE": service(endpoints.commerce, {"legal_entities": legal_entities,
+                                                                   **({"bulk": False} if naive else {})}),
+        "AIRFLOW_CONN_D365_SALES": service(endpoints.dataverse, {"page_size": sales_page_size, **mode}),
         "AIRFLOW_CONN_D365_STATE": json.dumps({"conn_type": "generic", "schema": str(state_db),
                                                "extra": {"driver": "sqlite"}}),  # fmt: skip
     }

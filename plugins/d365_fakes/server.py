@@ -17,7 +17,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -25,8 +25,13 @@ from fastapi import FastAPI
 from d365_fakes import admin, entra
 from d365_fakes.clients import ClientRegistration
 from d365_fakes.faults import FaultPlan
+from d365_fakes.limits import Limits, ServiceProtection, ServiceProtectionMiddleware, create_limits_router
 from d365_fakes.tls import TlsFiles, ensure_tls, load_or_create_rsa_key
 from d365_fakes.tokens import TokenIssuer
+
+if TYPE_CHECKING:
+    from d365_fakes.commerce import CommerceState
+    from d365_fakes.dataverse import DataverseState
 
 HOST = "127.0.0.1"
 ENDPOINTS_FILE = "endpoints.json"
@@ -53,8 +58,14 @@ def serve(
     clients: Mapping[str, ClientRegistration],
     commerce_page_size: int = 10_000,
     tenant_id: str | None = None,
+    limits: Limits | None = None,
+    delta_token_ttl_s: float = 604_800,
 ) -> None:
-    """Serve until SIGTERM or SIGINT. Raises OSError if a port cannot be bound."""
+    """Serve until SIGTERM or SIGINT. Raises OSError if a port cannot be bound.
+
+    `limits`: service protection and latency (default: the real Dataverse limits, no latency);
+    `delta_token_ttl_s`: how long a Dataverse change-tracking delta link stays valid.
+    """
     # Imported on use: the OData services are the bulk of the package; nothing else here needs them.
     from d365_fakes import commerce, dataverse
 
@@ -67,19 +78,17 @@ def serve(
     issuer = TokenIssuer(
         entra_url, tenant_id, signing_key=load_or_create_rsa_key(state_dir / SIGNING_KEY_FILE)
     )
-    commerce_state = commerce.CommerceState()
-    dataverse_state = dataverse.DataverseState()
-    faults = FaultPlan()  # one plan: a fault injected through any server's /_admin reaches its system
-    apps = [
-        entra.create_app(issuer, clients, faults=faults),
-        commerce.create_app(
-            commerce_state, issuer, commerce_url, clients, page_size=commerce_page_size, faults=faults
-        ),
-        dataverse.create_app(dataverse_state, issuer, dataverse_url, clients, faults=faults),
-    ]
-    admin_router = admin.create_admin_router(commerce_state, dataverse_state, issuer, faults)
-    for app in apps:
-        app.include_router(admin_router, prefix="/_admin")
+    apps = create_apps(
+        issuer,
+        clients,
+        commerce_url,
+        dataverse_url,
+        commerce.CommerceState(),
+        dataverse.DataverseState(delta_token_ttl_s=delta_token_ttl_s),
+        FaultPlan(),
+        ServiceProtection(limits),
+        commerce_page_size,
+    )
 
     endpoints = {
         "entra": entra_url,
@@ -95,6 +104,44 @@ def serve(
         asyncio.run(_serve_all(apps, sockets, tls, lambda: _announce(endpoints, endpoints_file)))
     finally:
         _remove_if_ours(endpoints_file)
+
+
+def create_apps(
+    issuer: TokenIssuer,
+    clients: Mapping[str, ClientRegistration],
+    commerce_url: str,
+    dataverse_url: str,
+    commerce_state: CommerceState,
+    dataverse_state: DataverseState,
+    faults: FaultPlan,
+    protection: ServiceProtection,
+    commerce_page_size: int = 10_000,
+) -> list[FastAPI]:
+    """The Entra, Commerce and Dataverse apps, each with the whole `/_admin` surface; the two OData
+    services behind service protection. One fault plan and one `ServiceProtection` serve all three,
+    so an admin call through any server reaches the system it names."""
+    from d365_fakes import commerce, dataverse
+
+    commerce_app = commerce.create_app(
+        commerce_state, issuer, commerce_url, clients, page_size=commerce_page_size, faults=faults
+    )
+    commerce_app.add_middleware(
+        ServiceProtectionMiddleware, protection=protection, system="commerce", path_prefix="/data/"
+    )
+    dataverse_app = dataverse.create_app(dataverse_state, issuer, dataverse_url, clients, faults=faults)
+    dataverse_app.add_middleware(
+        ServiceProtectionMiddleware,
+        protection=protection,
+        system="dataverse",
+        path_prefix=dataverse.API_ROOT + "/",
+    )
+    apps = [entra.create_app(issuer, clients, faults=faults), commerce_app, dataverse_app]
+    admin_router = admin.create_admin_router(commerce_state, dataverse_state, issuer, faults)
+    limits_router = create_limits_router(protection)
+    for app in apps:
+        app.include_router(admin_router, prefix="/_admin")
+        app.include_router(limits_router, prefix="/_admin")
+    return apps
 
 
 async def _serve_all(

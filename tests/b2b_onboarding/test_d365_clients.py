@@ -178,7 +178,7 @@ def test_pending_prospects_are_read_across_pages_for_one_legal_entity_only(comme
     ])  # fmt: skip
     before = requests_to(admin, "commerce")
 
-    pages = list(commerce.iter_pending_prospect_pages("usrt"))
+    pages = list(commerce.iter_prospect_pages("usrt"))
 
     assert [len(page) for page in pages] == [3, 3, 1]
     assert requests_to(admin, "commerce") - before == 3  # the first page and two nextLinks

@@ -70,3 +70,18 @@ def test_work_lists_select_what_each_step_must_do():
     assert set(rules.needing_customers(frame)["prospect_id"]) == {"Q", "W-no-customers"}
     assert set(rules.to_approve(frame)["prospect_id"]) == {"W"}
     assert set(rules.to_reject(frame)["prospect_id"]) == {"L", "D"}
+
+
+def test_chunks_cover_each_legal_entitys_work_in_ranges_of_at_most_the_size():
+    work = pd.DataFrame({"legal_entity": ["usrt"] * 5 + ["usmf"] * 2,
+                         "prospect_id": ["P-5", "P-1", "P-3", "P-2", "P-4", "P-7", "P-6"]})  # fmt: skip
+    assert rules.chunks(work, 2) == [
+        {"legal_entity": "usmf", "first_id": "P-6", "last_id": "P-7"},
+        {"legal_entity": "usrt", "first_id": "P-1", "last_id": "P-2"},
+        {"legal_entity": "usrt", "first_id": "P-3", "last_id": "P-4"},
+        {"legal_entity": "usrt", "first_id": "P-5", "last_id": "P-5"},
+    ]
+    usrt = work[work["legal_entity"] == "usrt"]
+    covered = [rules.in_range(usrt, chunk["first_id"], chunk["last_id"]) for chunk in rules.chunks(usrt, 2)]
+    assert sorted(pid for part in covered for pid in part["prospect_id"]) == sorted(usrt["prospect_id"])
+    assert rules.chunks(work.iloc[0:0], 2) == []

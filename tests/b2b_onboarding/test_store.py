@@ -67,3 +67,50 @@ def test_unknown_facts_and_untracked_prospects_are_refused(store):
 def test_the_same_prospect_id_in_two_legal_entities_is_two_prospects(store):
     store.record_pulled(pulled({"prospect_id": "P-1"}, {"prospect_id": "P-1", "legal_entity": "usmf"}), "run-1")
     assert sorted(store.frame()["legal_entity"]) == ["usmf", "usrt"]
+
+
+def test_many_updates_apply_in_one_call_and_log_only_stage_changes(store):
+    store.record_pulled(pulled(*({"prospect_id": f"P-{n}"} for n in range(500))), "run-1")
+    changed = store.update_many(
+        [(("usrt", f"P-{n}"), {"lead_id": f"l-{n}", "lead_state": "open"}, None) for n in range(500)]
+        + [(("usrt", "P-7"), {}, "Dataverse: refused")],
+        "run-2",
+    )
+    assert changed == 501
+    frame = store.frame().set_index("prospect_id")
+    assert (frame["stage"] == "lead_open").all() and frame.loc["P-7", "last_error"] == "Dataverse: refused"
+    assert list(store.history("usrt", "P-7")["to_stage"]) == ["pulled", "lead_open", "lead_open"]
+    assert store.update_many([(("usrt", "P-1"), {"lead_id": "l-1"}, None)], "run-3") == 0
+    with pytest.raises(KeyError, match="usrt/P-9999"):
+        store.update_many([(("usrt", "P-9999"), {"lead_id": "x"}, None)], "run-3")
+
+
+def test_frames_select_by_keys_lead_ids_and_columns(store):
+    store.record_pulled(pulled(*({"prospect_id": f"P-{n}"} for n in range(1000))), "run-1")
+    store.update_many([(("usrt", f"P-{n}"), {"lead_id": f"l-{n}"}, None) for n in range(0, 1000, 2)], "run-1")
+    light = store.frame(columns=["stage"])
+    assert list(light.columns) == ["legal_entity", "prospect_id", "stage"] and len(light) == 1000
+    by_lead = store.frame(lead_ids=[f"l-{n}" for n in range(0, 1000, 2)] + ["l-unknown"])
+    assert len(by_lead) == 500
+    assert sorted(store.frame(keys=[("usrt", "P-3"), ("usmf", "P-3")])["prospect_id"]) == ["P-3"]
+    work = store.work("push", "usrt", "P-10", "P-19")
+    assert sorted(work["prospect_id"]) == sorted(f"P-{n}" for n in range(1, 1000, 2) if "P-10" <= f"P-{n}" <= "P-19")
+    assert work.loc[0, "prospect"] == {"CompanyName": "Contoso"}
+
+
+def test_delta_links_are_kept_per_table_and_replaced(store):
+    assert store.delta_link("leads") is None
+    store.set_delta_link("leads", "https://org/api/data/v9.2/leads?$deltatoken=1", "run-1")
+    store.set_delta_link("opportunities", "https://org/api/data/v9.2/opportunities?$deltatoken=9", "run-1")
+    store.set_delta_link("leads", "https://org/api/data/v9.2/leads?$deltatoken=2", "run-2")
+    assert store.delta_link("leads").endswith("=2") and store.delta_link("opportunities").endswith("=9")
+
+
+def test_drift_findings_are_kept_per_run_and_a_rerun_replaces_its_own(store):
+    findings = pd.DataFrame([{"kind": "missing lead", "legal_entity": "usrt", "prospect_id": "P-1", "lead_id": None,
+                              "detail": "no lead"}])  # fmt: skip
+    store.record_drift(findings, "run-1")
+    store.record_drift(findings, "run-1")
+    store.record_drift(findings.iloc[0:0], "run-2")
+    assert len(store.drift("run-1")) == 1 and store.drift("run-1").loc[0, "detail"] == "no lead"
+    assert store.drift("run-2").empty

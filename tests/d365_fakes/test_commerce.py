@@ -4,7 +4,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from d365_fakes.clients import ClientRegistration
-from d365_fakes.commerce import PROSPECTS, CommerceState, create_app
+from d365_fakes.commerce import CUSTOMERS, PROSPECTS, CommerceState, ODataError, create_app
 from d365_fakes.tokens import TokenIssuer
 
 COMMERCE = "https://commerce.test"
@@ -447,3 +447,34 @@ def test_seed_prospects_validates_every_row(state, rows, message):
     with pytest.raises(ValueError, match=message):
         state.seed_prospects(rows)
     assert state.visible_rows(PROSPECTS, "usrt", True) == []  # all or nothing
+
+
+def test_select_projects_every_page_and_survives_next_links(make_client, state):
+    state.seed_prospects([prospect(f"P-{n}") for n in range(1, 6)])
+    api = make_client(page_size=2)
+    url, pages = "/data/Prospects?$select=ProspectId&$filter=ProspectId ne 'P-3'", []
+    while url:
+        body = api.get(url).json()
+        assert body["@odata.context"] == f"{COMMERCE}/data/$metadata#Prospects(ProspectId)"
+        pages.append([sorted(row) for row in body["value"]])
+        url = body.get("@odata.nextLink")
+    assert pages == [[["@odata.etag", "ProspectId"]] * 2] * 2
+    assert api.get("/data/Prospects?$select=Nope&$filter=ProspectId eq 'none'").status_code == 400
+
+
+def test_rows_handed_out_do_not_change_under_later_writes(api, state):
+    state.seed_prospects([prospect("P-1")])
+    [before] = state.visible_rows(PROSPECTS, "usrt", False)
+    api.patch(key_url("Prospects", dataAreaId="usrt", ProspectId="P-1"), json={"Note": "changed"})
+    [after] = state.visible_rows(PROSPECTS, "usrt", False)
+    assert (before["Note"], after["Note"]) == ("Wants net 30", "changed")
+
+
+def test_the_indexed_rules_hold_on_large_tables(state):
+    """Create rules use indexes, not scans (speed is `make bench`'s business); they still bite."""
+    for n in range(20_000):
+        state.create(CUSTOMERS, {"PartyType": "Person", "PersonLastName": "Lee", "PrimaryContactEmail": f"p{n}@x.test"},
+                     "usrt")
+    with pytest.raises(ODataError, match="already the primary contact email of customer C020000"):
+        state.create(CUSTOMERS, {"PartyType": "Person", "PersonLastName": "Lee", "PrimaryContactEmail": "P19999@x.test"},
+                     "usrt")

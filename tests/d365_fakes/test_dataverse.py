@@ -500,3 +500,29 @@ def test_counts_requests_and_writes_and_reset_keeps_views_and_users(
     assert api.get("leads").json()["value"] == []
     assert len(api.get("savedqueries").json()["value"]) == 2
     assert api.get(f"systemusers({SELLER.app_user_id})").status_code == 200
+
+
+def test_delete_by_id_or_alternate_key_answers_204_then_the_row_is_gone(
+    api: TestClient, state: DataverseState
+) -> None:
+    by_id = create(api, "leads", {"lastname": "A", "msdyn_prospectid": "P-1"})
+    by_key = create(api, "leads", {"lastname": "B", "msdyn_prospectid": "P-2"})
+    assert api.delete(f"leads({by_id.upper()})").status_code == 204
+    assert api.delete(by_prospect_id("p-2")).status_code == 204
+    assert error_of(api.get(f"leads({by_id})"), 404)["code"] == "0x80040217"
+    assert error_of(api.delete(f"leads({by_id})"), 404) == {
+        "code": "0x80040217",
+        "message": f"lead With Id = {by_id} Does Not Exist",
+    }
+    assert error_of(api.delete(by_prospect_id("P-2")), 404)["code"] == "0x80040217"
+    assert api.get("leads").json()["value"] == []
+    again = created_id(api.patch(by_prospect_id("P-2"), json={"lastname": "B again"}))
+    assert again != by_key  # the key is free again: a new row
+    assert state.counts()["writes"]["leads"] == 5
+
+
+def test_delete_needs_a_row_of_a_writable_set(api: TestClient) -> None:
+    create(api, "leads", {"lastname": "A"})
+    assert error_of(api.delete("leads"), 405)["code"] == "0x80040203"
+    assert error_of(api.delete(f"systemusers({SELLER.app_user_id})"), 405)["code"] == "0x80040203"
+    assert len(api.get("leads").json()["value"]) == 1

@@ -8,6 +8,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -171,3 +172,16 @@ def test_command_line_refuses_to_start_without_clients(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "--clients FILE or set D365_FAKES_CLIENTS" in result.stderr
     assert result.stdout == ""
+
+
+def test_delta_token_lifetime_is_a_serve_flag(tmp_path: Path, msal_honours_verify) -> None:
+    with running_fakes(tmp_path, [CLIENT], delta_token_ttl_s=1) as fakes, https(fakes) as client:
+        token = msal_token(fakes, fakes.dataverse)["access_token"]
+        headers = {"Authorization": f"Bearer {token}", "Prefer": "odata.track-changes"}
+        tracked = client.get(f"{fakes.dataverse}/api/data/v9.2/leads", headers=headers)
+        assert tracked.status_code == 200, tracked.text
+        time.sleep(2.1)  # tokens carry whole seconds
+        expired = client.get(tracked.json()["@odata.deltaLink"], headers=headers)
+
+    assert expired.status_code == 400
+    assert expired.json()["error"]["code"] == "0x80044352"

@@ -36,19 +36,40 @@ def test_parsing_a_dag_file_imports_nothing_heavy(dag_file):
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
 
 
-def test_sync_runs_every_15_minutes_and_maps_per_legal_entity(bag):
+def test_sync_runs_every_15_minutes_and_maps_per_legal_entity_then_per_chunk(bag):
     dag = bag.get_dag("b2b_prospect_sync")
     assert dag.schedule == "*/15 * * * *" and dag.catchup is False
-    assert set(dag.task_ids) == {"legal_entities", "pull_prospects", "push_leads", "report"}
-    assert dag.get_task("push_leads").upstream_task_ids == {"legal_entities", "pull_prospects"}
+    assert set(dag.task_ids) == {"legal_entities", "pull_prospects", "plan_push", "push_leads", "report"}
+    assert dag.get_task("push_leads").upstream_task_ids == {"plan_push"}
+    assert "pull_prospects" in dag.get_task("plan_push").upstream_task_ids
+    assert dag.params["chunk_size"] == 5000
 
 
 def test_reconciliation_is_nightly_and_approves_only_after_customers_exist(bag):
     dag = bag.get_dag("b2b_outcome_reconciliation")
     assert dag.schedule == "0 2 * * *"
-    assert {"read_outcomes", "write_customers", "approve_won", "reject_lost", "report"} <= set(dag.task_ids)
-    assert "write_customers" in dag.get_task("approve_won").upstream_task_ids
-    assert "read_outcomes" in dag.get_task("write_customers").upstream_task_ids
+    assert {"read_outcomes", "write_customers", "approve_won", "reject_lost", "check_drift", "report"} <= set(
+        dag.task_ids
+    )
+    assert dag.get_task("approve_won").upstream_task_ids == {"plan_approvals"}
+    assert "write_customers" in dag.get_task("plan_approvals").upstream_task_ids
+    assert "read_outcomes" in dag.get_task("plan_customers").upstream_task_ids
+    assert {"approve_won", "reject_lost"} <= dag.get_task("check_drift").upstream_task_ids
+
+
+def test_tasks_talking_to_a_system_use_its_pool_and_chunks_have_readable_names(bag):
+    pools = json.loads((DAGS.parent / "plugins" / "b2b_onboarding" / "pools.json").read_text())
+    expected = {
+        "pull_prospects": "d365_commerce", "push_leads": "d365_sales", "read_outcomes": "d365_sales",
+        "write_customers": "d365_commerce", "approve_won": "d365_commerce", "reject_lost": "d365_commerce",
+        "check_drift": "d365_sales",
+    }  # fmt: skip
+    for dag in bag.dags.values():
+        for task in dag.tasks:
+            if task.task_id in expected:
+                assert task.pool == expected[task.task_id] and task.pool in pools
+    template = bag.get_dag("b2b_prospect_sync").get_task("push_leads").map_index_template
+    assert "legal_entity" in template and "first_id" in template and "last_id" in template
 
 
 def test_tasks_retry_and_runs_do_not_pile_up(bag):

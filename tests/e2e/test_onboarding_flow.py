@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from b2b_onboarding.store import StateStore
@@ -21,9 +23,10 @@ def dags(airflow_db):
     return bag
 
 
-def run(dags, dag_id: str) -> None:
-    dag_run = dags.get_dag(dag_id).test()
+def run(dags, dag_id: str, **conf):
+    dag_run = dags.get_dag(dag_id).test(run_conf=conf or None)
     assert dag_run.state == "success", f"{dag_id} ended {dag_run.state}"
+    return dag_run
 
 
 def test_prospects_become_leads_then_decisions_reach_commerce_exactly_once(world, dags):
@@ -100,8 +103,7 @@ def test_a_prospect_decided_by_hand_in_commerce_is_reported_never_flipped(world,
     lead = next(lead for lead in seller.view("My open leads") + seller.view("All Commerce B2B leads")
                 if lead["statecode"] == 0)  # fmt: skip
     legal_entity, prospect_id = lead["msdyn_prospectid"].split(":", 1)
-    clerk.call("PATCH", f"Prospects(dataAreaId='{legal_entity}',ProspectId='{prospect_id}')",
-               params={"cross-company": "true"}, json={"B2BProspectStatus": "Approved"})  # fmt: skip
+    clerk.set_status(legal_entity, prospect_id, "Approved")
     seller.disqualify(lead["leadid"])
     with FakeAdmin(world.endpoints) as admin:
         run(dags, "b2b_outcome_reconciliation")
@@ -115,3 +117,30 @@ def test_a_prospect_decided_by_hand_in_commerce_is_reported_never_flipped(world,
     assert row["decision"] is None
     clerk.close()
     seller.close()
+
+
+def test_many_small_mapped_chunks_end_in_the_same_state_as_one_task_per_step(world, dags):
+    def flow(chunk_size: int) -> tuple[list[dict], dict]:
+        for path in world.state_db.parent.glob(world.state_db.name + "*"):
+            path.unlink()  # a new store: no tracked prospects, no delta links
+        with FakeAdmin(world.endpoints) as admin:
+            admin.reset()
+            seeded, plan = prospects(24)
+            admin.seed_prospects(seeded)
+            sync_run = run(dags, "b2b_prospect_sync", chunk_size=chunk_size)
+            decided = admin.decide([{"msdyn_prospectid": f"{row['dataAreaId']}:{row['ProspectId']}", "outcome": outcome}
+                                    for row in seeded if (outcome := plan[row["PrimaryEmailAddress"]])
+                                    in ("won", "lost", "disqualified", "qualified")])  # fmt: skip
+            assert decided["errors"] == []
+            reconcile_run = run(dags, "b2b_outcome_reconciliation", chunk_size=chunk_size)
+            outcome = observe(world.endpoints, world.cast, plan)
+        mapped = {run.dag_id: Counter(ti.task_id for ti in run.get_task_instances() if ti.map_index >= 0)
+                  for run in (sync_run, reconcile_run)}  # fmt: skip
+        return sorted(outcome.rows, key=lambda row: (row["legal_entity"], row["prospect_id"])), mapped
+
+    small_rows, small_mapped = flow(chunk_size=3)
+    one_rows, one_mapped = flow(chunk_size=5000)
+    assert small_rows == one_rows and all(row["ok"] for row in one_rows)
+    assert small_mapped["b2b_prospect_sync"]["push_leads"] == 8  # 11 valid prospects per legal entity, 3 a chunk
+    assert one_mapped["b2b_prospect_sync"]["push_leads"] == 2  # one per legal entity
+    assert small_mapped["b2b_outcome_reconciliation"]["reject_lost"] > one_mapped["b2b_outcome_reconciliation"]["reject_lost"]
