@@ -34,7 +34,8 @@ def read_outcomes(sales: SalesClient, store: StateStore, run_id: str) -> dict:
         ("leads", LEAD_OUTCOME_COLUMNS, "lead_ids", rules.lead_outcomes),
         ("opportunities", OPPORTUNITY_COLUMNS, "opportunity_ids", rules.opportunity_outcomes),
     ):
-        feed = sales.changes(entity_set, columns, store.delta_link(entity_set))
+        link = store.delta_link(entity_set)
+        feed = sales.changes(entity_set, columns, link)
         for page in feed.pages:
             changed = pd.DataFrame(page, columns=list(columns))
             ids = changed[columns[0]].str.lower()
@@ -42,7 +43,7 @@ def read_outcomes(sales: SalesClient, store: StateStore, run_id: str) -> dict:
             counts[f"{entity_set}_read"] += len(changed)
             counts[f"{entity_set}_changes"] += store.apply_changes(rule(tracked, changed), run_id)
         counts[f"{entity_set}_deleted"] += _record_deleted(store, entity_set, id_column, feed.deleted, run_id)
-        counts[f"{entity_set}_full_reads"] += int(feed.expired or not store.delta_link(entity_set))
+        counts[f"{entity_set}_full_reads"] += int(feed.expired or link is None)
         store.set_delta_link(entity_set, feed.delta_link, run_id)
     return {"step": "read outcomes", "legal_entity": "*", **counts}
 

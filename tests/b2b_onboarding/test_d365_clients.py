@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 
@@ -18,9 +17,8 @@ from b2b_onboarding.auth import TokenProvider, token_provider
 from b2b_onboarding.commerce import CommerceClient
 from b2b_onboarding.errors import AuthenticationError, D365Error
 from b2b_onboarding.sales import SalesClient
-from b2b_onboarding.settings import ServiceSettings
 from d365_fakes.actors import Clerk, Seller
-from d365_fakes.running import Endpoints, FakeAdmin, running_fakes
+from d365_fakes.running import FakeAdmin
 from d365_fakes.scenario import Cast
 from d365_fakes.tls import ensure_tls
 
@@ -31,52 +29,22 @@ HOSTILE_PROSPECT_IDS = [
 ]  # fmt: skip
 
 
-@dataclass(frozen=True)
-class World:
-    endpoints: Endpoints
-    cast: Cast
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    cast = Cast.new()
-    state_dir = tmp_path_factory.mktemp("fakes")
-    with running_fakes(state_dir, cast.clients, commerce_page_size=COMMERCE_PAGE_SIZE) as endpoints:
-        yield World(endpoints, cast)
-
-
 @pytest.fixture
-def admin(world: World) -> Iterator[FakeAdmin]:
-    """The fakes' admin surface, with empty systems and no faults at the start of each test."""
-    with FakeAdmin(world.endpoints) as admin:
-        admin.reset()
-        yield admin
-
-
-def settings(world: World, resource: str, **extra) -> ServiceSettings:
-    app = world.cast.integration
-    return ServiceSettings.from_connection(
-        "d365_test", host=resource, login=app["client_id"], password=app["client_secret"],
-        extra={"authority": world.endpoints.authority, "ca_bundle": world.endpoints.ca_bundle, **extra},
-    )  # fmt: skip
-
-
-@pytest.fixture
-def commerce(world: World, admin: FakeAdmin) -> Iterator[CommerceClient]:
-    client = CommerceClient.connect(settings(world, world.endpoints.commerce, legal_entities=["usrt", "usmf"]))
+def commerce(world, admin: FakeAdmin) -> Iterator[CommerceClient]:
+    client = CommerceClient.connect(world.settings(world.endpoints.commerce, legal_entities=["usrt", "usmf"]))
     yield client
     client.odata.close()
 
 
 @pytest.fixture
-def sales_client(world: World, admin: FakeAdmin) -> Iterator[SalesClient]:
-    client = SalesClient.connect(settings(world, world.endpoints.dataverse, page_size=2))
+def sales_client(world, admin: FakeAdmin) -> Iterator[SalesClient]:
+    client = SalesClient.connect(world.settings(world.endpoints.dataverse, page_size=2))
     yield client
     client.odata.close()
 
 
 @pytest.fixture
-def seller(world: World) -> Iterator[Seller]:
+def seller(world) -> Iterator[Seller]:
     """Another app registration working in Sales, as a person would through the UI."""
     seller = Seller(world.endpoints, world.cast.seller["client_id"], world.cast.seller["client_secret"])
     yield seller
@@ -84,7 +52,7 @@ def seller(world: World) -> Iterator[Seller]:
 
 
 @pytest.fixture
-def clerk(world: World) -> Iterator[Clerk]:
+def clerk(world) -> Iterator[Clerk]:
     """A back-office user editing prospects in Commerce HQ."""
     clerk = Clerk(world.endpoints, world.cast.clerk["client_id"], world.cast.clerk["client_secret"])
     yield clerk
@@ -108,7 +76,7 @@ def requests_to(admin: FakeAdmin, system: str) -> int:
 # --- TokenProvider -------------------------------------------------------------------------------
 
 
-def integration_provider(world: World, secret: str | None = None, verify: str | bool | None = None) -> TokenProvider:
+def integration_provider(world, secret: str | None = None, verify: str | bool | None = None) -> TokenProvider:
     app = world.cast.integration
     return TokenProvider(world.endpoints.authority, app["client_id"], secret or app["client_secret"],
                          world.endpoints.ca_bundle if verify is None else verify)  # fmt: skip

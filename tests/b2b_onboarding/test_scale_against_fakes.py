@@ -3,9 +3,9 @@ real MSAL, TLS and OData (no Airflow): the product's scale features doing their 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,42 +13,17 @@ import pytest
 from b2b_onboarding import drift, reconcile, sync
 from b2b_onboarding.commerce import CommerceClient
 from b2b_onboarding.sales import SalesClient
-from b2b_onboarding.settings import ServiceSettings
 from b2b_onboarding.store import StateStore
 from d365_fakes.actors import Clerk, Seller
-from d365_fakes.running import Endpoints, FakeAdmin, running_fakes
+from d365_fakes.running import FakeAdmin, running_fakes
 from d365_fakes.scenario import Cast
 
 RUN = "manual__test"
+COMMERCE_PAGE_SIZE = 4
 
 
-@dataclass(frozen=True)
-class World:
-    endpoints: Endpoints
-    cast: Cast
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    cast = Cast.new()
-    with running_fakes(tmp_path_factory.mktemp("fakes"), cast.clients, commerce_page_size=4) as endpoints:
-        yield World(endpoints, cast)
-
-
-@pytest.fixture
-def admin(world: World) -> Iterator[FakeAdmin]:
-    with FakeAdmin(world.endpoints) as admin:
-        admin.reset()
-        yield admin
-
-
-def connect(world: World, client_class, resource: str, **extra):
-    app = world.cast.integration
-    settings = ServiceSettings.from_connection(
-        "d365_test", host=resource, login=app["client_id"], password=app["client_secret"],
-        extra={"authority": world.endpoints.authority, "ca_bundle": world.endpoints.ca_bundle, **extra},
-    )  # fmt: skip
-    return client_class.connect(settings)
+def connect(world, client_class, resource: str, **extra):
+    return client_class.connect(world.settings(resource, **extra))
 
 
 @pytest.fixture
@@ -66,7 +41,7 @@ def seed(admin: FakeAdmin, count: int, legal_entity: str = "usrt") -> None:
     ])  # fmt: skip
 
 
-def synced(world: World, admin: FakeAdmin, store: StateStore, count: int, **sales_extra) -> SalesClient:
+def synced(world, admin: FakeAdmin, store: StateStore, count: int, **sales_extra) -> SalesClient:
     seed(admin, count)
     with connect(world, CommerceClient, world.endpoints.commerce).odata as odata:
         sync.pull_prospects(CommerceClient(odata), store, "usrt", RUN)
@@ -128,10 +103,10 @@ def test_outcomes_are_read_as_changes_and_a_deleted_lead_becomes_an_anomaly(worl
     assert third["leads_read"] == 0 and third["opportunities_read"] == 0
 
 
-def test_an_expired_delta_link_falls_back_to_a_full_read(tmp_path, store):
+def test_an_expired_delta_link_falls_back_to_a_full_read(world, tmp_path, store):
     cast = Cast.new()
     with running_fakes(tmp_path / "fakes", cast.clients, delta_token_ttl_s=1) as endpoints, FakeAdmin(endpoints) as admin:
-        world = World(endpoints, cast)
+        world = dataclasses.replace(world, endpoints=endpoints, cast=cast)
         sales = synced(world, admin, store, 3)
         reconcile.read_outcomes(sales, store, RUN)
         time.sleep(2.5)  # the fake's tokens carry whole seconds
@@ -174,7 +149,7 @@ def test_commerce_writes_go_in_batches_of_atomic_changesets(world, admin, store)
     assert templates.count("B2B prospect rejected") == 8 and templates.count("B2B prospect approved") == 1  # the clerk's
 
 
-def clerk_rows(world: World) -> list[dict]:
+def clerk_rows(world) -> list[dict]:
     clerk = Clerk(world.endpoints, world.cast.clerk["client_id"], world.cast.clerk["client_secret"])
     try:
         return clerk.all("Prospects")
