@@ -11,7 +11,7 @@ export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 
-.PHONY: install demo test bench fakes constraints clean
+.PHONY: install demo test bench chaos fakes constraints clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ test: install
 bench: install
 	$(BIN)/python -m d365_fakes.bench $(BENCH_ARGS)
 
+# The flow under faults, kills, an overlapping run and a backfill, then its invariants (run by .ci/run).
+chaos: install
+	$(BIN)/python -m d365_fakes.chaos $(CHAOS_ARGS)
+
 # Serve the fakes in the foreground, for exploring them by hand.
 fakes: install
 	$(BIN)/python -m d365_fakes serve --state-dir .fakes --clients .fakes/clients.json
@@ -42,4 +46,4 @@ constraints:
 	/tmp/b2b-constraints-venv/bin/pip freeze --exclude-editable > constraints.txt
 
 clean:
-	rm -rf $(VENV) .airflow .fakes .demo .bench .pytest_cache
+	rm -rf $(VENV) .airflow .fakes .demo .bench .chaos .pytest_cache

@@ -8,9 +8,14 @@ from urllib.parse import urlsplit
 
 import httpx
 import msal
+from msal.exceptions import MsalServiceError
 from msal.authority import WELL_KNOWN_AUTHORITY_HOSTS
 
-from .errors import AuthenticationError
+from . import redaction
+from .errors import AuthenticationError, certificate_verify_failure, transport_failure_message
+
+# OAuth errors of an Entra ID that is unavailable or throttling, not refusing the credentials.
+_TRANSIENT_ERRORS = frozenset({"temporarily_unavailable", "server_error"})
 
 
 class TokenProvider:
@@ -19,6 +24,8 @@ class TokenProvider:
     def __init__(self, authority: str, client_id: str, client_secret: str, verify: str | bool = True) -> None:
         self.authority = authority
         self.client_id = client_id
+        self._ca_bundle = verify if isinstance(verify, str) else None
+        redaction.register_secret(client_secret)  # before MSAL, httpx or an error message can see it
         # MSAL's default requests session lets REQUESTS_CA_BUNDLE override `verify=` (psf/requests#3829),
         # so MSAL gets an httpx client: the same TLS trust as the API calls, whatever the environment.
         self._http = httpx.Client(verify=verify, timeout=30)
@@ -32,29 +39,43 @@ class TokenProvider:
                 http_client=self._http,
             )
         except (ValueError, httpx.HTTPError) as error:
+            if certificate_verify_failure(error):
+                raise self._tls_error(error) from error
             raise AuthenticationError(
                 f"Entra ID: cannot read the authority {authority} for client {client_id}: {error}. "
-                "Next step: check the authority (tenant) URL, the network, and the CA bundle "
-                "(a TLS certificate error means the bundle does not trust the server)."
+                "Next step: check the authority (tenant) URL and the network path to it."
             ) from error
         self.last_token_source: str | None = None
 
     def token(self, scope: str) -> str:
         try:
             result = self._app.acquire_token_for_client(scopes=[scope])
-        except httpx.HTTPError as error:
+        except (httpx.HTTPError, MsalServiceError) as error:  # MSAL raises the latter for a 5xx answer
+            if certificate_verify_failure(error):
+                raise self._tls_error(error) from error  # permanent: not transient
             raise AuthenticationError(
                 f"Entra ID ({self.authority}) could not be reached for client {self.client_id}: {error}. "
-                "Next step: check the network and the CA bundle, then rerun."
+                "Next step: check the network and the CA bundle, then rerun.",
+                transient=True,
             ) from error
         if "access_token" not in result:
             raise AuthenticationError(
                 f"Entra ID ({self.authority}) refused a token to client {self.client_id} for {scope}: "
                 f"{result.get('error')}: {result.get('error_description')}. Next step: check the "
-                "connection's client id, secret and authority (tenant)."
+                "connection's client id, secret and authority (tenant).",
+                transient=result.get("error") in _TRANSIENT_ERRORS,
             )
         self.last_token_source = result.get("token_source")
+        redaction.register_secret(result["access_token"])  # a set lookup once known (cache hits)
         return result["access_token"]
+
+    def _tls_error(self, error: BaseException) -> AuthenticationError:
+        return AuthenticationError(transport_failure_message(
+            f"Entra ID ({self.authority}, client {self.client_id})", self.authority, error, self._ca_bundle))  # fmt: skip
+
+    def forget(self) -> None:
+        """Drops the cached tokens, so the next `token` call asks Entra ID (after a revocation)."""
+        self._app.remove_tokens_for_client()
 
 
 _providers: dict[tuple[str, str], tuple[str, TokenProvider]] = {}

@@ -60,6 +60,9 @@ class CommerceClient:
     ) -> Iterator[list[dict]]:
         """B2B prospects of one legal entity (of one status or all; of an id range or all), a server
         page at a time."""
+        if "*" in legal_entity:  # in an F&O `eq` a `*` is a wildcard, and nothing escapes it
+            raise ValueError(f"legal entity {legal_entity!r}: a '*' would match other legal entities in Commerce; "
+                             "fix the connection's extra legal_entities")  # fmt: skip
         query = f"dataAreaId eq {literal(legal_entity)} and IsB2BProspect eq {enum_literal('NoYes', 'Yes')}"
         if status is not None:
             query += f" and B2BProspectStatus eq {enum_literal('RetailB2BProspectStatus', status)}"
@@ -80,6 +83,7 @@ class CommerceClient:
             response = self.odata.request(
                 "POST", "$batch", operation=operation, content=body,
                 headers={"Content-Type": content_type, "Prefer": "odata.continue-on-error"},
+                repeatable=True,  # each changeset's creates are keyed and its updates carry If-Match
             )  # fmt: skip
             answers = batch.decode(response.headers.get("Content-Type", ""), response.content)
             if len(answers) != len(group):
@@ -138,6 +142,7 @@ class CommerceClient:
             record=f"customer {customer['dataAreaId']}/{customer['CustomerAccount']}",
             params=_CROSS_COMPANY,
             json=customer,
+            repeatable=True,  # a derived key: a repeat is refused as a duplicate, and adopted
         ).json()
 
     def get_hierarchy(self, hierarchy_id: str) -> dict | None:
@@ -156,6 +161,7 @@ class CommerceClient:
             record=f"hierarchy {hierarchy['CustomerHierarchyId']}",
             params=_CROSS_COMPANY,
             json=hierarchy,
+            repeatable=True,  # a derived key: a repeat is refused as a duplicate, and adopted
         ).json()
 
     def get_hierarchy_node(self, hierarchy_id: str, party_number: str) -> dict | None:
@@ -174,4 +180,5 @@ class CommerceClient:
             record=f"hierarchy {node['CustomerHierarchyId']} party {node['NodePartyNumber']}",
             params=_CROSS_COMPANY,
             json=node,
+            repeatable=True,  # a derived key: a repeat is refused as a duplicate, and adopted
         ).json()

@@ -53,11 +53,39 @@ def find_drift(prospects: pd.DataFrame, leads: pd.DataFrame, invalid: Iterable[t
     return result[list(DRIFT_COLUMNS)].astype(object).where(result[list(DRIFT_COLUMNS)].notna(), None)
 
 
+# Stages of a prospect whose seller has not decided yet (a decision the flow is acting on is won,
+# lost or disqualified: Commerce may already show it while the store catches up).
+_SALES_UNDECIDED = {"pulled", "lead_open", "qualified", "customers_created"}
+
+
+def find_anomalies(prospects: pd.DataFrame, tracked: pd.DataFrame) -> list[tuple[tuple[str, str], str, str]]:
+    """Tracked prospects that Commerce shows decided although Sales has not decided them (approved or
+    rejected by hand in HQ), or no longer shows at all: (key, kind, detail) for the anomaly log.
+
+    `prospects`: legal_entity, prospect_id, status (all B2B prospects of the legal entities read);
+    `tracked`: the store's legal_entity, prospect_id, stage, decision of those legal entities."""
+    open_in_sales = tracked[tracked["decision"].isna() & tracked["stage"].isin(_SALES_UNDECIDED)]
+    merged = open_in_sales.merge(prospects, on=["legal_entity", "prospect_id"], how="left")
+    found = []
+    for row in merged.to_dict("records"):
+        key, record = (row["legal_entity"], row["prospect_id"]), f"prospect {row['legal_entity']}/{row['prospect_id']}"
+        if not isinstance(row["status"], str):
+            found.append((key, "prospect_deleted", f"{record} no longer exists in Commerce while Sales has not decided "
+                                                   "it; delete or disqualify its lead in Sales"))  # fmt: skip
+        elif row["status"] != "Pending":
+            found.append((key, "decided_in_commerce",
+                          f"{record} is {row['status']} in Commerce, decided by hand before Sales decided (its stage "
+                          f"is {row['stage']}); Commerce is left as it is. Next step: close its lead in Sales to "
+                          "match, or ask who decided it"))  # fmt: skip
+    return found
+
+
 def check_drift(
     commerce: CommerceClient, sales: SalesClient, store: StateStore, legal_entities: Iterable[str], run_id: str
 ) -> tuple[dict, pd.DataFrame]:
     """Reads both sides in full (a few columns, page by page), keeps the findings in the store
     under this run, and returns a summary and the findings."""
+    legal_entities = list(legal_entities)
     prospects = pd.DataFrame(
         [{"legal_entity": row["dataAreaId"].lower(), "prospect_id": row["ProspectId"], "status": row["B2BProspectStatus"]}
          for legal_entity in legal_entities
@@ -67,10 +95,13 @@ def check_drift(
     leads = pd.DataFrame(
         [row for page in sales.iter_commerce_lead_pages() for row in page], columns=list(DRIFT_LEAD_COLUMNS)
     )
-    tracked = store.frame(columns=["stage"])
+    tracked = store.frame(columns=["stage", "decision"])
     invalid = tracked.loc[tracked["stage"] == "invalid", ["legal_entity", "prospect_id"]].itertuples(index=False, name=None)
     findings = find_drift(prospects, leads, invalid)
     store.record_drift(findings, run_id)
+    anomalies = find_anomalies(prospects, tracked[tracked["legal_entity"].isin(set(legal_entities))])
+    if anomalies:
+        store.record_anomalies(anomalies, run_id)
     summary = {"step": "drift check", "legal_entity": "*", "prospects": len(prospects), "leads": len(leads),
-               **findings["kind"].value_counts().to_dict()}  # fmt: skip
+               **findings["kind"].value_counts().to_dict(), "anomalies": len(anomalies)}  # fmt: skip
     return summary, findings

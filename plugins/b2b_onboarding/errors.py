@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import ssl
+from urllib.parse import urlsplit
+
 # What an on-call engineer should do next, by HTTP status.
 _NEXT_STEP = {
     400: "fix the record or the request named above; the record is kept and retried on the next run",
@@ -31,6 +35,7 @@ class D365Error(Exception):
         code: str = "",
         message: str = "",
         record: str | None = None,
+        attempts: int = 1,
     ) -> None:
         self.system = system
         self.operation = operation
@@ -38,12 +43,16 @@ class D365Error(Exception):
         self.code = code
         self.message = message
         self.record = record
+        self.attempts = attempts
         super().__init__(str(self))
 
     @property
     def next_step(self) -> str:
         if self.status == 0:
             return "the service did not answer (network, DNS or TLS); check the connection's host and CA bundle"
+        if self.attempts > 1 and (self.status == 429 or self.status >= 500):
+            return ("the service kept failing and this task's retries are spent; rerun the task later (nothing "
+                    "is written twice), and check the service's health if it persists")  # fmt: skip
         if self.status >= 500:
             return _SERVER_ERROR_STEP
         return _NEXT_STEP.get(self.status, "read the service's message above and fix the cause")
@@ -57,25 +66,33 @@ class D365Error(Exception):
         subject = f" for {self.record}" if self.record else ""
         code = f" {self.code}" if self.code else ""
         answer = f"HTTP {self.status}{code}" if self.status else "no HTTP answer"
+        tries = f" after {self.attempts} attempts" if self.attempts > 1 else ""
         return (
-            f"{self.system}: {self.operation}{subject} failed with {answer}: "
+            f"{self.system}: {self.operation}{subject} failed{tries} with {answer}: "
             f"{self.message or '(no message)'}. Next step: {self.next_step}."
         )
 
     def for_record(self, record: str) -> D365Error:
         """The same failure, naming the business record it concerns."""
-        return type(self)(
-            system=self.system,
-            operation=self.operation,
-            status=self.status,
-            code=self.code,
-            message=self.message,
-            record=record,
-        )
+        return self._with(record=record)
+
+    def after(self, attempts: int) -> D365Error:
+        """The same failure, saying how many attempts it took."""
+        return self._with(attempts=attempts)
+
+    def _with(self, **changes: object) -> D365Error:
+        fields = {"system": self.system, "operation": self.operation, "status": self.status, "code": self.code,
+                  "message": self.message, "record": self.record, "attempts": self.attempts}  # fmt: skip
+        return type(self)(**{**fields, **changes})
 
 
 class AuthenticationError(Exception):
-    """Entra ID refused to issue a token; never carries the secret."""
+    """Entra ID refused to issue a token; never carries the secret. `transient` when Entra ID was
+    unavailable (a later attempt may succeed) rather than refusing the credentials."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class ConfigurationError(Exception):
@@ -83,4 +100,62 @@ class ConfigurationError(Exception):
 
 
 class DecisionConflict(Exception):
-    """A target's state contradicts the seller's decision; reported, never overwritten."""
+    """A target's state contradicts the seller's decision; reported as an anomaly of `kind`, never
+    overwritten."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def certificate_verify_failure(error: BaseException) -> str | None:
+    """Why TLS verification refused the server's certificate (OpenSSL's words), if that is what
+    `error` is, anywhere in its chain of causes; None for any other failure. Such a failure is
+    permanent: never retried."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return f"certificate verify failed: {current.verify_message}" if current.verify_message else (
+                "certificate verify failed")  # fmt: skip
+        text = str(current)
+        if "CERTIFICATE_VERIFY_FAILED" in text:
+            found = re.search(r"certificate verify failed(?::\s*(?P<reason>[^(]*?))?\s*(?:\(_ssl\.c|$)", text)
+            reason = found and found["reason"]
+            return f"certificate verify failed: {reason.strip()}" if reason else "certificate verify failed"
+        pending += [current.__cause__, current.__context__]
+    return None
+
+
+def transport_failure_message(system: str, url: str, error: BaseException, ca_bundle: str | None) -> str:
+    """The whole sentence, next step included, for a request to `url` that got no HTTP answer.
+
+    A certificate the CA bundle (or, without one, the system trust store) does not trust is named as
+    such; TLS verification is never the thing to turn off. Any other failure (DNS, refused connection,
+    timeout) is named by its type and text.
+    """
+    parts = urlsplit(str(url))
+    origin = f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else str(url)
+    reason = certificate_verify_failure(error)
+    if reason is None:
+        return (
+            f"{system}: no answer from {origin} ({type(error).__name__}: {error}). Next step: check the "
+            "connection's host and port, DNS and the network path to the service, then rerun."
+        )
+    if "hostname mismatch" in reason.lower() or "expired" in reason.lower() or "not yet valid" in reason.lower():
+        return (
+            f"{system}: the TLS certificate of {origin} is not valid ({reason}). TLS verification stays on. "
+            "Next step: the certificate itself is wrong (issued for another host name, or out of date); fix "
+            "the service's certificate, or the connection's host if it names the service differently."
+        )
+    trust = f"the CA bundle {ca_bundle}" if ca_bundle else "the system trust store"
+    alternative = "or remove it to use the system trust store" if ca_bundle else "or add that CA to the system trust store"
+    return (
+        f"{system}: the TLS certificate of {origin} is not trusted by {trust} ({reason}). TLS verification "
+        f'stays on. Next step: set the connection\'s extra "ca_bundle" to a CA bundle (PEM file) holding the CA '
+        f"that signed the service's certificate (for the fakes: <state_dir>/ca.pem), {alternative}."
+    )

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
+from airflow.sdk.log import mask_secret
 
+from . import redaction
 from .commerce import CommerceClient
 from .sales import SalesClient
 from .settings import ServiceSettings
@@ -25,13 +27,27 @@ class _DynamicsHook(BaseHook):
         self.conn_id = conn_id or self.default_conn_name
 
     def settings(self) -> ServiceSettings:
+        """The connection's settings, with its client secret hidden from every log from here on."""
         conn = self.get_connection(self.conn_id)
+        _hide_from_logs(conn.password)
         return ServiceSettings.from_connection(
             self.conn_id, conn.host, conn.login, conn.password, conn.extra_dejson, port=conn.port
         )
 
     def get_conn(self) -> CommerceClient | SalesClient:
         return self.client_class.connect(self.settings())
+
+
+def _hide_from_logs(secret: str | None) -> None:
+    """Airflow's masker (task logs, in the task and its supervisor) and the product's own filter
+    (the product's, MSAL's and httpx's loggers) both learn the secret before any client holds it.
+
+    The Task SDK already masks a connection's password when it reads the connection (its
+    `_mask_connection_secrets`); masking it here too keeps that true however the connection was read."""
+    if secret:
+        mask_secret(secret)
+        redaction.register_secret(secret)
+    redaction.install()
 
 
 class CommerceHook(_DynamicsHook):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -14,18 +15,47 @@ import httpx
 import tenacity
 
 from .auth import TokenProvider, token_provider
-from .errors import D365Error
-from .settings import ServiceSettings
+from .errors import AuthenticationError, ConfigurationError, D365Error, certificate_verify_failure, transport_failure_message
+from .settings import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_BUDGET, ServiceSettings
 
-# Throttling and "service unavailable" are the two answers that promise a later success.
-RETRYABLE_STATUSES = frozenset({429, 503})
-# Throttling is waited out for this long in all before a task gives up; other retries count attempts.
+log = logging.getLogger(__name__)
+
+# Answers that promise a later success: throttling, and the gateway and server failures a repeat cures.
+TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Throttling is waited out for this long per task before it gives up (Retry-After summed).
 MAX_THROTTLED_WAIT_S = 900.0
+# A task may retry `retry_budget` times plus this share of its requests: a storm of failures fails
+# the task within minutes instead of retrying every request to its last attempt.
+RETRY_RATIO = 0.2
+# MSAL answers a token request repeated within 5 s of a 5xx from its own cache (ThrottledHttpClient).
+TOKEN_RETRY_MIN_WAIT_S = 5.0
+
+
+# No key or filter value of these services comes near this; the bound keeps every URL far below the
+# services' and httpx's length limits, however much percent-encoding a value needs (up to 12 times).
+MAX_URL_VALUE_LENGTH = 1000
+
+
+def _url_value(value: str) -> str:
+    """The value, if it can go into a URL as text: a string, valid Unicode, of bounded length."""
+    if not isinstance(value, str):
+        raise TypeError(f"a key or filter value must be a string, not {type(value).__name__} {value!r}")
+    if len(value) > MAX_URL_VALUE_LENGTH:
+        raise ValueError(
+            f"the value {value[:40]!r}... is {len(value)} characters long; a key or filter value in a URL may "
+            f"have at most {MAX_URL_VALUE_LENGTH}"
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"the value {value[:40]!r} is not valid Unicode text ({error.reason})") from None
+    return value
 
 
 def literal(value: str) -> str:
-    """An OData string literal for `$filter` (quotes doubled); httpx percent-encodes the query."""
-    return "'" + str(value).replace("'", "''") + "'"
+    """An OData string literal for `$filter` (quotes doubled); httpx percent-encodes the query, `+`
+    and `&` included, so nothing in the value can end the literal or the query option."""
+    return "'" + _url_value(value).replace("'", "''") + "'"
 
 
 def key_segment(entity_set: str, **keys: str) -> str:
@@ -34,14 +64,51 @@ def key_segment(entity_set: str, **keys: str) -> str:
     Encoding everything but the OData punctuation means no value (a `/`, `?`, `#`, `%`, a newline)
     can ever change which resource the path names.
     """
-    parts = [f"{name}='{quote(str(value).replace(chr(39), chr(39) * 2), safe='')}'" for name, value in keys.items()]
+    parts = [f"{name}='{quote(_url_value(value).replace(chr(39), chr(39) * 2), safe='')}'"
+             for name, value in keys.items()]  # fmt: skip
     return f"{entity_set}({','.join(parts)})"
 
 
-class _RetryableResponse(Exception):
-    def __init__(self, error: D365Error, retry_after: float | None) -> None:
+class RetryBudget:
+    """The retries one client (so one task, per system) may spend: `retry_budget` plus a fifth of its
+    requests, and `MAX_THROTTLED_WAIT_S` of throttling. Thread-safe; shared by a client's threads."""
+
+    def __init__(self, retries: int = DEFAULT_RETRY_BUDGET, throttled_wait_s: float = MAX_THROTTLED_WAIT_S) -> None:
+        self._lock = threading.Lock()
+        self._base = retries
+        self._throttled_wait_limit_s = throttled_wait_s
+        self.requests = 0
+        self.retries = 0
+        self.throttled_wait_s = 0.0
+
+    def sent(self) -> None:
+        with self._lock:
+            self.requests += 1
+
+    def spend_retry(self) -> bool:
+        """Takes one retry; False when the budget is spent."""
+        with self._lock:
+            if self.retries >= self._base + RETRY_RATIO * self.requests:
+                return False
+            self.retries += 1
+            return True
+
+    def spend_throttled_wait(self, seconds: float) -> bool:
+        """Takes one wait for throttling; False once the task has waited out its share."""
+        with self._lock:
+            if self.throttled_wait_s + seconds > self._throttled_wait_limit_s:
+                return False
+            self.throttled_wait_s += seconds
+            self.retries += 1
+            return True
+
+
+class _Transient(Exception):
+    """A failure that a repeat may cure, with how long the service asked to wait."""
+
+    def __init__(self, error: D365Error | AuthenticationError, wait_s: float | None) -> None:
         self.error = error
-        self.retry_after = retry_after
+        self.wait_s = wait_s
 
 
 def _retry_after_seconds(response: httpx.Response) -> float | None:
@@ -51,7 +118,13 @@ def _retry_after_seconds(response: httpx.Response) -> float | None:
         return None
 
 
+def _never_sent(error: httpx.TransportError) -> bool:
+    """The connection failed before the request left: repeating it cannot do anything twice."""
+    return isinstance(error, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
+
+
 def _backoff(attempt_number: int) -> float:
+    """Exponential back-off with jitter, so that many clients failing together do not return together."""
     return min(30.0, 0.5 * 2 ** (attempt_number - 1)) * random.uniform(0.5, 1.0)
 
 
@@ -103,8 +176,8 @@ class ODataClient:
         tokens: TokenProvider,
         verify: str | bool = True,
         timeout_s: float = 60.0,
-        max_attempts: int = 5,
-        max_throttled_wait_s: float = MAX_THROTTLED_WAIT_S,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        budget: RetryBudget | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
         self.system = system
@@ -112,11 +185,14 @@ class ODataClient:
         self._scope = scope
         self._tokens = tokens
         self._max_attempts = max_attempts
-        self._max_throttled_wait_s = max_throttled_wait_s
+        self._verify = verify
+        self.budget = budget or RetryBudget()
         self._gate = _Gate()
-        # What this client sent, by operation, and how often it was throttled: each task reports both.
+        # What this client sent, by operation, how often it was throttled and how often it retried:
+        # each task reports all three.
         self.requests: Counter[str] = Counter()
         self.throttled = 0
+        self.retried = 0
         self._count_lock = threading.Lock()
         self._http = httpx.Client(
             base_url=self.service_root,
@@ -138,6 +214,8 @@ class ODataClient:
             tokens=token_provider(settings.authority, settings.client_id, secret, settings.verify),
             verify=settings.verify,
             timeout_s=settings.timeout_s,
+            max_attempts=settings.max_attempts,
+            budget=RetryBudget(settings.retry_budget),
             headers=headers,
         )
 
@@ -162,58 +240,118 @@ class ODataClient:
         content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
         accept: frozenset[int] = frozenset(),
+        repeatable: bool | None = None,
     ) -> httpx.Response:
-        """Sends one request; waits out 429s (honouring Retry-After, pausing the whole client) and
-        retries 503s with back-off; raises D365Error for any other failure not in `accept`."""
+        """Sends one request and answers it, or raises D365Error (AuthenticationError when Entra ID
+        refuses a token) for any failure not in `accept`.
+
+        Transient failures (429, 5xx, timeouts, dropped connections, Entra ID outages) are retried
+        with back-off and jitter, honouring Retry-After, within the attempt limit and the client's
+        retry budget; a 429 pauses the whole client. A request is retried after it may have reached
+        the service only when it is `repeatable`: every method but POST is, and a POST only when its
+        caller says a repeat is harmless (an upsert by key, a create of a derived key whose repeat
+        is refused as a duplicate and adopted). A 401 gets a fresh token once.
+        """
+        repeatable = method != "POST" if repeatable is None else repeatable
+        subject = f" for {record}" if record else ""
+        refreshed_token = False
+        attempts = 0
+
+        def failure(status: int, message: str, code: str = "") -> D365Error:
+            return D365Error(system=self.system, operation=operation, status=status, code=code, message=message,
+                             record=record)  # fmt: skip
 
         def attempt() -> httpx.Response:
+            nonlocal refreshed_token, attempts
+            attempts += 1
             self._gate.wait()
-            auth = {"Authorization": f"Bearer {self._tokens.token(self._scope)}"}
+            try:
+                token = self._tokens.token(self._scope)
+            except AuthenticationError as refused:
+                if refused.transient:
+                    raise _Transient(refused, TOKEN_RETRY_MIN_WAIT_S) from refused
+                raise
             with self._count_lock:
                 self.requests[operation] += 1
+            self.budget.sent()
             try:
-                response = self._http.request(
-                    method, url, params=params, json=json, content=content, headers={**auth, **(headers or {})}
-                )
+                response = self._http.request(method, url, params=params, json=json, content=content,
+                                              headers={"Authorization": f"Bearer {token}", **(headers or {})})  # fmt: skip
             except httpx.TransportError as error:
-                raise D365Error(
-                    system=self.system, operation=operation, status=0, message=f"{type(error).__name__}: {error}",
-                    record=record,
-                ) from error
+                if certificate_verify_failure(error) is not None:
+                    bundle = self._verify if isinstance(self._verify, str) else None
+                    raise ConfigurationError(
+                        transport_failure_message(self.system, str(self._http.base_url), error, bundle)
+                    ) from error
+                failed = failure(0, self._transport_failure(error))
+                if not (repeatable or _never_sent(error)):
+                    raise failed from error
+                raise _Transient(failed, None) from error
             if response.status_code < 400 or response.status_code in accept:
                 return response
-            failure = error_from_response(self.system, operation, response, record)
-            if response.status_code in RETRYABLE_STATUSES:
-                retry_after = _retry_after_seconds(response)
-                if response.status_code == 429:
-                    with self._count_lock:
-                        self.throttled += 1
-                    self._gate.pause(retry_after if retry_after is not None else _backoff(1))
-                raise _RetryableResponse(failure, retry_after)
-            raise failure
-
-        throttled_since = time.monotonic()
+            failed = error_from_response(self.system, operation, response, record)
+            if response.status_code == 401 and not refreshed_token:
+                refreshed_token = True  # revoked or expired early: one fresh token, then the 401 stands
+                self._tokens.forget()
+                raise _Transient(failed, 0.0)
+            if response.status_code == 429:
+                with self._count_lock:
+                    self.throttled += 1
+                wait_s = _retry_after_seconds(response)
+                wait_s = _backoff(1) if wait_s is None else wait_s
+                if not self.budget.spend_throttled_wait(wait_s):
+                    raise failed
+                self._gate.pause(wait_s)
+                raise _Transient(failed, 0.0)  # the gate already holds every request until then
+            if response.status_code in TRANSIENT_STATUSES and (repeatable or response.status_code == 503):
+                raise _Transient(failed, _retry_after_seconds(response))
+            raise failed
 
         def wait(state: tenacity.RetryCallState) -> float:
             error = state.outcome.exception() if state.outcome else None
-            if isinstance(error, _RetryableResponse) and error.error.status == 429:
-                return 0.0  # the gate already holds every request until Retry-After has passed
-            if isinstance(error, _RetryableResponse) and error.retry_after is not None:
-                return error.retry_after
+            if isinstance(error, _Transient) and error.wait_s is not None:
+                return max(error.wait_s, _backoff(state.attempt_number) if error.wait_s else 0.0)
             return _backoff(state.attempt_number)
 
         def stop(state: tenacity.RetryCallState) -> bool:
             error = state.outcome.exception() if state.outcome else None
-            if isinstance(error, _RetryableResponse) and error.error.status == 429:
-                return time.monotonic() - throttled_since > self._max_throttled_wait_s
-            return state.attempt_number >= self._max_attempts
+            if isinstance(error, _Transient) and isinstance(error.error, D365Error) and error.error.status == 429:
+                return False  # throttling is bounded by the budget's wait time, spent in `attempt`
+            if state.attempt_number >= self._max_attempts:
+                return True
+            if not self.budget.spend_retry():
+                log.warning("%s: retry budget spent (%d retries for %d requests); %s%s not retried",
+                            self.system, self.budget.retries, self.budget.requests, operation, subject)  # fmt: skip
+                return True
+            return False
+
+        def count_retry(state: tenacity.RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            cause = error.error if isinstance(error, _Transient) else error
+            answer = (f"HTTP {cause.status}" if cause.status else cause.message) if isinstance(cause, D365Error) \
+                else "Entra ID unavailable"  # fmt: skip
+            log.info("%s: %s%s got %s; attempt %d in %.1f s", self.system, operation, subject, answer,
+                     state.attempt_number + 1, state.next_action.sleep if state.next_action else 0.0)  # fmt: skip
+            with self._count_lock:
+                self.retried += 1
 
         try:
-            return tenacity.Retrying(
-                retry=tenacity.retry_if_exception_type(_RetryableResponse), wait=wait, stop=stop, reraise=True
-            )(attempt)
-        except _RetryableResponse as exhausted:
+            return tenacity.Retrying(retry=tenacity.retry_if_exception_type(_Transient), wait=wait, stop=stop,
+                                     before_sleep=count_retry, reraise=True)(attempt)  # fmt: skip
+        except _Transient as exhausted:
+            if isinstance(exhausted.error, D365Error):
+                raise exhausted.error.after(attempts) from None
             raise exhausted.error from None
+        except D365Error as failed:
+            if attempts > 1:
+                raise failed.after(attempts) from None
+            raise
+
+    def _transport_failure(self, error: httpx.TransportError) -> str:
+        if isinstance(error, httpx.TimeoutException):
+            return (f"no answer within {self._http.timeout.read} s ({type(error).__name__}); the connection's "
+                    "extra timeout_s sets the limit")  # fmt: skip
+        return f"{type(error).__name__}: {error}"
 
     def get(self, url: str, *, operation: str, record: str | None = None, params=None, headers=None) -> dict | None:
         """One entity or collection page; None when the service answers 404."""

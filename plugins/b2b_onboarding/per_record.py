@@ -28,6 +28,7 @@ def for_each_prospect(
             outcome, facts = act(row)
         except DecisionConflict as conflict:
             store.update(row["legal_entity"], row["prospect_id"], run_id, error=keep(row, f"conflict: {conflict}"))
+            store.record_anomalies([((row["legal_entity"], row["prospect_id"]), conflict.kind, str(conflict))], run_id)
             counts["conflicts"] += 1
             continue
         except D365Error as error:

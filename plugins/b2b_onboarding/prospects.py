@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import unicodedata
+from collections.abc import Mapping
+from typing import Any
+
 import pandas as pd
 import pydantic
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated
 
 # Customer accounts are derived from the prospect id (idempotent creates); CustAccount holds 20.
@@ -16,6 +21,7 @@ LEAD_SOURCE_WEB = 8
 B2B_STATUS_OPTION = {"Pending": 0, "Approved": 1, "Rejected": 2, "Unknown": 3}
 
 Text = Annotated[str, StringConstraints(strip_whitespace=True)]
+_UNPRINTABLE = {"Cc", "Zl", "Zp", "Cs"}  # controls, line and paragraph separators, lone surrogates
 
 
 def _optional(max_length: int):
@@ -43,6 +49,17 @@ class Prospect(BaseModel):
     Note: str | None = _optional(2000)
     RetailChannelOperatingUnitPartyNumber: Text | None = _optional(40)
 
+    @field_validator("dataAreaId", mode="before")
+    @classmethod
+    def _of_the_legal_entity_pulled(cls, value: Any, info: ValidationInfo) -> Any:
+        """A row of another company is refused when the caller says which one it reads (the row's
+        key, its dataAreaId as given, must name that legal entity, or it would be tracked apart)."""
+        pulled = (info.context or {}).get("legal_entity")
+        if pulled is not None and isinstance(value, str) and value.lower() != pulled.lower():
+            # Formatted here, with no context for pydantic to substitute into a value holding `{...}`.
+            raise PydanticCustomError("legal_entity", f"'{value}' is not the legal entity being pulled ({pulled.lower()})")
+        return value
+
     @field_validator("dataAreaId")
     @classmethod
     def _lower(cls, value: str) -> str:
@@ -51,8 +68,10 @@ class Prospect(BaseModel):
     @field_validator("ProspectId", "ProspectName", "CompanyName")
     @classmethod
     def _printable(cls, value: str) -> str:
-        if not value.isprintable():
-            raise ValueError("contains control characters")
+        # Control characters and line breaks break records and logs; format characters (ZWJ in
+        # emoji sequences, right-to-left marks in Arabic or Hebrew names) are part of real names.
+        if any(unicodedata.category(character) in _UNPRINTABLE for character in value):
+            raise ValueError("contains control characters or line breaks")
         return value
 
 
@@ -78,10 +97,16 @@ def split_name(full_name: str) -> tuple[str, str]:
     return (first, last) if first else ("", last)
 
 
-def validate(row: dict) -> tuple[Prospect | None, str | None]:
-    """(prospect, None) or (None, an error naming the prospect and each bad field)."""
+def email_key(email: str) -> str:
+    """The form in which two emails compare equal (case-insensitive, trimmed)."""
+    return email.strip().lower()
+
+
+def validate(row: dict, legal_entity: str | None = None) -> tuple[Prospect | None, str | None]:
+    """(prospect, None) or (None, an error naming the prospect and each bad field); with
+    `legal_entity`, a row of any other legal entity is refused."""
     try:
-        return Prospect.model_validate(row), None
+        return Prospect.model_validate(row, context={"legal_entity": legal_entity}), None
     except pydantic.ValidationError as error:
         name = f"prospect {row.get('dataAreaId') or '?'}/{row.get('ProspectId') or '?'}"
         problems = "; ".join(
@@ -90,20 +115,47 @@ def validate(row: dict) -> tuple[Prospect | None, str | None]:
         return None, f"{name}: {problems}"
 
 
-def validate_page(rows: list[dict]) -> pd.DataFrame:
-    """One row per input: legal_entity, prospect_id, prospect (the validated fields) or error."""
+PAGE_COLUMNS = ["legal_entity", "prospect_id", "prospect", "email", "error"]
+
+
+def validate_page(rows: list[dict], legal_entity: str) -> pd.DataFrame:
+    """One row per input of a page of `legal_entity`: legal_entity, prospect_id, and either prospect
+    (the validated fields) and email (its `email_key`), or error."""
     records = []
     for row in rows:
-        prospect, error = validate(row)
+        prospect, error = validate(row, legal_entity)
         records.append(
             {
                 "legal_entity": str(row.get("dataAreaId") or "").lower(),
                 "prospect_id": str(row.get("ProspectId") or ""),
                 "prospect": prospect.model_dump(mode="json") if prospect else None,
+                "email": email_key(prospect.PrimaryEmailAddress) if prospect else None,
                 "error": error,
             }
         )
-    return pd.DataFrame(records, columns=["legal_entity", "prospect_id", "prospect", "error"], dtype=object)
+    return pd.DataFrame(records, columns=PAGE_COLUMNS, dtype=object)
+
+
+def refuse_duplicate_emails(page: pd.DataFrame, legal_entity: str, emails_in_use: Mapping[str, str]) -> pd.DataFrame:
+    """The page (from `validate_page`) with every valid prospect of `legal_entity` whose email another
+    prospect holds turned into an error: a person's primary email is unique per legal entity.
+
+    `emails_in_use` maps emails (`email_key`) to the tracked, undecided, valid prospect holding each;
+    an email nobody holds goes to the page's prospect with the lowest ProspectId. Other legal
+    entities' rows are left as they are.
+    """
+    holders = dict(emails_in_use)
+    result = page.copy()
+    mine = result[result["error"].isna() & (result["legal_entity"] == legal_entity.lower())]
+    for index, row in mine.sort_values("prospect_id").iterrows():
+        holder = holders.setdefault(row["email"], row["prospect_id"])
+        if holder != row["prospect_id"]:
+            result.at[index, "prospect"] = result.at[index, "email"] = None
+            result.at[index, "error"] = (
+                f"prospect {row['legal_entity']}/{row['prospect_id']}: PrimaryEmailAddress: the same email as "
+                f"prospect {row['legal_entity']}/{holder} (emails must be unique per legal entity)"
+            )
+    return result
 
 
 def lead_of(prospect: dict) -> dict:

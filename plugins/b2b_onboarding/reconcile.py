@@ -30,9 +30,9 @@ def read_outcomes(sales: SalesClient, store: StateStore, run_id: str) -> dict:
     if not sales.change_tracking:
         return _read_all_outcomes(sales, store, run_id)
     counts: Counter[str] = Counter()
-    for entity_set, columns, id_column, rule in (
-        ("leads", LEAD_OUTCOME_COLUMNS, "lead_ids", rules.lead_outcomes),
-        ("opportunities", OPPORTUNITY_COLUMNS, "opportunity_ids", rules.opportunity_outcomes),
+    for entity_set, what, columns, id_column, rule in (
+        ("leads", "lead", LEAD_OUTCOME_COLUMNS, "lead_ids", rules.lead_outcomes),
+        ("opportunities", "opportunity", OPPORTUNITY_COLUMNS, "opportunity_ids", rules.opportunity_outcomes),
     ):
         link = store.delta_link(entity_set)
         feed = sales.changes(entity_set, columns, link)
@@ -42,25 +42,41 @@ def read_outcomes(sales: SalesClient, store: StateStore, run_id: str) -> dict:
             tracked = store.frame(columns=rules.RULE_COLUMNS, **{id_column: list(ids)})
             counts[f"{entity_set}_read"] += len(changed)
             counts[f"{entity_set}_changes"] += store.apply_changes(rule(tracked, changed), run_id)
-        counts[f"{entity_set}_deleted"] += _record_deleted(store, entity_set, id_column, feed.deleted, run_id)
+            counts[f"{entity_set}_changed_after_decision"] += _record_changed_after_decision(
+                store, what, rules.changed_after_decision(tracked, changed, what), run_id)  # fmt: skip
+        counts[f"{entity_set}_deleted"] += _record_deleted(store, what, id_column, feed.deleted, run_id)
         counts[f"{entity_set}_full_reads"] += int(feed.expired or link is None)
         store.set_delta_link(entity_set, feed.delta_link, run_id)
     return {"step": "read outcomes", "legal_entity": "*", **counts}
 
 
-def _record_deleted(store: StateStore, entity_set: str, id_column: str, deleted: list[str], run_id: str) -> int:
+def _record_deleted(store: StateStore, what: str, id_column: str, deleted: list[str], run_id: str) -> int:
     """A lead or opportunity deleted before its prospect was decided: an anomaly, kept and shown."""
     tracked = store.frame(columns=rules.RULE_COLUMNS, **{id_column: deleted})
     undecided = tracked[tracked["decision"].isna()]
-    what = entity_set[:-1].replace("opportunitie", "opportunity")
-    store.update_many(
-        [((row["legal_entity"], row["prospect_id"]), {},
-          keep(row, f"conflict: the {what} of prospect {row['legal_entity']}/{row['prospect_id']} was deleted in "
-                    "Sales before a decision; recreate it or decide the prospect in Commerce by hand"))
-         for row in undecided.to_dict("records")],
-        run_id,
-    )  # fmt: skip
-    return len(undecided)
+    found = [((row["legal_entity"], row["prospect_id"]), f"{what}_deleted",
+              f"the {what} of prospect {row['legal_entity']}/{row['prospect_id']} was deleted in Sales before a "
+              "decision; recreate it, or decide the prospect in Commerce by hand")
+             for row in undecided.to_dict("records")]  # fmt: skip
+    store.update_many([(key, {}, keep({"legal_entity": key[0], "prospect_id": key[1]}, f"conflict: {detail}"))
+                       for key, _, detail in found], run_id)  # fmt: skip
+    if found:
+        store.record_anomalies(found, run_id)
+    return len(found)
+
+
+def _record_changed_after_decision(store: StateStore, what: str, changed: pd.DataFrame, run_id: str) -> int:
+    """A lead or opportunity whose state moved after its prospect was decided (reopened, won after
+    a rejection...): an anomaly; the decision in Commerce stays as it is."""
+    found = [((row["legal_entity"], row["prospect_id"]),
+              f"{what}_reopened" if row["now"] == "open" else f"{what}_changed_after_decision",
+              f"the {what} of prospect {row['legal_entity']}/{row['prospect_id']} is {row['now']} in Sales (it was "
+              f"{row['was']}), but the prospect was already {row['decision']} in Commerce, which is left as it is; "
+              f"next step: decide with the seller, and change the prospect in Commerce by hand if needed")
+             for row in changed.to_dict("records")]  # fmt: skip
+    if found:
+        store.record_anomalies(found, run_id)
+    return len(found)
 
 
 def _read_all_outcomes(sales: SalesClient, store: StateStore, run_id: str) -> dict:
@@ -104,7 +120,8 @@ def write_customers(
         account, contact = accounts.get(row["account_id"]), contacts.get(row["contact_id"])
         if account is None or contact is None:
             missing = "account" if account is None else "contact"
-            raise DecisionConflict(f"{record}: the qualified lead's {missing} no longer exists in Sales")
+            raise DecisionConflict(f"{missing}_deleted", f"{record}: the qualified lead's {missing} no longer exists "
+                                   "in Sales; recreate it, or create the customer in Commerce by hand")  # fmt: skip
         org_account, person_account = customer_accounts(row["prospect_id"])
         currency = {"SalesCurrencyCode": row["prospect"]["CurrencyCode"]} if row["prospect"].get("CurrencyCode") else {}
         names = {field: contact[column] for field, column in (("PersonFirstName", "firstname"),
@@ -162,14 +179,14 @@ def _in_changesets(
     when nothing needs writing, its facts); `record` turns the answers into facts. A changeset
     refused as a whole goes through `one` (reads first, adopts what exists, else keeps the error)."""
     counts: Counter[str] = Counter()
-    planned, updates, done = [], [], []
+    planned, updates, done, conflicts = [], [], [], []
     for row in todo.to_dict("records"):
         key = (row["legal_entity"], row["prospect_id"])
         try:
             writes = plan(row)
         except DecisionConflict as conflict:
             updates.append((key, {}, keep(row, f"conflict: {conflict}")))
-            counts["conflicts"] += 1
+            conflicts.append((key, conflict.kind, str(conflict)))
             continue
         if isinstance(writes, dict):
             updates.append((key, writes, None))
@@ -188,6 +205,9 @@ def _in_changesets(
         else:
             refused.append(row)
     store.update_many(updates, run_id)
+    if conflicts:
+        store.record_anomalies(conflicts, run_id)
+        counts["conflicts"] += len(conflicts)
     if refused:  # rare: done by an earlier, interrupted run, or a record HQ refuses; judged one by one
         retried = for_each_prospect(step, legal_entity, pd.DataFrame(refused), store, run_id, one)
         counts.update({f"{name} one by one": value for name, value in retried.items()
@@ -195,18 +215,23 @@ def _in_changesets(
     return done, counts
 
 
-def _ensure_customer(commerce: CommerceClient, customer: dict) -> dict:
-    """The customer under its derived account: read, else create; a concurrent create is adopted."""
-    legal_entity, account = customer["dataAreaId"], customer["CustomerAccount"]
-    found = commerce.get_customer(legal_entity, account)
+def _ensure(read: Callable[[], dict | None], create: Callable[[], dict]) -> dict:
+    """A keyed row: read, else create. A create refused because the row exists (an earlier attempt
+    whose answer was lost, or a concurrent run) is adopted after a fresh read."""
+    found = read()
     if found is not None:
         return found
     try:
-        return commerce.create_customer(customer)
+        return create()
     except D365Error as error:
-        if error.status == 400 and (found := commerce.get_customer(legal_entity, account)) is not None:
+        if error.is_record_error and (found := read()) is not None:
             return found
         raise
+
+
+def _ensure_customer(commerce: CommerceClient, customer: dict) -> dict:
+    legal_entity, account = customer["dataAreaId"], customer["CustomerAccount"]
+    return _ensure(lambda: commerce.get_customer(legal_entity, account), lambda: commerce.create_customer(customer))
 
 
 def _decide(commerce: CommerceClient, legal_entity: str, prospect_id: str, status: str) -> None:
@@ -231,10 +256,11 @@ def _judge(prospect: dict | None, legal_entity: str, prospect_id: str, status: s
     a conflict when it is gone or decided otherwise."""
     record = f"prospect {legal_entity}/{prospect_id}"
     if prospect is None:
-        raise DecisionConflict(f"{record} no longer exists in Commerce; Sales decided {status}")
+        raise DecisionConflict("prospect_deleted", f"{record} no longer exists in Commerce; Sales decided {status}")
     current = prospect["B2BProspectStatus"]
     if current != status and current != "Pending":
-        raise DecisionConflict(f"{record} is {current} in Commerce but Sales decided {status}; left as it is")
+        raise DecisionConflict("decided_in_commerce",
+                               f"{record} is {current} in Commerce but Sales decided {status}; left as it is")  # fmt: skip
     return current == status
 
 
@@ -259,10 +285,9 @@ def approve_won(
 
     def approve_one(row: dict) -> tuple[str, dict]:
         hierarchy_id = prospect_hierarchy_id(row["legal_entity"], row["prospect_id"])
-        if commerce.get_hierarchy(hierarchy_id) is None:
-            commerce.create_hierarchy(_hierarchy(row, hierarchy_id))
-        if commerce.get_hierarchy_node(hierarchy_id, row["person_party_number"]) is None:
-            commerce.create_hierarchy_node(_admin_node(row, hierarchy_id))
+        _ensure(lambda: commerce.get_hierarchy(hierarchy_id), lambda: commerce.create_hierarchy(_hierarchy(row, hierarchy_id)))
+        _ensure(lambda: commerce.get_hierarchy_node(hierarchy_id, row["person_party_number"]),
+                lambda: commerce.create_hierarchy_node(_admin_node(row, hierarchy_id)))  # fmt: skip
         _decide(commerce, row["legal_entity"], row["prospect_id"], "Approved")
         return "approved", {"hierarchy_id": hierarchy_id, "decision": rules.Stage.APPROVED.value}
 

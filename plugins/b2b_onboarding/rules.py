@@ -101,6 +101,18 @@ def opportunity_outcomes(tracked: pd.DataFrame, opportunities: pd.DataFrame) -> 
     return _changes(merged, {"opportunity_state": "new_opportunity_state"})
 
 
+def changed_after_decision(tracked: pd.DataFrame, rows: pd.DataFrame, what: str) -> pd.DataFrame:
+    """Leads or opportunities (`what`) of decided prospects whose state is no longer the one the
+    decision was made on: legal_entity, prospect_id, decision, was, now."""
+    states = LEAD_STATES if what == "lead" else OPPORTUNITY_STATES
+    id_column, tracked_id = f"{what}id", f"{what}_id"
+    decided = tracked[tracked["decision"].notna() & tracked[tracked_id].notna() & tracked[f"{what}_state"].notna()]
+    seen = rows.assign(now=rows["statecode"].map(states), seen_id=rows[id_column].str.lower())
+    merged = decided.merge(seen, left_on=tracked_id, right_on="seen_id", how="inner")
+    moved = merged[merged["now"].notna() & (merged["now"] != merged[f"{what}_state"])]
+    return moved.rename(columns={f"{what}_state": "was"})[["legal_entity", "prospect_id", "decision", "was", "now"]]
+
+
 def needing_customers(tracked: pd.DataFrame) -> pd.DataFrame:
     """Qualified leads whose account and contact are not yet Commerce customers."""
     return tracked[(tracked["lead_state"] == "qualified") & tracked["person_party_number"].isna()]

@@ -51,6 +51,13 @@ class ChangeFeed:
 _LEAD_IDS = uuid.UUID("5d0c6a9e-3f8b-4f6e-9a43-7b2f0e1c8d54")
 
 
+def _guid(entity_set: str, value: object) -> str:
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise ValueError(f"{entity_set}: {value!r} is not a GUID, so it cannot be read by id") from None
+
+
 def lead_id_of(prospect_key: str) -> str:
     """The lead id of a prospect, the same on every run and every worker."""
     return str(uuid.uuid5(_LEAD_IDS, prospect_key))
@@ -131,6 +138,7 @@ class SalesClient:
         self.odata.request(
             "POST", "leads/Microsoft.Dynamics.CRM.UpsertMultiple", operation="upsert leads",
             record=f"{len(leads)} leads ({leads[0][0]} … {leads[-1][0]})", json={"Targets": targets},
+            repeatable=True,  # upserts by derived lead id: a repeat writes the same rows
         )  # fmt: skip
         return [target["leadid"] for target in targets]
 
@@ -141,6 +149,7 @@ class SalesClient:
         self.odata.request(
             "POST", f"{entity_set}/Microsoft.Dynamics.CRM.UpdateMultiple", operation=f"update {entity_set}",
             record=f"{len(rows)} {entity_set}", json={"Targets": targets},
+            repeatable=True,  # sets the same values again
         )  # fmt: skip
 
     def leads_between(self, first_key: str, last_key: str) -> dict[str, str]:
@@ -215,7 +224,7 @@ class SalesClient:
     def get_by_ids(self, entity_set: str, id_column: str, ids: Iterable[str], columns: Iterable[str]) -> list[dict]:
         """Rows of one table by primary key, a bounded `or` filter per request, up to the client's
         concurrency in flight."""
-        unique = sorted({str(uuid.UUID(value)) for value in ids})  # a GUID literal cannot widen a filter
+        unique = sorted({_guid(entity_set, value) for value in ids})  # a GUID literal cannot widen a filter
         select = ",".join(columns)
 
         def read(chunk: Sequence[str]) -> list[dict]:

@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from .errors import ConfigurationError
 
 MICROSOFT_AUTHORITY = "https://login.microsoftonline.com"
+# Attempts per request for transient failures, and retries per task beyond a fifth of its requests.
+DEFAULT_MAX_ATTEMPTS = 6
+DEFAULT_RETRY_BUDGET = 20
 
 
 class ServiceSettings(BaseModel):
@@ -33,6 +36,8 @@ class ServiceSettings(BaseModel):
     bulk: bool = True
     batch_size: int | None = Field(default=None, ge=1, le=1000)
     change_tracking: bool = True
+    max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1, le=20)
+    retry_budget: int = Field(default=DEFAULT_RETRY_BUDGET, ge=0)
     # Requests one task keeps in flight: with the Airflow pool's slots, what this client may send at once.
     max_concurrency: int = Field(default=4, ge=1, le=52)
 
@@ -49,6 +54,25 @@ class ServiceSettings(BaseModel):
         if not secret.get_secret_value():
             raise ValueError("is empty")
         return secret
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _ca_bundle_readable(cls, path: str | None) -> str | None:
+        """A CA bundle that is missing or not PEM would otherwise surface as a TLS failure at the first call."""
+        if not path:
+            return None
+        import ssl
+        from pathlib import Path
+
+        if Path(path).is_dir():  # a c_rehash'd directory of CA certificates, as OpenSSL's capath
+            return path
+        if not Path(path).is_file():
+            raise ValueError(f"the CA bundle file {path} does not exist")
+        try:
+            ssl.create_default_context(cafile=path)
+        except (ssl.SSLError, OSError, ValueError) as error:
+            raise ValueError(f"the CA bundle file {path} holds no readable PEM certificate ({error})") from None
+        return path
 
     @field_validator("legal_entities", mode="before")
     @classmethod

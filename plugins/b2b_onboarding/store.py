@@ -6,7 +6,9 @@ reads that system's current state. Any SQLAlchemy URL works; the default is a SQ
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +19,7 @@ from sqlalchemy import event
 from . import rules
 from .rules import stage_of
 
+log = logging.getLogger(__name__)
 metadata = sa.MetaData()
 
 KEY_COLUMNS = ("legal_entity", "prospect_id")
@@ -36,12 +39,16 @@ prospects = sa.Table(
     sa.Column("prospect", sa.JSON),
     sa.Column("validation_error", sa.Text),
     *(sa.Column(name, sa.String(64)) for name in FACT_COLUMNS[2:]),
+    # The email of a valid prospect, as prospects.email_key compares it (null otherwise): one
+    # undecided prospect per legal entity may hold it.
+    sa.Column("email", sa.String(320)),
     sa.Column("last_error", sa.Text),
     sa.Column("last_run_id", sa.String(250)),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.Index("ix_b2b_prospects_lead", "lead_id"),
     sa.Index("ix_b2b_prospects_opportunity", "opportunity_id"),
+    sa.Index("ix_b2b_prospects_email", "legal_entity", "email"),
 )
 
 transitions = sa.Table(
@@ -81,6 +88,24 @@ drift_findings = sa.Table(
 )
 DRIFT_COLUMNS = ("kind", "legal_entity", "prospect_id", "lead_id", "detail")
 
+# Conflicts between what Sales decided and what the systems show, reported and never overwritten:
+# one row per prospect and kind, seen again on later runs until a person resolves it.
+anomalies = sa.Table(
+    "b2b_anomalies",
+    metadata,
+    sa.Column("legal_entity", sa.String(16), primary_key=True),
+    sa.Column("prospect_id", sa.String(255), primary_key=True),
+    sa.Column("kind", sa.String(48), primary_key=True),
+    sa.Column("detail", sa.Text, nullable=False),
+    sa.Column("first_run_id", sa.String(250)),
+    sa.Column("last_run_id", sa.String(250)),
+    sa.Column("first_seen", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_seen", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("times_seen", sa.Integer, nullable=False),
+)
+ANOMALY_COLUMNS = ("legal_entity", "prospect_id", "kind", "detail", "first_run_id", "last_run_id", "first_seen",
+                   "last_seen", "times_seen")  # fmt: skip
+
 # Keys per IN clause: far below every database's bound-parameter limit.
 _KEYS_PER_QUERY = 400
 
@@ -89,12 +114,23 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+# The advisory lock that makes PostgreSQL writers of the store take turns (any constant will do).
+_WRITE_LOCK_KEY = 0x62326270
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets mapped tasks read while one writes; the busy timeout queues writers instead of failing.
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA busy_timeout=60000")
     cursor.close()
+    dbapi_connection.isolation_level = None  # transactions begin in `_sqlite_begin`, not in the driver
+
+
+def _sqlite_begin(connection: sa.Connection) -> None:
+    """A write transaction takes SQLite's write lock when it begins, so it reads the rows it updates
+    only once no other writer can change them (a deferred BEGIN would read, then race)."""
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if connection.get_execution_options().get("store_write") else "BEGIN")
 
 
 class StateStore:
@@ -102,7 +138,18 @@ class StateStore:
         self.engine = sa.create_engine(url, pool_pre_ping=True)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        metadata.create_all(self.engine)
+            event.listen(self.engine, "begin", _sqlite_begin)
+        with self._write() as connection:  # under the lock: two workers starting at once create it once
+            metadata.create_all(connection)
+
+    @contextmanager
+    def _write(self) -> Iterator[sa.Connection]:
+        """One transaction of one writer at a time, across tasks, runs and workers: each update reads
+        the rows it changes inside the lock, so two overlapping runs never lose each other's facts."""
+        with self.engine.connect().execution_options(store_write=True) as connection, connection.begin():
+            if connection.dialect.name == "postgresql":
+                connection.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _WRITE_LOCK_KEY})
+            yield connection
 
     def close(self) -> None:
         self.engine.dispose()
@@ -157,18 +204,20 @@ class StateStore:
             return pd.DataFrame(connection.execute(query).mappings().all())
 
     def record_pulled(self, pulled: pd.DataFrame, run_id: str) -> dict[str, int]:
-        """Tracks newly pulled prospects; refreshes those without a lead yet (a fixed bad record
-        becomes valid); leaves alone every prospect that already has a lead. One transaction."""
+        """Tracks newly pulled prospects (a frame of `prospects.PAGE_COLUMNS`; `email` optional);
+        refreshes those without a lead yet (a fixed bad record becomes valid); leaves alone every
+        prospect that already has a lead. Keeps the email of valid prospects only. One transaction."""
         counts = {"new": 0, "refreshed": 0, "unchanged": 0}
         rows = pulled.to_dict("records")
         now = _now()
-        with self.engine.begin() as connection:
+        with self._write() as connection:
             for start in range(0, len(rows), _KEYS_PER_QUERY):
                 chunk = rows[start : start + _KEYS_PER_QUERY]
                 existing = self._rows(connection, [(row["legal_entity"], row["prospect_id"]) for row in chunk])
-                inserts, history, updates = [], [], []
+                inserts, history, updates, emails = [], [], [], []
                 for row in chunk:
                     facts = {"prospect": row["prospect"], "validation_error": row["error"]}
+                    email = row.get("email") if row["error"] is None else None
                     key = (row["legal_entity"], row["prospect_id"])
                     known = existing.get(key)
                     if known is None:
@@ -176,13 +225,16 @@ class StateStore:
                         inserts.append({
                             "legal_entity": key[0], "prospect_id": key[1], "stage": stage, "last_run_id": run_id,
                             "last_error": row["error"], "created_at": now, "updated_at": now, **facts,
-                            **{name: None for name in FACT_COLUMNS[2:]},
+                            **{name: None for name in FACT_COLUMNS[2:]}, "email": email,
                         })  # fmt: skip
                         history.append(_transition(key, None, stage, run_id, row["error"], now))
                         existing[key] = inserts[-1]  # a page repeating a key counts once
                         counts["new"] += 1
-                    elif known["lead_id"] is None and any(known[name] != value for name, value in facts.items()):
+                    elif known["lead_id"] is None and (
+                        known["email"] != email or any(known[name] != value for name, value in facts.items())
+                    ):
                         updates.append((key, facts, None))
+                        emails.append({"key_legal_entity": key[0], "key_prospect_id": key[1], "email": email})
                         counts["refreshed"] += 1
                     else:
                         counts["unchanged"] += 1
@@ -190,7 +242,33 @@ class StateStore:
                     connection.execute(prospects.insert(), inserts)
                     connection.execute(transitions.insert(), history)
                 self._apply(connection, existing, updates, run_id, now)
+                if emails:
+                    connection.execute(
+                        prospects.update()
+                        .where(prospects.c.legal_entity == sa.bindparam("key_legal_entity"),
+                               prospects.c.prospect_id == sa.bindparam("key_prospect_id"))
+                        .values(email=sa.bindparam("email")),
+                        emails,
+                    )  # fmt: skip
         return counts
+
+    def emails_in_use(self, legal_entity: str, emails: Iterable[str]) -> dict[str, str]:
+        """Which of `emails` (as `prospects.email_key` gives them) valid prospects of the legal entity
+        hold while undecided, or for good once their Person customer exists (HQ keeps a person's
+        email unique per legal entity): email → prospect id (the lowest, should two hold one)."""
+        emails = sorted(set(emails))
+        held: dict[str, str] = {}
+        with self.engine.connect() as connection:
+            for start in range(0, len(emails), _KEYS_PER_QUERY):
+                query = sa.select(prospects.c.email, prospects.c.prospect_id).where(
+                    prospects.c.legal_entity == legal_entity,
+                    sa.or_(prospects.c.decision.is_(None), prospects.c.person_customer_account.is_not(None)),
+                    prospects.c.email.in_(emails[start : start + _KEYS_PER_QUERY]),
+                )
+                for email, prospect_id in connection.execute(query):
+                    if email not in held or prospect_id < held[email]:
+                        held[email] = prospect_id
+        return held
 
     def update(
         self, legal_entity: str, prospect_id: str, run_id: str, *, error: str | None = None, **facts: Any
@@ -207,7 +285,7 @@ class StateStore:
                 raise ValueError(f"not facts of a prospect: {sorted(unknown)}")
         changed = 0
         now = _now()
-        with self.engine.begin() as connection:
+        with self._write() as connection:
             for start in range(0, len(updates), _KEYS_PER_QUERY):
                 chunk = updates[start : start + _KEYS_PER_QUERY]
                 known = self._rows(connection, [key for key, _, _ in chunk])
@@ -235,7 +313,7 @@ class StateStore:
 
     def set_delta_link(self, entity_set: str, delta_link: str | None, run_id: str) -> None:
         """Kept only after every change it covers is recorded: a crash re-reads, never skips."""
-        with self.engine.begin() as connection:
+        with self._write() as connection:
             connection.execute(delta_links.delete().where(delta_links.c.entity_set == entity_set))
             if delta_link:
                 connection.execute(delta_links.insert().values(
@@ -247,7 +325,7 @@ class StateStore:
         now = _now()
         rows = [{"run_id": run_id, "checked_at": now, **{name: row.get(name) for name in DRIFT_COLUMNS}}
                 for row in findings.to_dict("records")]  # fmt: skip
-        with self.engine.begin() as connection:
+        with self._write() as connection:
             connection.execute(drift_findings.delete().where(drift_findings.c.run_id == run_id))
             if rows:
                 connection.execute(drift_findings.insert(), rows)
@@ -256,6 +334,34 @@ class StateStore:
         query = sa.select(*(drift_findings.c[name] for name in DRIFT_COLUMNS)).where(drift_findings.c.run_id == run_id)
         with self.engine.connect() as connection:
             return pd.DataFrame(connection.execute(query).mappings().all(), columns=list(DRIFT_COLUMNS), dtype=object)
+
+    def record_anomalies(self, found: Iterable[tuple[tuple[str, str], str, str]], run_id: str) -> int:
+        """Records (key, kind, detail) anomalies, each also logged; one seen before gets its new
+        detail, run and time, and counts once more. Returns how many were new."""
+        found = list(found)
+        now = _now()
+        new = 0
+        with self._write() as connection:
+            for (legal_entity, prospect_id), kind, detail in found:
+                log.warning("anomaly %s on prospect %s/%s: %s", kind, legal_entity, prospect_id, detail)
+                where = (anomalies.c.legal_entity == legal_entity, anomalies.c.prospect_id == prospect_id,
+                         anomalies.c.kind == kind)  # fmt: skip
+                seen = connection.execute(anomalies.update().where(*where).values(
+                    detail=detail, last_run_id=run_id, last_seen=now, times_seen=anomalies.c.times_seen + 1,
+                )).rowcount  # fmt: skip
+                if not seen:
+                    connection.execute(anomalies.insert().values(
+                        legal_entity=legal_entity, prospect_id=prospect_id, kind=kind, detail=detail,
+                        first_run_id=run_id, last_run_id=run_id, first_seen=now, last_seen=now, times_seen=1,
+                    ))  # fmt: skip
+                    new += 1
+        return new
+
+    def anomalies(self) -> pd.DataFrame:
+        query = sa.select(*(anomalies.c[name] for name in ANOMALY_COLUMNS)).order_by(
+            anomalies.c.legal_entity, anomalies.c.prospect_id, anomalies.c.kind)  # fmt: skip
+        with self.engine.connect() as connection:
+            return pd.DataFrame(connection.execute(query).mappings().all(), columns=list(ANOMALY_COLUMNS), dtype=object)
 
     def _rows(self, connection: sa.Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], dict]:
         keys = list(keys)
@@ -277,6 +383,9 @@ class StateStore:
         rows, history = [], []
         for key, facts, error in updates:
             before = known[key]
+            if before["decision"] is not None and facts.get("decision", before["decision"]) != before["decision"]:
+                raise ValueError(f"prospect {key[0]}/{key[1]} was decided {before['decision']}; a decision never "
+                                 f"changes (refused: {facts['decision']})")  # fmt: skip
             merged = {**before, **facts}
             stage = stage_of(merged)
             error = error or merged.get("validation_error")

@@ -16,12 +16,16 @@ from .store import StateStore
 def pull_prospects(commerce: CommerceClient, store: StateStore, legal_entity: str, run_id: str) -> dict:
     """Reads every Pending B2B prospect of a legal entity, page by page, validates each, and tracks it.
 
+    A prospect whose email a tracked, undecided prospect of the legal entity already holds is
+    refused like any invalid record, and validated again on every pull until the email is free.
     Level-based, not interval-based: Pending is the state acted on, so a rerun or a backfill of
     any interval does the same idempotent work. One page at a time is in memory.
     """
     counts: Counter[str] = Counter()
     for page in commerce.iter_prospect_pages(legal_entity):
-        validated = prospect_rules.validate_page(page)
+        validated = prospect_rules.validate_page(page, legal_entity)
+        in_use = store.emails_in_use(legal_entity, validated["email"].dropna())
+        validated = prospect_rules.refuse_duplicate_emails(validated, legal_entity, in_use)
         counts["pulled"] += len(validated)
         counts["invalid"] += int(validated["error"].notna().sum())
         counts.update(store.record_pulled(validated, run_id))

@@ -41,6 +41,7 @@ def _measured(step: Callable[..., dict], *clients: CommerceClient | SalesClient)
         name = "commerce" if isinstance(client, CommerceClient) else "dataverse"
         result[f"{name}_requests"] = sum(client.odata.requests.values())
         result[f"{name}_throttled"] = client.odata.throttled
+        result[f"{name}_retries"] = client.odata.retried
     result["cpu_s"] = round(time.process_time() - started_cpu, 2)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     log.info("%s\n%s", result["step"], report.run_table([result]).to_string())

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import uuid
 from pathlib import Path
 
 from d365_fakes.clients import load_clients
+from d365_fakes.faults import RULE_FIELDS, FaultPlan
 
 CLIENTS_ENV = "D365_FAKES_CLIENTS"
 
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         help="how long a Dataverse delta link stays valid, in seconds (default: 604800, 7 days)",
     )
     _add_limit_arguments(serve_parser)
+    _add_fault_arguments(serve_parser)
     args = parser.parse_args(argv)
 
     clients_source = args.clients or os.environ.get(CLIENTS_ENV)
@@ -72,6 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--commerce-page-size must be at least 1")
     if not args.delta_token_ttl_s > 0:
         parser.error("--delta-token-ttl-s must be more than 0")
+    faults = FaultPlan(seed=args.fault_seed)
+    for rule in args.fault:
+        try:
+            fields = json.loads(rule)
+        except ValueError as error:
+            parser.error(f"--fault {rule}: not JSON ({error})")
+        try:
+            faults.add_fields(fields)
+        except ValueError as error:
+            parser.error(f"--fault {rule}: {error}")
 
     # After the argument checks: the servers import FastAPI.
     from d365_fakes.limits import Limits
@@ -103,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             tenant_id=args.tenant_id,
             limits=limits,
             delta_token_ttl_s=args.delta_token_ttl_s,
+            faults=faults,
         )
     except OSError as error:
         print(f"d365_fakes: {error}", file=sys.stderr)
@@ -138,6 +152,29 @@ def _add_limit_arguments(parser: argparse.ArgumentParser) -> None:
         "--commerce-requests", type=int, default=0, help="per window (default: 0, HQ's are optional)"
     )
     group.add_argument("--commerce-window-s", type=float, default=300, help="default: 300")
+
+
+def _add_fault_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "fault injection",
+        "Rules checked in order on every request; the first that fires wins. Change them at runtime "
+        "with POST/GET/DELETE /_admin/faults (POST /_admin/reset drops them too).",
+    )
+    group.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="JSON",
+        help=f"a rule as a JSON object of {', '.join(RULE_FIELDS)}, e.g. "
+        '\'{"system": "dataverse", "kind": "reset", "route": "UpsertMultiple", "share": 0.1}\' '
+        "(repeatable)",
+    )
+    group.add_argument(
+        "--fault-seed",
+        type=int,
+        default=0,
+        help="seeds the draws of rules with a share, so a run is repeatable (default: 0)",
+    )
 
 
 def _tenant_id(value: str) -> str:

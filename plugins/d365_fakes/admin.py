@@ -44,29 +44,42 @@ def create_admin_router(
         commerce_state.reset()
         dataverse_state.reset()
         issuer.reset_counts()
+        issuer.clear_revocations()
         faults.clear()
         return Response(status_code=204)
 
     @router.post("/faults", status_code=204)
-    async def inject_fault(request: Request) -> Response:
+    async def add_fault(request: Request) -> Response:
         try:
             body = json.loads(await request.body())
         except ValueError as error:
             return _bad_request(f"the body is not JSON: {error}")
-        if not isinstance(body, dict):
-            return _bad_request('the body must be {"system": ..., "status": ..., "count": ..., "retry_after": ...}')
-        unknown = sorted(set(body) - {"system", "status", "count", "retry_after"})
-        if unknown:
-            return _bad_request(f"unknown field(s): {', '.join(unknown)}")
         try:
-            faults.add(body.get("system"), body.get("status"), body.get("count", 1), body.get("retry_after"))
+            faults.add_fields(body)
         except ValueError as error:
             return _bad_request(str(error))
         return Response(status_code=204)
 
+    @router.get("/faults")
+    async def fault_report() -> dict[str, Any]:
+        return faults.report()
+
     @router.delete("/faults", status_code=204)
     async def clear_faults() -> Response:
         faults.clear()
+        return Response(status_code=204)
+
+    @router.post("/tokens/revoke", status_code=204)
+    async def revoke_tokens(request: Request) -> Response:
+        try:
+            # No body at all revokes every client's tokens, as `{}` does.
+            body = await _json_object(request, ("client_id",)) if (await request.body()).strip() else {}
+        except ValueError as error:
+            return _bad_request(str(error))
+        client_id = body.get("client_id")
+        if client_id is not None and (not isinstance(client_id, str) or not client_id):
+            return _bad_request(f"client_id must be a client id (a non-empty string), got {client_id!r}")
+        issuer.revoke(client_id)
         return Response(status_code=204)
 
     @router.post("/commerce/prospects")

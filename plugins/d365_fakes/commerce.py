@@ -33,7 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from d365_fakes.clients import ClientRegistration
-from d365_fakes.faults import Fault, FaultPlan
+from d365_fakes.faults import Fault
 from d365_fakes.odata_query import Dialect, ODataQueryError, apply_query, page_of, unquote_string_literal
 from d365_fakes.routing import RESOURCE_CONVERTOR
 from d365_fakes.tokens import InvalidToken, TokenIssuer
@@ -707,8 +707,16 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return parsed
 
 
-def _fault_response(fault: Fault) -> Response:
-    """An injected fault, answered as F&O answers throttling and outages."""
+def _unauthorized(reason: str, challenge: str) -> Response:
+    error = ODataError(401, reason, "System.UnauthorizedAccessException", "Authorization has been denied for this request.")
+    return _json_response(error.body(), 401, {"WWW-Authenticate": challenge})
+
+
+def fault_response(fault: Fault, challenge: str) -> Response:
+    """An injected status fault (faults.FaultInjection), answered as F&O answers throttling,
+    outages and refused tokens (`challenge`: the WWW-Authenticate of a 401)."""
+    if fault.status == 401:
+        return _unauthorized("The bearer token was refused (a fault injected through the fakes' /_admin/faults).", challenge)
     if fault.status == 429:
         message = "The request was throttled. Retry after the number of seconds in the Retry-After header."
     elif fault.status >= 500:
@@ -874,32 +882,21 @@ def create_app(
     audience: str,
     clients: Mapping[str, ClientRegistration],
     page_size: int = 10000,
-    faults: FaultPlan | None = None,
 ) -> FastAPI:
     """The Commerce HQ OData service; `audience` is its base URL (the token resource)."""
     app = FastAPI(title="Fake Commerce headquarters (F&O OData)", openapi_url=None, docs_url=None, redoc_url=None)
-    challenge = (
-        f'Bearer authorization_uri="{issuer.issuer_base_url}/{issuer.tenant_id}/oauth2/authorize", '
-        f'resource_id="{audience}"'
-    )
-
-    def unauthorized(reason: str) -> Response:
-        error = ODataError(401, reason, "System.UnauthorizedAccessException", "Authorization has been denied for this request.")
-        return _json_response(error.body(), 401, {"WWW-Authenticate": challenge})
+    challenge = issuer.www_authenticate(audience)
 
     def admit(request: Request) -> ClientRegistration | Response:
-        """Count the request; then an injected fault, a 401, or the calling app."""
+        """Count the request; then a 401, or the calling app."""
         state.count_request()
-        fault = faults.take("commerce") if faults else None
-        if fault:
-            return _fault_response(fault)
         try:
             claims = issuer.verify(request.headers.get("authorization"), audience)
         except InvalidToken as error:
-            return unauthorized(error.reason)
+            return _unauthorized(error.reason, challenge)
         client = clients.get(claims.client_id)
         if client is None:
-            return unauthorized(f"The application {claims.client_id} is not registered in Microsoft Entra applications.")
+            return _unauthorized(f"The application {claims.client_id} is not registered in Microsoft Entra applications.", challenge)
         return client
 
     @app.post("/data/$batch")

@@ -33,7 +33,7 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from d365_fakes.clients import ClientRegistration
-from d365_fakes.faults import Fault, FaultPlan
+from d365_fakes.faults import Fault
 from d365_fakes.odata_query import Dialect, ODataQueryError, apply_query, unquote_string_literal
 from d365_fakes.routing import RESOURCE_CONVERTOR
 from d365_fakes.tokens import InvalidToken, TokenIssuer
@@ -1349,16 +1349,24 @@ def _page_size(preferences: Mapping[str, str]) -> int | None:
     return min(int(requested), MAX_PAGE_SIZE)
 
 
-def _fault_response(fault: Fault) -> JSONResponse:
-    """An injected fault, answered as the Web API answers service protection limits and outages."""
-    if fault.status == 429:
-        code, message = REQUESTS_LIMIT, "Number of requests exceeded the limit of 6000 over time window of 300 seconds."
+def _unauthorized(reason: str, challenge: str) -> DataverseError:
+    return DataverseError(401, UNAUTHORIZED, f"Unauthorized: {reason}.", {"WWW-Authenticate": challenge})
+
+
+def fault_response(fault: Fault, challenge: str) -> JSONResponse:
+    """An injected status fault (faults.FaultInjection), answered as the Web API answers service
+    protection limits, outages and refused tokens (`challenge`: the WWW-Authenticate of a 401)."""
+    if fault.status == 401:
+        error = _unauthorized("the bearer token was refused (a fault injected through the fakes' /_admin/faults)", challenge)
+    elif fault.status == 429:
+        error = DataverseError(429, REQUESTS_LIMIT, "Number of requests exceeded the limit of 6000 over time window of 300 seconds.")
     elif fault.status >= 500:
-        code, message = UNEXPECTED, "An unexpected error occurred."
+        error = DataverseError(fault.status, UNEXPECTED, "An unexpected error occurred.")
     else:
-        code, message = INVALID_ARGUMENT, "The request failed (a fault injected through the fakes' /_admin/faults)."
-    body = {"error": {"code": code, "message": message}}
-    return JSONResponse(body, status_code=fault.status, headers=fault.headers())
+        error = DataverseError(fault.status, INVALID_ARGUMENT, "The request failed (a fault injected through the fakes' /_admin/faults).")
+    body = {"error": {"code": error.code, "message": error.message}}
+    headers = {**(error.headers or {}), **fault.headers(), "OData-Version": "4.0"}
+    return JSONResponse(body, status_code=error.status, headers=headers)
 
 
 def create_app(
@@ -1366,14 +1374,10 @@ def create_app(
     issuer: TokenIssuer,
     audience: str,
     clients: Mapping[str, ClientRegistration],
-    faults: FaultPlan | None = None,
 ) -> FastAPI:
     """The Web API at `<audience>/api/data/v9.2`, accepting tokens whose audience is `audience`."""
     state.register_users(clients.values())
-    challenge = (
-        f'Bearer authorization_uri="{issuer.issuer_base_url}/{issuer.tenant_id}/oauth2/authorize", '
-        f'resource_id="{audience}"'
-    )
+    challenge = issuer.www_authenticate(audience)
     app = FastAPI(title="Fake Dataverse Web API", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(DataverseError)
@@ -1390,8 +1394,7 @@ def create_app(
         if not request.url.path.startswith(API_ROOT + "/"):
             return await call_next(request)  # the /_admin routes mounted alongside
         state.count_request()
-        fault = faults.take("dataverse") if faults else None
-        response = _fault_response(fault) if fault else await call_next(request)
+        response = await call_next(request)
         response.headers["OData-Version"] = "4.0"
         return response
 
@@ -1400,12 +1403,7 @@ def create_app(
         try:
             return issuer.verify(request.headers.get("authorization"), audience).app_user_id
         except InvalidToken as error:
-            raise DataverseError(
-                401,
-                UNAUTHORIZED,
-                f"Unauthorized: {error.reason}.",
-                {"WWW-Authenticate": challenge},
-            ) from None
+            raise _unauthorized(error.reason, challenge) from None
 
     @app.get(API_ROOT + "/WhoAmI")
     async def who_am_i(request: Request, user_id: str = Depends(caller)) -> JSONResponse:

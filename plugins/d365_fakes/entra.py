@@ -16,9 +16,10 @@ from urllib.parse import unquote_plus
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.types import Scope
 
 from d365_fakes.clients import ClientRegistration
-from d365_fakes.faults import Fault, FaultPlan
+from d365_fakes.faults import Fault
 from d365_fakes.tokens import TokenIssuer
 
 DEFAULT_SCOPE_SUFFIX = "/.default"
@@ -30,9 +31,7 @@ class _EntraError(Exception):
         self.status, self.error, self.code, self.message = status, error, code, message
 
 
-def create_app(
-    issuer: TokenIssuer, clients: Mapping[str, ClientRegistration], faults: FaultPlan | None = None
-) -> FastAPI:
+def create_app(issuer: TokenIssuer, clients: Mapping[str, ClientRegistration]) -> FastAPI:
     app = FastAPI(title="Fake Microsoft Entra ID", docs_url=None, redoc_url=None, openapi_url=None)
     base = issuer.issuer_base_url
 
@@ -82,9 +81,6 @@ def create_app(
 
     @app.post("/{tenant}/oauth2/v2.0/token")
     async def token(tenant: str, request: Request) -> JSONResponse:
-        fault = faults.take("entra") if faults else None
-        if fault:
-            return _fault_response(request, fault)
         check_tenant(tenant)
         form = await request.form()
         grant_type = _required(form, "grant_type")
@@ -208,15 +204,20 @@ def _error_response(request: Request, error: _EntraError) -> JSONResponse:
     return JSONResponse(body, status_code=error.status, headers=headers)
 
 
-def _fault_response(request: Request, fault: Fault) -> JSONResponse:
-    """An injected fault: a transient failure (429, 5xx) or a refused request (other 4xx)."""
+def fault_response(fault: Fault, scope: Scope) -> JSONResponse:
+    """An injected status fault (faults.FaultInjection): a transient failure (429, 5xx), a refused
+    client (401, as a wrong secret is refused) or a refused request (other 4xx)."""
     if fault.status == 429 or fault.status >= 500:
         error = _EntraError(fault.status, "temporarily_unavailable", 90033,
                             "A transient error has occurred. Please try again.")  # fmt: skip
+    elif fault.status == 401:
+        error = _EntraError(401, "invalid_client", 7000215,
+                            "Invalid client secret provided. Ensure the secret being sent in the request is the "
+                            "client secret value, not the client secret ID.")  # fmt: skip
     else:
         error = _EntraError(fault.status, "invalid_request", 9002313,
                             "Invalid request. Request is malformed or invalid.")  # fmt: skip
-    response = _error_response(request, error)
+    response = _error_response(Request(scope), error)
     response.headers.update(fault.headers())
     return response
 

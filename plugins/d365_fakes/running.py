@@ -28,6 +28,9 @@ STARTUP_TIMEOUT_S = 30
 STOP_TIMEOUT_S = 10
 CLIENTS_FILE = "clients.json"
 STDERR_FILE = "fakes.stderr.log"
+# Python names of repeatable flags spelled otherwise on the command line (a list value gives the
+# flag once per item): `faults=[rule, ...]` is `--fault rule ...`.
+REPEATED_FLAGS = {"faults": "--fault"}
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,9 @@ def running_fakes(
     `flags` are the serve options in Python spelling (`commerce_page_size=3`, `tenant_id=...`),
     among them service protection: `limits` (True/False or "on"/"off"), `latency_ms`,
     `dataverse_requests`, `dataverse_window_s`, `dataverse_execution_s`, `dataverse_concurrent`,
-    `commerce_requests`, `commerce_window_s`; and `delta_token_ttl_s`. Ports default to 0 (any
-    free port) so parallel runs do not collide.
+    `commerce_requests`, `commerce_window_s`; `delta_token_ttl_s`; and fault injection:
+    `faults=[{rule}, ...]` (one `--fault` each) and `fault_seed`. Ports default to 0 (any free
+    port) so parallel runs do not collide.
     """
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -66,9 +70,9 @@ def running_fakes(
     command = [sys.executable, "-m", "d365_fakes", "serve"]
     command += ["--state-dir", str(state_dir), "--clients", str(clients_file)]
     for name, value in options.items():
-        if isinstance(value, bool):
-            value = "on" if value else "off"
-        command += [f"--{name.replace('_', '-')}", str(value)]
+        flag = REPEATED_FLAGS.get(name, f"--{name.replace('_', '-')}")
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            command += [flag, _flag_value(item)]
 
     stderr_path = state_dir / STDERR_FILE
     # stderr goes to a file rather than a pipe: an unread pipe would block a chatty server.
@@ -104,7 +108,8 @@ class FakeAdmin:
         self._http.close()
 
     def reset(self) -> None:
-        """Empty both states and the fault plan, and forget the service protection windows."""
+        """Empty both states and the fault plan (rules and statistics), forget token revocations
+        and the service protection windows."""
         self._checked(self._http.post("/reset"))
         self.reset_limits()
 
@@ -124,13 +129,29 @@ class FakeAdmin:
     ) -> None:
         """The next `count` requests to `system` ("commerce", "dataverse" or "entra") answer
         `status`, with `Retry-After: retry_after` if given. Cleared by `clear_faults` and `reset`."""
-        fault = {"system": system, "status": status, "count": count}
-        if retry_after is not None:
-            fault["retry_after"] = retry_after
-        self._checked(self._http.post("/faults", json=fault))
+        rule = {"retry_after": retry_after} if retry_after is not None else {}
+        self.add_fault(system=system, status=status, count=count, **rule)
+
+    def add_fault(self, **rule: Any) -> None:
+        """Add a fault rule after the others: `system`, `kind` ("status", "slow" or "reset"),
+        `status`, `retry_after`, `delay_s`, `phase`, `route`, `method`, and `count` or `share`
+        (see CONTRACT.md). A wrong field raises RuntimeError naming it. Cleared by `clear_faults`
+        and `reset`."""
+        self._checked(self._http.post("/faults", json=rule))
+
+    def faults(self) -> dict[str, Any]:
+        """`{"seed": n, "rules": [{rule fields..., "remaining", "fired"}], "served": {system:
+        {"503": n, "slow": n, "reset": n, ...}}}`."""
+        return self._checked(self._http.get("/faults"))
 
     def clear_faults(self) -> None:
+        """Drop every rule and the fault statistics."""
         self._checked(self._http.delete("/faults"))
+
+    def revoke_tokens(self, client_id: str | None = None) -> None:
+        """Revoke every token issued so far to `client_id` (None: to every client): the APIs answer
+        them 401. Tokens issued afterwards work."""
+        self._checked(self._http.post("/tokens/revoke", json={} if client_id is None else {"client_id": client_id}))
 
     def reject_writes(self, entity_set: str, column: str, value: str, message: str | None = None) -> None:
         """Dataverse refuses any write of a row whose `column` is `value` (400, 0x80040265), as a
@@ -170,6 +191,14 @@ class FakeAdmin:
                 f"{response.status_code}: {response.text}"
             )
         return response.json() if response.content else None
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
 
 
 def _read_endpoints(process: subprocess.Popen[bytes], stderr_path: Path) -> Endpoints:

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
-from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from d365_fakes import admin, entra
 from d365_fakes.clients import ClientRegistration
-from d365_fakes.faults import FaultPlan
+from d365_fakes.faults import FaultInjection, FaultPlan
 from d365_fakes.limits import Limits, ServiceProtection, ServiceProtectionMiddleware, create_limits_router
 from d365_fakes.tls import TlsFiles, ensure_tls, load_or_create_rsa_key
 from d365_fakes.tokens import TokenIssuer
@@ -60,11 +60,13 @@ def serve(
     tenant_id: str | None = None,
     limits: Limits | None = None,
     delta_token_ttl_s: float = 604_800,
+    faults: FaultPlan | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT. Raises OSError if a port cannot be bound.
 
     `limits`: service protection and latency (default: the real Dataverse limits, no latency);
-    `delta_token_ttl_s`: how long a Dataverse change-tracking delta link stays valid.
+    `delta_token_ttl_s`: how long a Dataverse change-tracking delta link stays valid;
+    `faults`: the fault plan to start with (default: none, seed 0).
     """
     # Imported on use: the OData services are the bulk of the package; nothing else here needs them.
     from d365_fakes import commerce, dataverse
@@ -85,7 +87,7 @@ def serve(
         dataverse_url,
         commerce.CommerceState(),
         dataverse.DataverseState(delta_token_ttl_s=delta_token_ttl_s),
-        FaultPlan(),
+        faults or FaultPlan(),
         ServiceProtection(limits),
         commerce_page_size,
     )
@@ -116,36 +118,55 @@ def create_apps(
     faults: FaultPlan,
     protection: ServiceProtection,
     commerce_page_size: int = 10_000,
-) -> list[FastAPI]:
+) -> list[ASGIApp]:
     """The Entra, Commerce and Dataverse apps, each with the whole `/_admin` surface; the two OData
-    services behind service protection. One fault plan and one `ServiceProtection` serve all three,
-    so an admin call through any server reaches the system it names."""
+    services behind service protection; each app wrapped whole in fault injection (outermost, so a
+    reset fault gets uvicorn's own connection). One fault plan and one `ServiceProtection` serve
+    all three, so an admin call through any server reaches the system it names."""
     from d365_fakes import commerce, dataverse
 
     commerce_app = commerce.create_app(
-        commerce_state, issuer, commerce_url, clients, page_size=commerce_page_size, faults=faults
+        commerce_state, issuer, commerce_url, clients, page_size=commerce_page_size
     )
     commerce_app.add_middleware(
         ServiceProtectionMiddleware, protection=protection, system="commerce", path_prefix="/data/"
     )
-    dataverse_app = dataverse.create_app(dataverse_state, issuer, dataverse_url, clients, faults=faults)
+    dataverse_app = dataverse.create_app(dataverse_state, issuer, dataverse_url, clients)
     dataverse_app.add_middleware(
         ServiceProtectionMiddleware,
         protection=protection,
         system="dataverse",
         path_prefix=dataverse.API_ROOT + "/",
     )
-    apps = [entra.create_app(issuer, clients, faults=faults), commerce_app, dataverse_app]
+    entra_app = entra.create_app(issuer, clients)
     admin_router = admin.create_admin_router(commerce_state, dataverse_state, issuer, faults)
     limits_router = create_limits_router(protection)
-    for app in apps:
+    for app in (entra_app, commerce_app, dataverse_app):
         app.include_router(admin_router, prefix="/_admin")
         app.include_router(limits_router, prefix="/_admin")
-    return apps
+    commerce_challenge = issuer.www_authenticate(commerce_url)
+    dataverse_challenge = issuer.www_authenticate(dataverse_url)
+    return [
+        FaultInjection(entra_app, faults, "entra", entra.fault_response),
+        FaultInjection(
+            commerce_app,
+            faults,
+            "commerce",
+            lambda fault, _scope: commerce.fault_response(fault, commerce_challenge),
+            commerce_state.count_request,
+        ),
+        FaultInjection(
+            dataverse_app,
+            faults,
+            "dataverse",
+            lambda fault, _scope: dataverse.fault_response(fault, dataverse_challenge),
+            dataverse_state.count_request,
+        ),
+    ]
 
 
 async def _serve_all(
-    apps: list[FastAPI],
+    apps: list[ASGIApp],
     sockets: list[socket.socket],
     tls: TlsFiles,
     on_started: Callable[[], None],
@@ -183,7 +204,7 @@ async def _all_started(servers: list[_Server], tasks: list[asyncio.Task[None]]) 
     return True
 
 
-def _config(app: FastAPI, tls: TlsFiles) -> uvicorn.Config:
+def _config(app: ASGIApp, tls: TlsFiles) -> uvicorn.Config:
     return uvicorn.Config(
         app,
         ssl_certfile=str(tls.cert),
@@ -200,6 +221,9 @@ def _config(app: FastAPI, tls: TlsFiles) -> uvicorn.Config:
 def _bind(port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit it: without it, an answer written in two segments (TLS record
+    # of the headers, then the body) waits ~40 ms for the client's delayed ACK (Nagle's algorithm).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((HOST, port))
     except OSError as error:

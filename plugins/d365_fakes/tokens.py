@@ -1,4 +1,5 @@
-"""Access tokens of the fake Entra ID tenant: issuing (for entra.py) and verifying (for the APIs).
+"""Access tokens of the fake Entra ID tenant: issuing (for entra.py), verifying (for the APIs) and
+revoking (for `/_admin/tokens/revoke`).
 
 Tokens are RS256 JWTs shaped like Entra ID v2.0 app-only tokens, so that what the product sees on
 the wire (and any tooling that decodes a token) looks like the real thing.
@@ -42,7 +43,7 @@ class Claims:
 
 
 class TokenIssuer:
-    """Signs and checks the tenant's tokens; counts the tokens it has issued.
+    """Signs, checks and revokes the tenant's tokens; counts the tokens it has issued.
 
     Pass the same `signing_key` across restarts (server.py keeps it in the state directory) so
     that tokens clients have cached stay valid, as with Entra ID's long-lived signing keys.
@@ -64,6 +65,13 @@ class TokenIssuer:
         self.kid = self._public_jwk["kid"]
         self._lock = threading.Lock()
         self._tokens_issued = 0
+        # Revocation works on token ids (`uti`), not on times: `iat` has whole seconds, and a token
+        # issued in the second of a revocation, after it, must still work.
+        self._unexpired: dict[str, tuple[str, int]] = {}  # uti -> (client id, exp) of tokens issued here
+        self._revoked: set[str] = set()  # utis
+        # Tokens this process did not issue were issued before it started (the signing key
+        # outlives restarts): revoked for these client ids (None: for every client).
+        self._revoked_before_start: set[str | None] = set()
 
     @property
     def tokens_issued(self) -> int:
@@ -72,6 +80,32 @@ class TokenIssuer:
     def reset_counts(self) -> None:
         with self._lock:
             self._tokens_issued = 0
+
+    def revoke(self, client_id: str | None = None) -> None:
+        """Revoke every token issued until now to `client_id` (None: to every client); `verify`
+        refuses them from now on. Tokens issued afterwards work."""
+        now = time.time()
+        with self._lock:
+            for uti, (holder, expires_at) in list(self._unexpired.items()):
+                if expires_at < now:
+                    del self._unexpired[uti]  # refused as expired anyway
+                elif client_id is None or holder == client_id:
+                    del self._unexpired[uti]
+                    self._revoked.add(uti)
+            self._revoked_before_start.add(client_id)
+
+    def clear_revocations(self) -> None:
+        """Accept revoked tokens again (until they expire), as after a fresh start."""
+        with self._lock:
+            self._revoked.clear()
+            self._revoked_before_start.clear()
+
+    def www_authenticate(self, audience: str) -> str:
+        """The `WWW-Authenticate` challenge of a 401 from the API whose resource is `audience`."""
+        return (
+            f'Bearer authorization_uri="{self.issuer_base_url}/{self.tenant_id}/oauth2/authorize", '
+            f'resource_id="{audience}"'
+        )
 
     def issue(self, client: ClientRegistration, resource: str) -> dict[str, Any]:
         """The token endpoint's answer body for `client` asking for `resource` (the audience)."""
@@ -97,6 +131,7 @@ class TokenIssuer:
         token = jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": self.kid})
         with self._lock:
             self._tokens_issued += 1
+            self._unexpired[claims["uti"]] = (client.client_id, claims["exp"])
         return {
             "token_type": "Bearer",
             "expires_in": self.lifetime_s,
@@ -135,6 +170,8 @@ class TokenIssuer:
             raise InvalidToken("the token's signature is invalid") from None
         except jwt.InvalidTokenError as error:
             raise InvalidToken(f"the token is invalid: {error}") from None
+        if self._is_revoked(claims.get("uti"), claims["azp"]):
+            raise InvalidToken("The token has been revoked")
         return Claims(
             client_id=claims["azp"],
             app_user_id=claims["oid"],
@@ -145,6 +182,15 @@ class TokenIssuer:
 
     def jwks(self) -> dict[str, Any]:
         return {"keys": [dict(self._public_jwk)]}
+
+    def _is_revoked(self, uti: object, client_id: str) -> bool:
+        with self._lock:
+            if uti in self._unexpired:
+                return False
+            if uti in self._revoked:
+                return True
+            # Not issued by this process: issued before it started.
+            return bool(self._revoked_before_start & {None, client_id})
 
 
 def _public_jwk(public_key: rsa.RSAPublicKey) -> dict[str, str]:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from b2b_onboarding.settings import ServiceSettings
+from b2b_onboarding.store import StateStore
+from d365_fakes.actors import Clerk, Seller
 from d365_fakes.running import Endpoints, FakeAdmin, running_fakes
 from d365_fakes.scenario import Cast
 
@@ -41,3 +44,27 @@ def admin(world: World) -> Iterator[FakeAdmin]:
     with FakeAdmin(world.endpoints) as admin:
         admin.reset()
         yield admin
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[StateStore]:
+    """An empty state store in a SQLite file of the test's own."""
+    store = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def seller(world: World) -> Iterator[Seller]:
+    """Another app registration working in Sales, as a person would through the UI."""
+    seller = Seller(world.endpoints, world.cast.seller["client_id"], world.cast.seller["client_secret"])
+    yield seller
+    seller.close()
+
+
+@pytest.fixture
+def clerk(world: World) -> Iterator[Clerk]:
+    """A back-office user editing prospects in Commerce HQ."""
+    clerk = Clerk(world.endpoints, world.cast.clerk["client_id"], world.cast.clerk["client_secret"])
+    yield clerk
+    clerk.close()

@@ -1,3 +1,7 @@
+import pandas as pd
+
+import pytest
+
 from b2b_onboarding import prospects
 
 GOOD = {
@@ -38,8 +42,20 @@ def test_control_characters_in_identity_fields_are_refused():
     assert "ProspectId" in error
 
 
+@pytest.mark.parametrize("name", ["Ada\u2028Lovelace", "Ada\x07Lovelace", "Ada\x85Lovelace"])
+def test_line_separators_and_controls_in_names_are_refused(name):
+    _, error = prospects.validate({**GOOD, "ProspectName": name})
+    assert "ProspectName: Value error, contains control characters or line breaks" in error
+
+
+@pytest.mark.parametrize("name", ["\u05d3\u05d5\u05d3 \u200f\u05db\u05d4\u05df", "Family \U0001F468\u200d\U0001F469\u200d\U0001F467"])
+def test_format_characters_of_real_names_are_valid(name):  # right-to-left marks, emoji joined by ZWJ
+    prospect, error = prospects.validate({**GOOD, "ProspectName": name, "CompanyName": name})
+    assert error is None and prospect.ProspectName == name
+
+
 def test_validate_page_keeps_every_row_with_either_fields_or_error():
-    frame = prospects.validate_page([GOOD, {**GOOD, "ProspectId": "P-2", "PrimaryEmailAddress": "x"}])
+    frame = prospects.validate_page([GOOD, {**GOOD, "ProspectId": "P-2", "PrimaryEmailAddress": "x"}], "usrt")
     assert list(frame["prospect_id"]) == ["P-000123", "P-2"]
     assert frame.loc[0, "error"] is None and frame.loc[0, "prospect"]["CompanyName"] == "Starfleet Supplies"
     assert frame.loc[1, "prospect"] is None and "PrimaryEmailAddress" in frame.loc[1, "error"]
@@ -66,3 +82,57 @@ def test_identity_of_a_prospect_across_legal_entities():
     assert prospects.prospect_key("usrt", "P-1") != prospects.prospect_key("usmf", "P-1")
     org, person = prospects.customer_accounts("P-000123")
     assert org != person and len(org) <= 20 and len(person) <= 20
+
+
+# --- One email per legal entity (pure: the holders come in as a mapping) ---------------------------
+
+
+def page_of(*rows: tuple[str, str, str]) -> pd.DataFrame:
+    """A validated page of (legal entity, prospect id, email) rows."""
+    return prospects.validate_page([{**GOOD, "dataAreaId": le, "ProspectId": pid, "PrimaryEmailAddress": email}
+                                    for le, pid, email in rows], "usrt")  # fmt: skip
+
+
+def errors_of(page: pd.DataFrame) -> dict[str, str | None]:
+    return dict(zip(page["legal_entity"] + "/" + page["prospect_id"], page["error"]))
+
+
+def test_emails_compare_case_insensitively_and_trimmed():
+    assert prospects.email_key("  Ada@Engines.Example ") == prospects.email_key("ada@engines.example")
+
+
+def test_within_a_page_the_lowest_prospect_id_keeps_an_email_and_the_others_are_refused():
+    page = page_of(("usrt", "P-000007", "ADA@engines.example"), ("usrt", "P-000002", "ada@engines.example"),
+                   ("usrt", "P-000009", "ada@Engines.example"))  # fmt: skip
+
+    checked = prospects.refuse_duplicate_emails(page, "usrt", {})
+
+    assert errors_of(checked) == {
+        "usrt/P-000007": "prospect usrt/P-000007: PrimaryEmailAddress: the same email as prospect usrt/P-000002 "
+                         "(emails must be unique per legal entity)",
+        "usrt/P-000002": None,
+        "usrt/P-000009": "prospect usrt/P-000009: PrimaryEmailAddress: the same email as prospect usrt/P-000002 "
+                         "(emails must be unique per legal entity)",
+    }  # fmt: skip
+    refused = checked[checked["error"].notna()]
+    assert refused["prospect"].isna().all() and refused["email"].isna().all()
+    assert page["error"].isna().all()  # the input page is left as it was
+
+
+def test_a_tracked_holder_keeps_its_email_against_any_prospect_of_the_page_even_itself_again():
+    page = page_of(("usrt", "P-000001", "ada@engines.example"), ("usrt", "P-000005", "ada@engines.example"))
+
+    checked = prospects.refuse_duplicate_emails(page, "usrt", {"ada@engines.example": "P-000005"})
+
+    assert "the same email as prospect usrt/P-000005" in errors_of(checked)["usrt/P-000001"]
+    assert errors_of(checked)["usrt/P-000005"] is None
+
+
+def test_other_legal_entities_and_invalid_rows_neither_hold_nor_lose_an_email():
+    page = page_of(("usmf", "P-000001", "ada@engines.example"), ("usrt", "P-000002", "not-an-email"),
+                   ("usrt", "P-000003", "ada@engines.example"))  # fmt: skip
+
+    checked = prospects.refuse_duplicate_emails(page, "usrt", {})
+
+    assert checked["error"].tolist() == page["error"].tolist()
+    assert errors_of(checked)["usrt/P-000003"] is None

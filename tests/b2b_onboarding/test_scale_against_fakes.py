@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 
 from b2b_onboarding import drift, reconcile, sync
 from b2b_onboarding.commerce import CommerceClient
@@ -24,13 +21,6 @@ COMMERCE_PAGE_SIZE = 4
 
 def connect(world, client_class, resource: str, **extra):
     return client_class.connect(world.settings(resource, **extra))
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[StateStore]:
-    store = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
-    yield store
-    store.close()
 
 
 def seed(admin: FakeAdmin, count: int, legal_entity: str = "usrt") -> None:

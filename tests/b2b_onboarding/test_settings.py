@@ -4,15 +4,18 @@ from b2b_onboarding.errors import ConfigurationError
 from b2b_onboarding.settings import ServiceSettings
 
 
-def test_a_complete_connection():
+def test_a_complete_connection(tmp_path):
+    from d365_fakes.tls import ensure_tls
+
+    ca_bundle = str(ensure_tls(tmp_path).ca_bundle)  # the bundle must exist and hold a certificate
     settings = ServiceSettings.from_connection(
         "d365_commerce", "https://contoso.operations.dynamics.com/", "client", "s3cret",
-        {"tenant_id": "t-1", "legal_entities": "usrt, usmf", "ca_bundle": "/ca.pem"},
+        {"tenant_id": "t-1", "legal_entities": "usrt, usmf", "ca_bundle": ca_bundle},
     )  # fmt: skip
     assert settings.scope == "https://contoso.operations.dynamics.com/.default"
     assert settings.authority == "https://login.microsoftonline.com/t-1"
     assert settings.legal_entities == ("usrt", "usmf")
-    assert settings.verify == "/ca.pem"
+    assert settings.verify == ca_bundle
 
 
 def test_a_host_without_scheme_means_https_and_tls_is_verified_by_default():

@@ -1,14 +1,6 @@
 import pandas as pd
 import pytest
 
-from b2b_onboarding.store import StateStore
-
-
-@pytest.fixture
-def store(tmp_path):
-    store = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
-    yield store
-    store.close()
 
 
 def pulled(*rows):
