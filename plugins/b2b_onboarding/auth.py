@@ -12,7 +12,7 @@ from msal.exceptions import MsalServiceError
 from msal.authority import WELL_KNOWN_AUTHORITY_HOSTS
 
 from . import redaction
-from .errors import AuthenticationError, certificate_verify_failure, transport_failure_message
+from .errors import AuthenticationError, certificate_failure_message, certificate_verify_failure
 
 # OAuth errors of an Entra ID that is unavailable or throttling, not refusing the credentials.
 _TRANSIENT_ERRORS = frozenset({"temporarily_unavailable", "server_error"})
@@ -39,8 +39,8 @@ class TokenProvider:
                 http_client=self._http,
             )
         except (ValueError, httpx.HTTPError) as error:
-            if certificate_verify_failure(error):
-                raise self._tls_error(error) from error
+            if reason := certificate_verify_failure(error):
+                raise self._tls_error(reason) from error
             raise AuthenticationError(
                 f"Entra ID: cannot read the authority {authority} for client {client_id}: {error}. "
                 "Next step: check the authority (tenant) URL and the network path to it."
@@ -51,8 +51,8 @@ class TokenProvider:
         try:
             result = self._app.acquire_token_for_client(scopes=[scope])
         except (httpx.HTTPError, MsalServiceError) as error:  # MSAL raises the latter for a 5xx answer
-            if certificate_verify_failure(error):
-                raise self._tls_error(error) from error  # permanent: not transient
+            if reason := certificate_verify_failure(error):
+                raise self._tls_error(reason) from error  # permanent: not transient
             raise AuthenticationError(
                 f"Entra ID ({self.authority}) could not be reached for client {self.client_id}: {error}. "
                 "Next step: check the network and the CA bundle, then rerun.",
@@ -69,9 +69,9 @@ class TokenProvider:
         redaction.register_secret(result["access_token"])  # a set lookup once known (cache hits)
         return result["access_token"]
 
-    def _tls_error(self, error: BaseException) -> AuthenticationError:
-        return AuthenticationError(transport_failure_message(
-            f"Entra ID ({self.authority}, client {self.client_id})", self.authority, error, self._ca_bundle))  # fmt: skip
+    def _tls_error(self, reason: str) -> AuthenticationError:
+        return AuthenticationError(certificate_failure_message(
+            f"Entra ID ({self.authority}, client {self.client_id})", self.authority, reason, self._ca_bundle))  # fmt: skip
 
     def forget(self) -> None:
         """Drops the cached tokens, so the next `token` call asks Entra ID (after a revocation)."""

@@ -131,21 +131,12 @@ def certificate_verify_failure(error: BaseException) -> str | None:
     return None
 
 
-def transport_failure_message(system: str, url: str, error: BaseException, ca_bundle: str | None) -> str:
-    """The whole sentence, next step included, for a request to `url` that got no HTTP answer.
-
-    A certificate the CA bundle (or, without one, the system trust store) does not trust is named as
-    such; TLS verification is never the thing to turn off. Any other failure (DNS, refused connection,
-    timeout) is named by its type and text.
-    """
+def certificate_failure_message(system: str, url: str, reason: str, ca_bundle: str | None) -> str:
+    """The whole sentence, next step included, for a request to `url` whose TLS certificate was
+    refused for `reason` (from `certificate_verify_failure`): by the CA bundle, or without one by
+    the system trust store. TLS verification is never the thing to turn off."""
     parts = urlsplit(str(url))
     origin = f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else str(url)
-    reason = certificate_verify_failure(error)
-    if reason is None:
-        return (
-            f"{system}: no answer from {origin} ({type(error).__name__}: {error}). Next step: check the "
-            "connection's host and port, DNS and the network path to the service, then rerun."
-        )
     if "hostname mismatch" in reason.lower() or "expired" in reason.lower() or "not yet valid" in reason.lower():
         return (
             f"{system}: the TLS certificate of {origin} is not valid ({reason}). TLS verification stays on. "

@@ -15,7 +15,7 @@ import httpx
 import tenacity
 
 from .auth import TokenProvider, token_provider
-from .errors import AuthenticationError, ConfigurationError, D365Error, certificate_verify_failure, transport_failure_message
+from .errors import AuthenticationError, ConfigurationError, D365Error, certificate_failure_message, certificate_verify_failure
 from .settings import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_BUDGET, ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -278,10 +278,10 @@ class ODataClient:
                 response = self._http.request(method, url, params=params, json=json, content=content,
                                               headers={"Authorization": f"Bearer {token}", **(headers or {})})  # fmt: skip
             except httpx.TransportError as error:
-                if certificate_verify_failure(error) is not None:
+                if (reason := certificate_verify_failure(error)) is not None:
                     bundle = self._verify if isinstance(self._verify, str) else None
                     raise ConfigurationError(
-                        transport_failure_message(self.system, str(self._http.base_url), error, bundle)
+                        certificate_failure_message(self.system, str(self._http.base_url), reason, bundle)
                     ) from error
                 failed = failure(0, self._transport_failure(error))
                 if not (repeatable or _never_sent(error)):

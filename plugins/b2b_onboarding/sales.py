@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import re
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from .errors import D365Error
-from .odata import ODataClient, key_segment, literal
+from .odata import ODataClient, literal
 from .settings import ServiceSettings
 
 SYSTEM = "Dataverse (Sales)"
@@ -28,7 +27,6 @@ CONTACT_COLUMNS = ("contactid", "firstname", "lastname", "emailaddress1")
 EXPIRED_DELTA_TOKEN = "0x80044352"
 DRIFT_LEAD_COLUMNS = ("leadid", "msdyn_prospectid", "statecode", "msdyn_b2bprospectstatus")
 
-_ENTITY_ID = re.compile(r"\(([0-9a-fA-F-]{36})\)$")
 # Ids per `or` filter: keeps the URL far below the service's length limit.
 IDS_PER_QUERY = 100
 # Targets per UpsertMultiple/UpdateMultiple unless the connection says otherwise (Microsoft: start near 1,000).
@@ -91,42 +89,30 @@ class SalesClient:
     def create_lead(self, prospect_key: str, lead: dict) -> tuple[str, bool]:
         """Creates the lead of a prospect unless one exists; returns (leadid, created).
 
-        An upsert by the alternate key, sent create-only (`If-None-Match: *`) so that a lead a
-        seller already works on is adopted as it is, never overwritten.
-        """
+        Created at the lead id derived from the prospect key (as `upsert_leads` does) and sent
+        create-only (`If-None-Match: *`): a lead that exists, at that id or under that prospect key,
+        answers 412 and is adopted as it is, never overwritten. The prospect key never goes in the
+        URL: Dataverse cannot address an alternate key holding `:`, `/`, `#`, `%`... in a URL."""
         record = f"lead of prospect {prospect_key}"
+        lead_id = lead_id_of(prospect_key)
         response = self.odata.request(
-            "PATCH",
-            key_segment("leads", msdyn_prospectid=prospect_key),
-            operation="create lead",
-            record=record,
-            json=lead,
-            headers={"If-None-Match": "*"},
-            accept=frozenset({412}),
-        )
-        if response.status_code == 412:
-            existing = self.get_lead(prospect_key)
-            if existing is None:  # deleted between the two calls: the next run creates it
-                raise D365Error(
-                    system=SYSTEM, operation="create lead", status=412, record=record,
-                    message="the lead existed, then vanished before it could be read",
-                )  # fmt: skip
-            return existing["leadid"], False
-        match = _ENTITY_ID.search(response.headers.get("OData-EntityId", ""))
-        if not match:
+            "PATCH", f"leads({lead_id})", operation="create lead", record=record,
+            json={"msdyn_prospectid": prospect_key, **lead}, headers={"If-None-Match": "*"}, accept=frozenset({412}),
+        )  # fmt: skip
+        if response.status_code != 412:
+            return lead_id, True
+        existing = self.get_lead(prospect_key)
+        if existing is None:  # deleted between the two calls: the next run creates it
             raise D365Error(
-                system=SYSTEM, operation="create lead", status=response.status_code, record=record,
-                message=f"no lead id in OData-EntityId {response.headers.get('OData-EntityId')!r}",
+                system=SYSTEM, operation="create lead", status=412, record=record,
+                message="the lead existed, then vanished before it could be read",
             )  # fmt: skip
-        return match.group(1).lower(), True
+        return existing["leadid"].lower(), False
 
     def get_lead(self, prospect_key: str) -> dict | None:
-        return self.odata.get(
-            key_segment("leads", msdyn_prospectid=prospect_key),
-            operation="read lead",
-            record=f"lead of prospect {prospect_key}",
-            params={"$select": ",".join(LEAD_OUTCOME_COLUMNS)},
-        )
+        params = {"$filter": f"msdyn_prospectid eq {literal(prospect_key)}", "$select": ",".join(LEAD_OUTCOME_COLUMNS)}
+        rows = [row for page in self.odata.iter_pages("leads", operation="read lead", params=params) for row in page]
+        return rows[0] if rows else None
 
     def upsert_leads(self, leads: Sequence[tuple[str, dict]]) -> list[str]:
         """One UpsertMultiple of (prospect key, lead) pairs, all or nothing; the lead ids, in order.
