@@ -7,7 +7,13 @@ won opportunity → customer hierarchy (contact as Admin) and the prospect Appro
 disqualified lead or lost opportunity → the prospect Rejected (HQ emails).
 Outcomes are read with change tracking; Commerce writes go in `$batch` changesets, one atomic
 changeset per prospect. Every write is checked against its target first: reruns, backfills and
-overlapping runs write nothing twice. Last, a drift check compares all of Commerce with all of Sales.
+overlapping runs write nothing twice. Then a drift check compares all of Commerce with all of Sales,
+and `check_sla` fails the run while anomalies are open or prospects wait longer than `sla_days`.
+
+Trigger form: `dry_run` logs every write the run would make and makes none; `legal_entities` and
+`prospect_ids` narrow the run (a targeted rerun restricts every step to the named prospects).
+A task that fails for good is logged in one line, kept in the state store and alerted
+(connection `b2b_alerts`): README, Runbook.
 """
 
 from __future__ import annotations
@@ -19,13 +25,35 @@ from airflow.sdk import Param, dag, task
 CHUNK = "{{ task.op_kwargs['legal_entity'] }} {{ task.op_kwargs['first_id'] }}…{{ task.op_kwargs['last_id'] }}"
 
 
+def task_failed(context) -> None:
+    from b2b_onboarding import notify
+
+    notify.task_failed(context)
+
+
 @dag(
     schedule="0 2 * * *",
     start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=5)},
-    params={"chunk_size": Param(5000, type="integer", minimum=1, description="Prospects per mapped task.")},
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=5), "on_failure_callback": task_failed},
+    params={
+        "dry_run": Param(False, type="boolean", title="Dry run",
+                         description="Read Commerce, Sales and the state store, and log every write this run would "
+                                     "make (system, operation, legal entity, prospect, what) without making any."),
+        "legal_entities": Param([], type="array", items={"type": "string"}, title="Legal entities",
+                                description="Only these legal entities (dataAreaId, e.g. usrt), one per line. "
+                                            "Empty: those of the connection d365_commerce."),
+        "prospect_ids": Param([], type="array", items={"type": "string", "pattern": "^[^/]+/.+$"},
+                              title="Prospects (targeted rerun)",
+                              description="Only these prospects, as <legal entity>/<prospect id> (e.g. usrt/P-000123), "
+                                          "one per line: every step works on them alone (their leads and "
+                                          "opportunities read by id). Empty: every prospect."),
+        "chunk_size": Param(5000, type="integer", minimum=1, title="Chunk size", description="Prospects per mapped task."),
+        "sla_days": Param(3, type="integer", minimum=0, title="SLA (days)",
+                          description="check_sla fails when a prospect has waited undecided (Pending in Commerce) "
+                                      "longer than this many days since it was first pulled, or an anomaly is open."),
+    },  # fmt: skip
     tags=["dynamics365", "b2b-onboarding"],
     doc_md=__doc__,
 )
@@ -79,6 +107,13 @@ def b2b_outcome_reconciliation():
 
         tasks.report_run(outcomes, customers[:], approved[:], rejected[:], drift)
 
+    # Runs whatever happened before it; retrying would not change its answer.
+    @task(trigger_rule="all_done", retries=0)
+    def check_sla() -> dict:
+        from b2b_onboarding import tasks
+
+        return tasks.check_sla()
+
     entities = legal_entities()
     outcomes = read_outcomes()
     customer_chunks = plan.override(task_id="plan_customers")("customers", entities)
@@ -91,7 +126,7 @@ def b2b_outcome_reconciliation():
     rejected = reject_lost.expand_kwargs(reject_chunks)
     drift = check_drift(entities)
     [approved, rejected] >> drift
-    report(outcomes, customers, approved, rejected, drift)
+    report(outcomes, customers, approved, rejected, drift) >> check_sla()
 
 
 b2b_outcome_reconciliation()

@@ -9,6 +9,11 @@ validate them, and create one Commerce B2B lead per prospect in Sales (keyed by
 Leads are written with UpsertMultiple, about 1,000 a request; the work is mapped per legal entity
 and per chunk of `chunk_size` prospects. Tasks run in the pools `d365_commerce` and `d365_sales`,
 whose slots bound what the integration sends to each system at once (README, Performance).
+
+Trigger form: `dry_run` logs every write the run would make and makes none; `legal_entities` and
+`prospect_ids` narrow the run (a targeted rerun: a bad record fixed in HQ is pulled again by its key).
+A task that fails for good is logged in one line, kept in the state store and alerted
+(connection `b2b_alerts`): README, Runbook.
 """
 
 from __future__ import annotations
@@ -20,13 +25,33 @@ from airflow.sdk import Param, dag, task
 CHUNK = "{{ task.op_kwargs['legal_entity'] }} {{ task.op_kwargs['first_id'] }}…{{ task.op_kwargs['last_id'] }}"
 
 
+def task_failed(context) -> None:
+    from b2b_onboarding import notify
+
+    notify.task_failed(context)
+
+
 @dag(
     schedule="*/15 * * * *",
     start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=1)},
-    params={"chunk_size": Param(5000, type="integer", minimum=1, description="Prospects per mapped push task.")},
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=1), "on_failure_callback": task_failed},
+    params={
+        "dry_run": Param(False, type="boolean", title="Dry run",
+                         description="Read Commerce, Sales and the state store, and log every write this run would "
+                                     "make (system, operation, legal entity, prospect, what) without making any."),
+        "legal_entities": Param([], type="array", items={"type": "string"}, title="Legal entities",
+                                description="Only these legal entities (dataAreaId, e.g. usrt), one per line. "
+                                            "Empty: those of the connection d365_commerce."),
+        "prospect_ids": Param([], type="array", items={"type": "string", "pattern": "^[^/]+/.+$"},
+                              title="Prospects (targeted rerun)",
+                              description="Only these prospects, as <legal entity>/<prospect id> (e.g. usrt/P-000123), "
+                                          "one per line, each read from Commerce by its key (it must be a Pending B2B "
+                                          "prospect): rerun a bad record fixed in HQ. Empty: every Pending prospect."),
+        "chunk_size": Param(5000, type="integer", minimum=1, title="Chunk size",
+                            description="Prospects per mapped push task."),
+    },  # fmt: skip
     tags=["dynamics365", "b2b-onboarding"],
     doc_md=__doc__,
 )

@@ -6,27 +6,34 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import pandas as pd
 
-from . import bulk, rules
+from . import bulk, drift, rules
 from .batch import BatchRequest, BatchResponse
 from .commerce import CommerceClient
 from .errors import D365Error, DecisionConflict
 from .per_record import Action, for_each_prospect, keep
-from .prospects import customer_accounts, prospect_hierarchy_id
-from .sales import ACCOUNT_COLUMNS, CONTACT_COLUMNS, LEAD_OUTCOME_COLUMNS, OPPORTUNITY_COLUMNS, SalesClient
+from .prospects import customer_accounts, prospect_hierarchy_id, prospect_key
+from .sales import (ACCOUNT_COLUMNS, CONTACT_COLUMNS, DRIFT_LEAD_COLUMNS, LEAD_OUTCOME_COLUMNS, OPPORTUNITY_COLUMNS,
+                    SalesClient)  # fmt: skip
 from .store import StateStore
 
 log = logging.getLogger(__name__)
 
 
-def read_outcomes(sales: SalesClient, store: StateStore, run_id: str) -> dict:
+def read_outcomes(
+    sales: SalesClient, store: StateStore, run_id: str, keys: Collection[tuple[str, str]] | None = None
+) -> dict:
     """Brings the store up to date with what sellers did to tracked leads and opportunities.
 
     With change tracking, only what changed since the last run is read (the delta links live in the
-    store, saved after the changes they cover); otherwise every decided lead is read each night."""
+    store, saved after the changes they cover); otherwise every decided lead is read each night.
+    With `keys` (a targeted rerun), the leads and opportunities of those prospects are read by id,
+    and the delta links are left for the next full run."""
+    if keys is not None:
+        return _read_outcomes_of(sales, store, keys, run_id)
     if not sales.change_tracking:
         return _read_all_outcomes(sales, store, run_id)
     counts: Counter[str] = Counter()
@@ -48,6 +55,51 @@ def read_outcomes(sales: SalesClient, store: StateStore, run_id: str) -> dict:
         counts[f"{entity_set}_full_reads"] += int(feed.expired or link is None)
         store.set_delta_link(entity_set, feed.delta_link, run_id)
     return {"step": "read outcomes", "legal_entity": "*", **counts}
+
+
+def _read_outcomes_of(sales: SalesClient, store: StateStore, keys: Collection[tuple[str, str]], run_id: str) -> dict:
+    """The outcomes of the named prospects only: their leads, then their opportunities (which the
+    leads may just have named), read by id. A tracked lead or opportunity that Sales no longer has is
+    deleted, as change tracking would have said."""
+    counts: Counter[str] = Counter()
+    for entity_set, what, columns, id_column, rule in (
+        ("leads", "lead", LEAD_OUTCOME_COLUMNS, "lead_id", rules.lead_outcomes),
+        ("opportunities", "opportunity", OPPORTUNITY_COLUMNS, "opportunity_id", rules.opportunity_outcomes),
+    ):
+        tracked = store.frame(columns=rules.RULE_COLUMNS, keys=keys)
+        ids = sorted({value.lower() for value in tracked[id_column].dropna()})
+        read = pd.DataFrame(sales.get_by_ids(entity_set, columns[0], ids, columns), columns=list(columns))
+        counts[f"{entity_set}_read"] += len(read)
+        counts[f"{entity_set}_changes"] += store.apply_changes(rule(tracked, read), run_id)
+        counts[f"{entity_set}_changed_after_decision"] += _record_changed_after_decision(
+            store, what, rules.changed_after_decision(tracked, read, what), run_id)  # fmt: skip
+        gone = sorted(set(ids) - set(read[columns[0]].str.lower()))
+        counts[f"{entity_set}_deleted"] += _record_deleted(store, what, f"{id_column}s", gone, run_id)
+    return {"step": "read outcomes", "legal_entity": "*", **counts}
+
+
+def check_named_drift(
+    commerce: CommerceClient, sales: SalesClient, store: StateStore, keys: Collection[tuple[str, str]], run_id: str
+) -> tuple[dict, pd.DataFrame]:
+    """The drift check of a targeted rerun: the named prospects read by key in Commerce and their
+    leads in Sales, judged as `drift.check_drift` judges all of them."""
+    keys = sorted(keys)
+    found = [(key, commerce.get_prospect(*key)) for key in keys]
+    prospects = pd.DataFrame([{"legal_entity": key[0], "prospect_id": key[1], "status": row["B2BProspectStatus"]}
+                              for key, row in found if row is not None and row.get("IsB2BProspect", "Yes") == "Yes"],
+                             columns=["legal_entity", "prospect_id", "status"])  # fmt: skip
+    leads = pd.DataFrame([lead for key in keys if (lead := sales.get_lead(prospect_key(*key))) is not None],
+                         columns=list(DRIFT_LEAD_COLUMNS))  # fmt: skip
+    tracked = store.frame(columns=["stage", "decision"], keys=keys)
+    invalid = tracked.loc[tracked["stage"] == "invalid", ["legal_entity", "prospect_id"]].itertuples(index=False, name=None)
+    findings = drift.find_drift(prospects, leads, invalid)
+    store.record_drift(findings, run_id)
+    anomalies = drift.find_anomalies(prospects, tracked)
+    if anomalies:
+        store.record_anomalies(anomalies, run_id)
+    summary = {"step": "drift check", "legal_entity": "*", "prospects": len(prospects), "leads": len(leads),
+               **findings["kind"].value_counts().to_dict(), "anomalies": len(anomalies)}  # fmt: skip
+    return summary, findings
 
 
 def _record_deleted(store: StateStore, what: str, id_column: str, deleted: list[str], run_id: str) -> int:

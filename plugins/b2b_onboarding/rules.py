@@ -6,7 +6,8 @@ Nothing here performs I/O, so every rule is tested on plain frames.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
+from datetime import datetime
 from enum import StrEnum
 
 import pandas as pd
@@ -162,3 +163,46 @@ def in_range(work: pd.DataFrame, first_id: str | None, last_id: str | None) -> p
     if last_id is not None:
         inside &= ids.map(lambda value: value <= last_id)
     return work[inside]
+
+
+def only(work: pd.DataFrame, keys: Collection[tuple[str, str]] | None) -> pd.DataFrame:
+    """The rows of the named (legal entity, prospect id) keys; all rows when `keys` is None."""
+    if keys is None:
+        return work
+    wanted = set(keys)
+    return work[[key in wanted for key in zip(work["legal_entity"], work["prospect_id"])]]
+
+
+def prospect_keys(values: Iterable[str]) -> frozenset[tuple[str, str]]:
+    """(legal entity, prospect id) keys from the DAG param `prospect_ids` ("usrt/P-000123"); the
+    legal entity is lowercased, as the store keeps it. ValueError naming any value of another shape."""
+    keys, bad = set(), []
+    for value in values:
+        legal_entity, _, prospect_id = str(value).strip().partition("/")
+        if not legal_entity.strip() or not prospect_id.strip():
+            bad.append(value)
+            continue
+        keys.add((legal_entity.strip().lower(), prospect_id.strip()))
+    if bad:
+        raise ValueError(f"{', '.join(repr(value) for value in bad)}: a prospect is named <legal entity>/<prospect id>, "
+                         "e.g. usrt/P-000123")  # fmt: skip
+    return frozenset(keys)
+
+
+# Stages of a prospect still Pending in Commerce whose seller has not decided yet: what the SLA bounds.
+PENDING_STAGES = (Stage.PULLED, Stage.LEAD_OPEN, Stage.QUALIFIED, Stage.CUSTOMERS_CREATED)
+
+
+def overdue(tracked: pd.DataFrame, now: datetime, sla_days: float) -> pd.DataFrame:
+    """Undecided prospects in a pending stage tracked for longer than `sla_days` (from the store's
+    created_at): legal_entity, prospect_id, stage, created_at, age_days, last_error; oldest first."""
+    columns = ["legal_entity", "prospect_id", "stage", "created_at", "age_days", "last_error"]
+    pending = tracked[tracked["decision"].isna() & tracked["stage"].isin([stage.value for stage in PENDING_STAGES])]
+    created = pd.to_datetime(pending["created_at"], utc=True)  # SQLite gives naive UTC times
+    now = pd.Timestamp(now)
+    now = now.tz_localize("UTC") if now.tzinfo is None else now.tz_convert("UTC")
+    age_days = (now - created).dt.total_seconds() / 86400
+    late = pending.assign(created_at=created, age_days=age_days.round(1))[age_days > sla_days]
+    late = late.reindex(columns=columns).sort_values(["age_days", "legal_entity", "prospect_id"],
+                                                     ascending=[False, True, True])  # fmt: skip
+    return late.reset_index(drop=True)

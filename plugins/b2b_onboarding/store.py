@@ -6,10 +6,11 @@ reads that system's current state. Any SQLAlchemy URL works; the default is a SQ
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pandas as pd
@@ -106,6 +107,54 @@ anomalies = sa.Table(
 ANOMALY_COLUMNS = ("legal_entity", "prospect_id", "kind", "detail", "first_run_id", "last_run_id", "first_seen",
                    "last_seen", "times_seen")  # fmt: skip
 
+# Task failures, recorded by the DAGs' on_failure_callback (notify.py): one row per failed try.
+task_failures = sa.Table(
+    "b2b_task_failures",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("dag_id", sa.String(250), nullable=False),
+    sa.Column("run_id", sa.String(250), nullable=False),
+    sa.Column("task_id", sa.String(250), nullable=False),
+    sa.Column("map_index", sa.Integer, nullable=False),
+    sa.Column("rendered_map_index", sa.String(250)),
+    sa.Column("try_number", sa.Integer, nullable=False),
+    sa.Column("failed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("error", sa.Text, nullable=False),
+    sa.Index("ix_b2b_task_failures_run", "dag_id", "run_id"),
+)
+TASK_FAILURE_COLUMNS = ("dag_id", "run_id", "task_id", "map_index", "rendered_map_index", "try_number", "failed_at",
+                        "error")  # fmt: skip
+
+# Dry runs (DAG param `dry_run`) never write the tables above. What a dry run would change in the
+# store lives in its overlay, per run and prospect (the whole row, as JSON), so that its later steps
+# plan on what the earlier ones would have recorded; the writes it would send to Commerce and Sales
+# are its plan. Both are kept `DRY_RUN_RETENTION` and then purged by the next dry run.
+dry_run_rows = sa.Table(
+    "b2b_dry_run_rows",
+    metadata,
+    sa.Column("run_id", sa.String(250), primary_key=True),
+    sa.Column("legal_entity", sa.String(16), primary_key=True),
+    sa.Column("prospect_id", sa.String(255), primary_key=True),
+    sa.Column("row", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+planned_writes = sa.Table(
+    "b2b_planned_writes",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(250), nullable=False, index=True),
+    sa.Column("task", sa.String(250), nullable=False),
+    sa.Column("system", sa.String(64), nullable=False),
+    sa.Column("operation", sa.String(64), nullable=False),
+    sa.Column("legal_entity", sa.String(16)),
+    sa.Column("prospect_id", sa.String(255)),
+    sa.Column("what", sa.Text, nullable=False),
+    sa.Column("planned_at", sa.DateTime(timezone=True), nullable=False),
+)
+PLAN_COLUMNS = ("system", "operation", "legal_entity", "prospect_id", "what")
+DRY_RUN_RETENTION = timedelta(days=7)
+
 # Keys per IN clause: far below every database's bound-parameter limit.
 _KEYS_PER_QUERY = 400
 
@@ -135,6 +184,8 @@ def _sqlite_begin(connection: sa.Connection) -> None:
 
 class StateStore:
     def __init__(self, url: str) -> None:
+        # The prospects a targeted run (DAG param `prospect_ids`) works on; None: all of them.
+        self.scope: frozenset[tuple[str, str]] | None = None
         self.engine = sa.create_engine(url, pool_pre_ping=True)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -153,6 +204,11 @@ class StateStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def scoped(self, keys: Iterable[tuple[str, str]] | None) -> StateStore:
+        """Limits every step's `work` to these (legal entity, prospect id) keys; None lifts the limit."""
+        self.scope = None if keys is None else frozenset(keys)
+        return self
 
     def frame(
         self,
@@ -191,6 +247,7 @@ class StateStore:
         """The full rows of one step's work (see `rules.STEPS`) in a chunk: the rule runs on light
         columns first, so only the rows worked on are read with their prospect."""
         light = rules.in_range(self.frame(legal_entity, columns=rules.RULE_COLUMNS), first_id, last_id)
+        light = rules.only(light, self.scope)
         keys = rules.STEPS[step](light)[["legal_entity", "prospect_id"]].itertuples(index=False, name=None)
         return self.frame(keys=list(keys)).sort_values("prospect_id", ignore_index=True)
 
@@ -214,7 +271,7 @@ class StateStore:
             for start in range(0, len(rows), _KEYS_PER_QUERY):
                 chunk = rows[start : start + _KEYS_PER_QUERY]
                 existing = self._rows(connection, [(row["legal_entity"], row["prospect_id"]) for row in chunk])
-                inserts, history, updates, emails = [], [], [], []
+                inserts, history, updates = [], [], []
                 for row in chunk:
                     facts = {"prospect": row["prospect"], "validation_error": row["error"]}
                     email = row.get("email") if row["error"] is None else None
@@ -233,31 +290,26 @@ class StateStore:
                     elif known["lead_id"] is None and (
                         known["email"] != email or any(known[name] != value for name, value in facts.items())
                     ):
-                        updates.append((key, facts, None))
-                        emails.append({"key_legal_entity": key[0], "key_prospect_id": key[1], "email": email})
+                        updates.append((key, {**facts, "email": email}, None))
                         counts["refreshed"] += 1
                     else:
                         counts["unchanged"] += 1
                 if inserts:
-                    connection.execute(prospects.insert(), inserts)
-                    connection.execute(transitions.insert(), history)
+                    self._insert_rows(connection, inserts, history)
                 self._apply(connection, existing, updates, run_id, now)
-                if emails:
-                    connection.execute(
-                        prospects.update()
-                        .where(prospects.c.legal_entity == sa.bindparam("key_legal_entity"),
-                               prospects.c.prospect_id == sa.bindparam("key_prospect_id"))
-                        .values(email=sa.bindparam("email")),
-                        emails,
-                    )  # fmt: skip
         return counts
 
     def emails_in_use(self, legal_entity: str, emails: Iterable[str]) -> dict[str, str]:
         """Which of `emails` (as `prospects.email_key` gives them) valid prospects of the legal entity
         hold while undecided, or for good once their Person customer exists (HQ keeps a person's
         email unique per legal entity): email → prospect id (the lowest, should two hold one)."""
-        emails = sorted(set(emails))
         held: dict[str, str] = {}
+        for email, prospect_id in self._email_holders(legal_entity, sorted(set(emails))):
+            if email not in held or prospect_id < held[email]:
+                held[email] = prospect_id
+        return held
+
+    def _email_holders(self, legal_entity: str, emails: list[str]) -> Iterator[tuple[str, str]]:
         with self.engine.connect() as connection:
             for start in range(0, len(emails), _KEYS_PER_QUERY):
                 query = sa.select(prospects.c.email, prospects.c.prospect_id).where(
@@ -265,10 +317,7 @@ class StateStore:
                     sa.or_(prospects.c.decision.is_(None), prospects.c.person_customer_account.is_not(None)),
                     prospects.c.email.in_(emails[start : start + _KEYS_PER_QUERY]),
                 )
-                for email, prospect_id in connection.execute(query):
-                    if email not in held or prospect_id < held[email]:
-                        held[email] = prospect_id
-        return held
+                yield from ((email, prospect_id) for email, prospect_id in connection.execute(query))
 
     def update(
         self, legal_entity: str, prospect_id: str, run_id: str, *, error: str | None = None, **facts: Any
@@ -396,6 +445,16 @@ class StateStore:
             rows.append(after)
             if stage != before["stage"] or (error and error != before["last_error"]):
                 history.append(_transition(key, before["stage"], stage, run_id, error, now))
+        self._update_rows(connection, rows, history)
+        return len(rows)
+
+    # The two ways prospect rows change; a dry run's store sends both to its overlay instead.
+    def _insert_rows(self, connection: sa.Connection, rows: list[dict], history: list[dict]) -> None:
+        connection.execute(prospects.insert(), rows)
+        connection.execute(transitions.insert(), history)
+
+    def _update_rows(self, connection: sa.Connection, rows: list[dict], history: list[dict]) -> None:
+        """Writes whole rows (as `_apply` merged them) and their transitions."""
         if rows:
             statement = (
                 prospects.update()
@@ -410,12 +469,207 @@ class StateStore:
             ])  # fmt: skip
         if history:
             connection.execute(transitions.insert(), history)
-        return len(rows)
+
+    # --- resolving anomalies, task failures, dry runs' plans ------------------------------------------
+
+    def resolve_anomalies(self, keys: Iterable[tuple[str, str]], kind: str | None = None) -> int:
+        """Closes the anomalies of these prospects (of one kind, or all): once a person has settled
+        them, the nightly `check_sla` stops failing on them. Returns how many were closed."""
+        keys = list(keys)
+        closed = 0
+        with self._write() as connection:
+            for start in range(0, len(keys), _KEYS_PER_QUERY):
+                where = [sa.tuple_(anomalies.c.legal_entity, anomalies.c.prospect_id).in_(keys[start : start + _KEYS_PER_QUERY])]
+                if kind is not None:
+                    where.append(anomalies.c.kind == kind)
+                closed += connection.execute(anomalies.delete().where(*where)).rowcount
+        return closed
+
+    def record_task_failure(
+        self, *, dag_id: str, run_id: str, task_id: str, map_index: int, try_number: int, error: str,
+        rendered_map_index: str | None = None, failed_at: datetime | None = None,
+    ) -> None:  # fmt: skip
+        """One failed try of a task; recording the same try again (a callback run twice) replaces it."""
+        row = {"dag_id": dag_id, "run_id": run_id, "task_id": task_id, "map_index": map_index,
+               "rendered_map_index": rendered_map_index, "try_number": try_number,
+               "failed_at": failed_at or _now(), "error": error}  # fmt: skip
+        with self._write() as connection:
+            same_try = (task_failures.c[name] == row[name] for name in ("dag_id", "run_id", "task_id", "map_index",
+                                                                            "try_number"))  # fmt: skip
+            connection.execute(task_failures.delete().where(*same_try))
+            connection.execute(task_failures.insert().values(**row))
+
+    def task_failures(self, dag_id: str | None = None, run_id: str | None = None) -> pd.DataFrame:
+        """Recorded task failures, newest first, of one DAG and run or all."""
+        query = sa.select(*(task_failures.c[name] for name in TASK_FAILURE_COLUMNS)).order_by(task_failures.c.id.desc())
+        if dag_id is not None:
+            query = query.where(task_failures.c.dag_id == dag_id)
+        if run_id is not None:
+            query = query.where(task_failures.c.run_id == run_id)
+        with self.engine.connect() as connection:
+            return pd.DataFrame(connection.execute(query).mappings().all(), columns=list(TASK_FAILURE_COLUMNS), dtype=object)
+
+    def planned_writes(self, run_id: str) -> pd.DataFrame:
+        """What a dry run would have written to Commerce and Sales: PLAN_COLUMNS plus the task that planned it."""
+        columns = ("task", *PLAN_COLUMNS)
+        query = sa.select(*(planned_writes.c[name] for name in columns)).where(
+            planned_writes.c.run_id == run_id).order_by(planned_writes.c.id)  # fmt: skip
+        with self.engine.connect() as connection:
+            return pd.DataFrame(connection.execute(query).mappings().all(), columns=list(columns), dtype=object)
+
+    def purge_dry_runs(self, older_than: timedelta = DRY_RUN_RETENTION) -> None:
+        """Drops the overlays and plans of dry runs last touched longer ago than `older_than`."""
+        cutoff = _now() - older_than
+        with self._write() as connection:
+            connection.execute(dry_run_rows.delete().where(dry_run_rows.c.updated_at < cutoff))
+            connection.execute(planned_writes.delete().where(planned_writes.c.planned_at < cutoff))
 
 
-_WRITTEN_COLUMNS = ("stage", *FACT_COLUMNS, "last_error", "last_run_id", "updated_at")
+_WRITTEN_COLUMNS = ("stage", *FACT_COLUMNS, "email", "last_error", "last_run_id", "updated_at")
 
 
 def _transition(key: tuple[str, str], from_stage, to_stage, run_id: str, error: str | None, at: datetime) -> dict:
     return {"legal_entity": key[0], "prospect_id": key[1], "from_stage": from_stage, "to_stage": to_stage,
             "run_id": run_id, "error": error, "at": at}  # fmt: skip
+
+
+_DATETIME_COLUMNS = ("created_at", "updated_at")
+
+
+def _to_json(row: Mapping[str, Any]) -> str:
+    return json.dumps(dict(row), default=lambda value: value.isoformat() if isinstance(value, datetime) else str(value))
+
+
+def _from_json(text: str) -> dict:
+    row = json.loads(text)
+    for name in _DATETIME_COLUMNS:
+        if isinstance(row.get(name), str):
+            row[name] = datetime.fromisoformat(row[name])
+    return row
+
+
+class DryRunStore(StateStore):
+    """The state store as a dry run (DAG param `dry_run`) sees it.
+
+    Reads show the store with what this run's earlier steps would have recorded on top (its overlay,
+    `b2b_dry_run_rows`); every change of a prospect goes to that overlay, never to `b2b_prospects` or
+    `b2b_transitions`. Delta links are not advanced, and drift findings and anomalies are logged, not
+    kept. The writes the run would send to Commerce and Sales are its plan (`b2b_planned_writes`).
+    """
+
+    def __init__(self, url: str, run_id: str) -> None:
+        super().__init__(url)
+        self.run_id = run_id
+
+    def _overlay(
+        self, connection: sa.Connection | None = None, *, legal_entity: str | None = None,
+        keys: Iterable[tuple[str, str]] | None = None,
+    ) -> dict[tuple[str, str], dict]:  # fmt: skip
+        """This run's planned rows: all, of one legal entity, or of some keys."""
+        query = sa.select(dry_run_rows.c.legal_entity, dry_run_rows.c.prospect_id, dry_run_rows.c.row).where(
+            dry_run_rows.c.run_id == self.run_id)  # fmt: skip
+        if legal_entity is not None:
+            query = query.where(dry_run_rows.c.legal_entity == legal_entity)
+        keys = None if keys is None else list(keys)
+        batches = [None] if keys is None else [keys[start : start + _KEYS_PER_QUERY]
+                                               for start in range(0, len(keys), _KEYS_PER_QUERY)]  # fmt: skip
+        found: dict[tuple[str, str], dict] = {}
+
+        def read(into: sa.Connection) -> None:
+            for batch in batches:
+                chosen = query if batch is None else query.where(
+                    sa.tuple_(dry_run_rows.c.legal_entity, dry_run_rows.c.prospect_id).in_(batch))  # fmt: skip
+                for legal_entity_, prospect_id, row in into.execute(chosen):
+                    found[(legal_entity_, prospect_id)] = _from_json(row)
+
+        if connection is not None:
+            read(connection)
+        else:
+            with self.engine.connect() as own:
+                read(own)
+        return found
+
+    def _put_overlay(self, connection: sa.Connection, rows: list[dict]) -> None:
+        if not rows:
+            return
+        keys = [(row["legal_entity"], row["prospect_id"]) for row in rows]
+        key = sa.tuple_(dry_run_rows.c.legal_entity, dry_run_rows.c.prospect_id)
+        for start in range(0, len(keys), _KEYS_PER_QUERY):
+            connection.execute(dry_run_rows.delete().where(
+                dry_run_rows.c.run_id == self.run_id, key.in_(keys[start : start + _KEYS_PER_QUERY])))  # fmt: skip
+        now = _now()
+        connection.execute(dry_run_rows.insert(), [
+            {"run_id": self.run_id, "legal_entity": row["legal_entity"], "prospect_id": row["prospect_id"],
+             "row": _to_json(row), "updated_at": now} for row in rows])  # fmt: skip
+
+    # Writes of prospects: to the overlay.
+    def _rows(self, connection: sa.Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+        keys = list(keys)
+        return {**super()._rows(connection, keys), **self._overlay(connection, keys=keys)}
+
+    def _insert_rows(self, connection: sa.Connection, rows: list[dict], history: list[dict]) -> None:
+        self._put_overlay(connection, rows)
+
+    def _update_rows(self, connection: sa.Connection, rows: list[dict], history: list[dict]) -> None:
+        self._put_overlay(connection, rows)
+
+    # Reads of prospects: the store, with the overlay on top.
+    def frame(
+        self,
+        legal_entity: str | None = None,
+        *,
+        columns: Iterable[str] = PROSPECT_COLUMNS,
+        keys: Iterable[tuple[str, str]] | None = None,
+        lead_ids: Iterable[str] | None = None,
+        opportunity_ids: Iterable[str] | None = None,
+    ) -> pd.DataFrame:
+        columns = list(dict.fromkeys([*KEY_COLUMNS, *columns]))
+        keys, lead_ids, opportunity_ids = (None if values is None else list(values)
+                                           for values in (keys, lead_ids, opportunity_ids))  # fmt: skip
+        real = super().frame(legal_entity, columns=columns, keys=keys, lead_ids=lead_ids, opportunity_ids=opportunity_ids)
+        overlay = self._overlay(legal_entity=legal_entity)
+        if not overlay:
+            return real
+        selections = [(None, keys), ("lead_id", lead_ids), ("opportunity_id", opportunity_ids)]
+        chosen = [(column, set(values)) for column, values in selections if values is not None]
+
+        def selected(key: tuple[str, str], row: dict) -> bool:
+            return not chosen or any((key if column is None else row.get(column)) in values for column, values in chosen)
+
+        kept = real[[key not in overlay for key in zip(real["legal_entity"], real["prospect_id"])]]
+        planned = pd.DataFrame([{name: row.get(name) for name in columns} for key, row in overlay.items()
+                                if selected(key, row)], columns=columns, dtype=object)  # fmt: skip
+        return pd.concat([frame for frame in (kept, planned) if len(frame)] or [real.iloc[0:0]], ignore_index=True)
+
+    def _email_holders(self, legal_entity: str, emails: list[str]) -> Iterator[tuple[str, str]]:
+        overlay = self._overlay(legal_entity=legal_entity)
+        wanted = set(emails)
+        yield from ((email, prospect_id) for email, prospect_id in super()._email_holders(legal_entity, emails)
+                    if (legal_entity, prospect_id) not in overlay)  # fmt: skip
+        for (_, prospect_id), row in overlay.items():
+            if row.get("email") in wanted and (row["decision"] is None or row["person_customer_account"] is not None):
+                yield row["email"], prospect_id
+
+    # What a dry run never keeps.
+    def set_delta_link(self, entity_set: str, delta_link: str | None, run_id: str) -> None:
+        log.info("dry run: the delta link of %s is not advanced (the next real run reads these changes)", entity_set)
+
+    def record_drift(self, findings: pd.DataFrame, run_id: str) -> None:
+        log.info("dry run: %d drift findings logged, not kept", len(findings))
+
+    def record_anomalies(self, found: Iterable[tuple[tuple[str, str], str, str]], run_id: str) -> int:
+        found = list(found)
+        for (legal_entity, prospect_id), kind, detail in found:
+            log.warning("dry run: anomaly %s on prospect %s/%s (not recorded): %s", kind, legal_entity, prospect_id, detail)
+        return len(found)
+
+    def record_planned_writes(self, task: str, planned: pd.DataFrame) -> None:
+        """The writes one task of this run would make (PLAN_COLUMNS); a retried task replaces its own."""
+        now = _now()
+        rows = [{"run_id": self.run_id, "task": task, "planned_at": now, **{name: row.get(name) for name in PLAN_COLUMNS}}
+                for row in planned.to_dict("records")]  # fmt: skip
+        with self._write() as connection:
+            connection.execute(planned_writes.delete().where(planned_writes.c.run_id == self.run_id,
+                                                             planned_writes.c.task == task))  # fmt: skip
+            if rows:
+                connection.execute(planned_writes.insert(), rows)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 from . import bulk
 from . import prospects as prospect_rules
@@ -12,17 +13,27 @@ from .per_record import for_each_prospect, keep
 from .sales import SalesClient
 from .store import StateStore
 
+log = logging.getLogger(__name__)
 
-def pull_prospects(commerce: CommerceClient, store: StateStore, legal_entity: str, run_id: str) -> dict:
+
+def pull_prospects(
+    commerce: CommerceClient, store: StateStore, legal_entity: str, run_id: str,
+    prospect_ids: Collection[str] | None = None,
+) -> dict:  # fmt: skip
     """Reads every Pending B2B prospect of a legal entity, page by page, validates each, and tracks it.
 
     A prospect whose email a tracked, undecided prospect of the legal entity already holds is
     refused like any invalid record, and validated again on every pull until the email is free.
     Level-based, not interval-based: Pending is the state acted on, so a rerun or a backfill of
     any interval does the same idempotent work. One page at a time is in memory.
+
+    With `prospect_ids` (a targeted rerun), only those prospects are read, each by its key, whatever
+    the Pending page set holds; each must still be a Pending B2B prospect to be tracked.
     """
     counts: Counter[str] = Counter()
-    for page in commerce.iter_prospect_pages(legal_entity):
+    pages = commerce.iter_prospect_pages(legal_entity) if prospect_ids is None else _named_prospects(
+        commerce, legal_entity, prospect_ids, counts)  # fmt: skip
+    for page in pages:
         validated = prospect_rules.validate_page(page, legal_entity)
         in_use = store.emails_in_use(legal_entity, validated["email"].dropna())
         validated = prospect_rules.refuse_duplicate_emails(validated, legal_entity, in_use)
@@ -30,6 +41,27 @@ def pull_prospects(commerce: CommerceClient, store: StateStore, legal_entity: st
         counts["invalid"] += int(validated["error"].notna().sum())
         counts.update(store.record_pulled(validated, run_id))
     return {"step": "pull", "legal_entity": legal_entity, **counts}
+
+
+def _named_prospects(
+    commerce: CommerceClient, legal_entity: str, prospect_ids: Collection[str], counts: Counter[str]
+) -> Iterator[list[dict]]:
+    """The named prospects that HQ shows as Pending B2B prospects, as one page; the others are
+    counted and logged (only Pending prospects are onboarded)."""
+    page = []
+    for prospect_id in sorted(prospect_ids):
+        prospect = commerce.get_prospect(legal_entity, prospect_id)
+        if prospect is None:
+            log.warning("prospect %s/%s was named but does not exist in Commerce: not pulled", legal_entity, prospect_id)
+            counts["not found"] += 1
+        elif prospect.get("IsB2BProspect") != "Yes" or prospect.get("B2BProspectStatus") != "Pending":
+            log.warning("prospect %s/%s was named but is %s%s in Commerce: not pulled (only Pending B2B prospects are)",
+                        legal_entity, prospect_id, prospect.get("B2BProspectStatus"),
+                        "" if prospect.get("IsB2BProspect") == "Yes" else ", not a B2B prospect")  # fmt: skip
+            counts["not pending"] += 1
+        else:
+            page.append(prospect)
+    yield page
 
 
 def push_leads(

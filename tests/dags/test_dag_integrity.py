@@ -36,6 +36,19 @@ def test_parsing_a_dag_file_imports_nothing_heavy(dag_file):
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
 
 
+@pytest.mark.parametrize("dag_file", DAG_FILES, ids=lambda path: path.name)
+def test_a_dag_file_parses_in_well_under_a_second_with_the_task_sdk_loaded(dag_file):
+    """As the DAG processor parses it: Airflow already imported, the file itself run (best of three)."""
+    probe = (
+        "import runpy, sys, time; import airflow.sdk; timings = []\n"
+        "for _ in range(3):\n"
+        "    started = time.perf_counter(); runpy.run_path(sys.argv[1]); timings.append(time.perf_counter() - started)\n"
+        "print(min(timings))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe, str(dag_file)], capture_output=True, text=True, check=True)
+    assert float(result.stdout.strip().splitlines()[-1]) < 0.2
+
+
 def test_sync_runs_every_15_minutes_and_maps_per_legal_entity_then_per_chunk(bag):
     dag = bag.get_dag("b2b_prospect_sync")
     assert dag.schedule == "*/15 * * * *" and dag.catchup is False
@@ -75,4 +88,51 @@ def test_tasks_talking_to_a_system_use_its_pool_and_chunks_have_readable_names(b
 def test_tasks_retry_and_runs_do_not_pile_up(bag):
     for dag in bag.dags.values():
         assert dag.max_active_runs == 1
-        assert all(task.retries >= 1 for task in dag.tasks)
+        assert all(task.retries >= 1 for task in dag.tasks if task.task_id != "check_sla")
+
+
+# The Trigger form: the same run params on both DAGs, each with a type, a title and a description.
+COMMON_PARAMS = {"dry_run": ("boolean", False), "legal_entities": ("array", []), "prospect_ids": ("array", []),
+                 "chunk_size": ("integer", 5000)}  # fmt: skip
+
+
+@pytest.mark.parametrize("dag_id", ["b2b_prospect_sync", "b2b_outcome_reconciliation"])
+def test_both_dags_take_the_run_params_with_a_title_and_a_description(bag, dag_id):
+    params = bag.get_dag(dag_id).params
+    expected = {**COMMON_PARAMS, **({"sla_days": ("integer", 3)} if dag_id == "b2b_outcome_reconciliation" else {})}
+    assert set(params.keys()) == set(expected)
+    for name, (kind, default) in expected.items():
+        param = params.get_param(name)
+        assert param.schema["type"] == kind and param.value == default, name
+        assert param.schema.get("title") and len(param.description or "") > 20, name
+    assert params.get_param("prospect_ids").schema["items"]["pattern"] == "^[^/]+/.+$"
+
+
+@pytest.mark.parametrize("conf", [{"prospect_ids": ["P-000123"]}, {"dry_run": "yes"}, {"legal_entities": "usrt"},
+                                  {"chunk_size": 0}])  # fmt: skip
+def test_the_trigger_form_refuses_malformed_params(bag, conf):
+    import copy
+
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    params = copy.deepcopy(bag.get_dag("b2b_prospect_sync").params)
+    with pytest.raises(ParamValidationError):
+        params.update(conf)
+    params.update({"prospect_ids": ["usrt/P-000123", "usmf/P/with/slashes"], "legal_entities": ["usrt"],
+                   "dry_run": True})  # fmt: skip
+    assert params.validate()["prospect_ids"] == ["usrt/P-000123", "usmf/P/with/slashes"]
+
+
+def test_every_task_reports_its_failure_through_the_product_callback(bag):
+    for dag in bag.dags.values():
+        for task in dag.tasks:
+            callbacks = task.on_failure_callback if isinstance(task.on_failure_callback, list) else [task.on_failure_callback]
+            assert [callback.__name__ for callback in callbacks] == ["task_failed"], (dag.dag_id, task.task_id)
+
+
+def test_the_sla_check_is_the_reconciliations_last_task_and_never_retries(bag):
+    dag = bag.get_dag("b2b_outcome_reconciliation")
+    check = dag.get_task("check_sla")
+    assert check.upstream_task_ids == {"report"} and check.downstream_task_ids == set()
+    assert check.trigger_rule == "all_done" and check.retries == 0
+    assert [task.task_id for task in dag.tasks if not task.downstream_task_ids] == ["check_sla"]

@@ -1,0 +1,71 @@
+"""Links into the Airflow UI: the DAG run (and task) that made a transition of a prospect.
+
+The state store keeps the run id of each transition, not its DAG: run ids are unique per DAG only
+(both DAGs have a `scheduled__…T02:00:00+00:00` run), so the DAG and the task are derived from the
+step, as the DAGs divide the work: the sync pulls prospects and pushes leads; the reconciliation
+does everything after. A `dag_id` (and `task_id`) column on `b2b_transitions`, when there is one,
+is used instead.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+SYNC_DAG_ID = "b2b_prospect_sync"
+RECONCILIATION_DAG_ID = "b2b_outcome_reconciliation"
+DAG_IDS = (SYNC_DAG_ID, RECONCILIATION_DAG_ID)
+
+# Tasks mapped over legal entities or chunks: their run page lists the mapped instances.
+MAPPED_TASKS = frozenset({"pull_prospects", "push_leads", "write_customers", "approve_won", "reject_lost"})
+SYNC_STAGES = frozenset({"invalid", "pulled"})
+# The stage a task moves a prospect to (a transition into another stage than its own).
+_TASK_OF_STAGE = {
+    "qualified": "read_outcomes", "disqualified": "read_outcomes", "won": "read_outcomes", "lost": "read_outcomes",
+    "customers_created": "write_customers", "approved": "approve_won", "rejected": "reject_lost",
+}  # fmt: skip
+
+
+def step_of(from_stage: str | None, to_stage: str) -> tuple[str, str | None]:
+    """(dag id, task id or None) of the task that recorded a transition.
+
+    An error kept on a prospect without a change of stage names the DAG only where several tasks
+    could have kept it (e.g. a qualified prospect: its customers refused, or its account deleted)."""
+    if to_stage == "invalid" or (to_stage == "pulled" and from_stage != "pulled"):
+        return SYNC_DAG_ID, "pull_prospects"
+    if to_stage == "pulled" or (to_stage == "lead_open" and from_stage == "pulled"):
+        return SYNC_DAG_ID, "push_leads"  # a lead written, or a lead Sales refused (kept with its error)
+    if from_stage != to_stage and to_stage in _TASK_OF_STAGE:
+        return RECONCILIATION_DAG_ID, _TASK_OF_STAGE[to_stage]
+    return RECONCILIATION_DAG_ID, None
+
+
+def dag_of_stage(stage: str | None) -> str:
+    """The DAG that last wrote to a prospect at this stage (its last error, its last run)."""
+    return SYNC_DAG_ID if stage in SYNC_STAGES else RECONCILIATION_DAG_ID
+
+
+def _segment(value: str) -> str:
+    return quote(value, safe="")
+
+
+def run_url(base: str, dag_id: str, run_id: str) -> str:
+    """The UI's page of a DAG run: its task instances, each with its logs."""
+    return f"{base}/dags/{_segment(dag_id)}/runs/{_segment(run_id)}"
+
+
+def task_url(base: str, dag_id: str, run_id: str, task_id: str) -> str:
+    """The UI's page of a task in a run (its log), or of its mapped instances for a mapped task."""
+    url = f"{run_url(base, dag_id, run_id)}/tasks/{_segment(task_id)}"
+    return f"{url}/mapped" if task_id in MAPPED_TASKS else url
+
+
+def run_links(base: str, run_id: str | None, dag_id: str | None, task_id: str | None) -> dict:
+    """The links of one run id, for the pages and the JSON alike."""
+    if not run_id or not dag_id:
+        return {"dag_id": dag_id, "task_id": task_id, "run_url": None, "task_url": None}
+    return {
+        "dag_id": dag_id,
+        "task_id": task_id,
+        "run_url": run_url(base, dag_id, run_id),
+        "task_url": task_url(base, dag_id, run_id, task_id) if task_id else None,
+    }
