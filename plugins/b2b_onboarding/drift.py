@@ -24,9 +24,10 @@ def find_drift(prospects: pd.DataFrame, leads: pd.DataFrame, invalid: Iterable[t
     `prospects`: legal_entity, prospect_id, status (HQ's B2BProspectStatus); `leads`: leadid,
     msdyn_prospectid, statecode; `invalid`: keys of prospects the sync keeps as bad records (they
     have no lead on purpose and are reported elsewhere)."""
-    keyed = prospects.assign(
-        key=[prospect_key(le, pid) for le, pid in zip(prospects["legal_entity"], prospects["prospect_id"])]
-    )
+    keyed = prospects.assign(  # object dtype even when empty: an empty Commerce must still merge
+        key=pd.Series([prospect_key(le, pid) for le, pid in zip(prospects["legal_entity"], prospects["prospect_id"])],
+                      index=prospects.index, dtype=object)
+    )  # fmt: skip
     merged = keyed.merge(leads, left_on="key", right_on="msdyn_prospectid", how="outer", indicator=True)
     kept_invalid = set(invalid)
     missing = merged[merged["_merge"] == "left_only"]

@@ -43,3 +43,9 @@ def test_planted_disagreements_are_found_and_agreement_is_silent():
 def test_no_drift_gives_an_empty_frame_with_the_columns():
     found = find_drift(prospects(("usrt", "P-1", "Pending")), leads(("l1", "usrt:P-1", 1, 0)))
     assert found.empty and list(found.columns) == ["kind", "legal_entity", "prospect_id", "lead_id", "detail"]
+
+
+def test_an_empty_commerce_is_compared_without_failing():  # a fresh deployment's first night
+    prospects = pd.DataFrame(columns=["legal_entity", "prospect_id", "status"])
+    leads = pd.DataFrame(columns=["leadid", "msdyn_prospectid", "statecode"])
+    assert find_drift(prospects, leads).empty
