@@ -11,7 +11,7 @@ export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 
-.PHONY: install demo test bench chaos fakes constraints clean
+.PHONY: install demo test e2e-distributed bench chaos fakes constraints clean
 
 install: $(STAMP)
 
@@ -26,6 +26,12 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# Not part of `make test` (run by .ci/run): the demo's story on CeleryExecutor with two workers, on
+# the machine's PostgreSQL (127.0.0.1:5432) and Redis (127.0.0.1:6379). Skipped when either is absent,
+# unless CI is set. Logs in .artifacts/distributed/.
+e2e-distributed: install
+	$(BIN)/python -m pytest tests/distributed -m distributed -s
 
 # Not part of `make test`: the flow at 100,000 prospects, and bulk vs naive side by side (README, Performance).
 bench: install

@@ -129,46 +129,56 @@ def _store(options: RunOptions) -> StateStore:
     return store.scoped(options.prospect_keys)
 
 
-def _commerce(plan: Plan | None, legal_entity: str | None = None, settings: ServiceSettings | None = None) -> CommerceClient:
-    """Commerce HQ; in a dry run (a plan to fill), the client that plans its writes instead."""
-    client = CommerceClient.connect(settings or CommerceHook().settings())
-    return DryRunCommerce(client, plan, legal_entity) if plan is not None else client
+@dataclass(frozen=True)
+class _Step:
+    """What every step task starts from: the run's params and id, the state store as this run sees
+    it, and in a dry run the plan its clients fill instead of writing."""
 
+    options: RunOptions
+    run_id: str
+    store: StateStore
+    plan: Plan | None
 
-def _sales(plan: Plan | None, legal_entity: str | None = None) -> SalesClient:
-    """Dataverse; in a dry run (a plan to fill), the client that plans its writes instead."""
-    client = SalesClient.connect(SalesHook().settings())
-    return DryRunSales(client, plan, legal_entity) if plan is not None else client
+    def commerce(self, legal_entity: str | None = None, settings: ServiceSettings | None = None) -> CommerceClient:
+        """Commerce HQ; in a dry run, the client that plans its writes instead."""
+        client = CommerceClient.connect(settings or CommerceHook().settings())
+        return DryRunCommerce(client, self.plan, legal_entity) if self.plan is not None else client
 
+    def sales(self, legal_entity: str | None = None) -> SalesClient:
+        """Dataverse; in a dry run, the client that plans its writes instead."""
+        client = SalesClient.connect(SalesHook().settings())
+        return DryRunSales(client, self.plan, legal_entity) if self.plan is not None else client
 
-def _measured(
-    step: Callable[..., dict], *clients: CommerceClient | SalesClient, plan: Plan | None = None,
-    store: StateStore | None = None,
-) -> dict:  # fmt: skip
-    """Runs a step with its clients open; adds what it sent to each system and what it cost, and in
-    a dry run what it would have written; logs it all as one short table."""
-    started_cpu = time.process_time()
-    with ExitStack() as stack:
+    def measured(self, step: Callable[[], dict], *clients: CommerceClient | SalesClient) -> dict:
+        """Runs the step with its clients open; adds what it sent to each system and what it cost,
+        and in a dry run what it would have written; logs it all as one short table."""
+        started_cpu = time.process_time()
+        with ExitStack() as stack:
+            for client in clients:
+                stack.enter_context(client.odata)
+            result = step()
         for client in clients:
-            stack.enter_context(client.odata)
-        result = step()
-    for client in clients:
-        name = "commerce" if isinstance(client, CommerceClient) else "dataverse"
-        result[f"{name}_requests"] = sum(client.odata.requests.values())
-        result[f"{name}_throttled"] = client.odata.throttled
-        result[f"{name}_retries"] = client.odata.retried
-    if plan is not None:
-        result["planned_writes"] = len(plan)
-    result["cpu_s"] = round(time.process_time() - started_cpu, 2)
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    if plan is not None and isinstance(store, DryRunStore):
-        planned = plan.frame()
-        store.record_planned_writes(_task_label(), planned)
-        log.info("DRY RUN: the writes this task would make (%d; none was sent)\n%s", len(planned),
-                 report.plan_text(planned))  # fmt: skip
-    log.info("%s %s: what this task did\n%s", result["step"], result["legal_entity"],
-             report.task_table(result).to_string())  # fmt: skip
-    return result
+            name = "commerce" if isinstance(client, CommerceClient) else "dataverse"
+            result[f"{name}_requests"] = sum(client.odata.requests.values())
+            result[f"{name}_throttled"] = client.odata.throttled
+            result[f"{name}_retries"] = client.odata.retried
+        if self.plan is not None:
+            result["planned_writes"] = len(self.plan)
+        result["cpu_s"] = round(time.process_time() - started_cpu, 2)
+        result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        if self.plan is not None and isinstance(self.store, DryRunStore):
+            planned = self.plan.frame()
+            self.store.record_planned_writes(_task_label(), planned)
+            log.info("DRY RUN: the writes this task would make (%d; none was sent)\n%s", len(planned),
+                     report.plan_text(planned))  # fmt: skip
+        log.info("%s %s: what this task did\n%s", result["step"], result["legal_entity"],
+                 report.task_table(result).to_string())  # fmt: skip
+        return result
+
+
+def _step() -> _Step:
+    options = _options()
+    return _Step(options, _run_id(), _store(options), Plan() if options.dry_run else None)
 
 
 def legal_entities() -> list[str]:
@@ -198,79 +208,70 @@ def plan(step: str, entities: Iterable[str]) -> list[dict]:
 
 
 def pull_prospects(legal_entity: str) -> dict:
-    options, run_id = _options(), _run_id()
-    plan_ = Plan() if options.dry_run else None
-    commerce, store = _commerce(plan_, legal_entity), _store(options)
-    ids = options.prospect_ids(legal_entity)
-    return _measured(lambda: sync.pull_prospects(commerce, store, legal_entity, run_id, ids), commerce,
-                     plan=plan_, store=store)  # fmt: skip
+    step = _step()
+    commerce, ids = step.commerce(legal_entity), step.options.prospect_ids(legal_entity)
+    return step.measured(lambda: sync.pull_prospects(commerce, step.store, legal_entity, step.run_id, ids), commerce)
 
 
 def push_leads(legal_entity: str, first_id: str, last_id: str) -> dict:
-    options, run_id = _options(), _run_id()
-    plan_ = Plan() if options.dry_run else None
-    sales, store = _sales(plan_, legal_entity), _store(options)
-    return _measured(lambda: sync.push_leads(sales, store, legal_entity, run_id, first_id, last_id), sales,
-                     plan=plan_, store=store)  # fmt: skip
+    step = _step()
+    sales = step.sales(legal_entity)
+    return step.measured(
+        lambda: sync.push_leads(sales, step.store, legal_entity, step.run_id, first_id, last_id), sales
+    )
 
 
 def read_outcomes() -> dict:
-    options, run_id = _options(), _run_id()
-    plan_ = Plan() if options.dry_run else None
-    sales, store = _sales(plan_), _store(options)
-    return _measured(lambda: reconcile.read_outcomes(sales, store, run_id, options.prospect_keys), sales,
-                     plan=plan_, store=store)  # fmt: skip
+    step = _step()
+    sales = step.sales()
+    return step.measured(lambda: reconcile.read_outcomes(sales, step.store, step.run_id, step.options.prospect_keys),
+                         sales)  # fmt: skip
 
 
 def write_customers(legal_entity: str, first_id: str, last_id: str) -> dict:
-    options, run_id = _options(), _run_id()
-    plan_ = Plan() if options.dry_run else None
+    step = _step()
     settings = CommerceHook().settings()  # read once: the client and the customer group both need it
-    commerce, sales = _commerce(plan_, legal_entity, settings), _sales(plan_, legal_entity)
-    store = _store(options)
-    return _measured(
+    commerce, sales = step.commerce(legal_entity, settings), step.sales(legal_entity)
+    return step.measured(
         lambda: reconcile.write_customers(
-            commerce, sales, store, legal_entity, run_id, settings.customer_group, first_id, last_id
+            commerce, sales, step.store, legal_entity, step.run_id, settings.customer_group, first_id, last_id
         ),
         commerce,
         sales,
-        plan=plan_,
-        store=store,
     )
 
 
 def approve_won(legal_entity: str, first_id: str, last_id: str) -> dict:
-    options, run_id = _options(), _run_id()
-    plan_ = Plan() if options.dry_run else None
-    commerce, store = _commerce(plan_, legal_entity), _store(options)
-    return _measured(lambda: reconcile.approve_won(commerce, store, legal_entity, run_id, first_id, last_id), commerce,
-                     plan=plan_, store=store)  # fmt: skip
+    step = _step()
+    commerce = step.commerce(legal_entity)
+    return step.measured(
+        lambda: reconcile.approve_won(commerce, step.store, legal_entity, step.run_id, first_id, last_id), commerce
+    )
 
 
 def reject_lost(legal_entity: str, first_id: str, last_id: str) -> dict:
-    options, run_id = _options(), _run_id()
-    plan_ = Plan() if options.dry_run else None
-    commerce, store = _commerce(plan_, legal_entity), _store(options)
-    return _measured(lambda: reconcile.reject_lost(commerce, store, legal_entity, run_id, first_id, last_id), commerce,
-                     plan=plan_, store=store)  # fmt: skip
+    step = _step()
+    commerce = step.commerce(legal_entity)
+    return step.measured(
+        lambda: reconcile.reject_lost(commerce, step.store, legal_entity, step.run_id, first_id, last_id), commerce
+    )
 
 
 def check_drift(entities: Iterable[str]) -> dict:
-    options, run_id = _options(), _run_id()
-    plan_ = Plan() if options.dry_run else None
-    commerce, sales, store = _commerce(plan_), _sales(plan_), _store(options)
+    step = _step()
+    commerce, sales, keys = step.commerce(), step.sales(), step.options.prospect_keys
 
     def check() -> dict:
-        if options.prospect_keys is not None:
-            summary, findings = reconcile.check_named_drift(commerce, sales, store, options.prospect_keys, run_id)
+        if keys is not None:
+            summary, findings = reconcile.check_named_drift(commerce, sales, step.store, keys, step.run_id)
         else:
-            summary, findings = drift.check_drift(commerce, sales, store, entities, run_id)
+            summary, findings = drift.check_drift(commerce, sales, step.store, entities, step.run_id)
         if len(findings):
             log.warning("Drift between Commerce and Sales (first 50 of %d)\n%s", len(findings),
                         findings.head(50).to_string())  # fmt: skip
         return summary
 
-    return _measured(check, commerce, sales, plan=plan_, store=store)
+    return step.measured(check, commerce, sales)
 
 
 def report_run(*step_results: Iterable[dict] | dict) -> None:

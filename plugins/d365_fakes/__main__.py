@@ -1,4 +1,5 @@
-"""Command line: `python -m d365_fakes serve [options]`."""
+"""Command line: `python -m d365_fakes serve [options]`, and `python -m d365_fakes demo-world [options]`
+(the fakes with prospects seeded and sellers at work, for `docker compose --profile demo up`)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import os
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 from d365_fakes.clients import load_clients
 from d365_fakes.faults import RULE_FIELDS, FaultPlan
+from d365_fakes.listen import ANY_ADDRESS, LOOPBACK, check_listen_address
 
 CLIENTS_ENV = "D365_FAKES_CLIENTS"
+MIN_DEMO_PROSPECTS = 10  # the demo's story makes its 4th and 9th prospects bad records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,11 +30,62 @@ def main(argv: list[str] | None = None) -> int:
         help="serve the three fakes until SIGTERM/SIGINT",
         description="Prints one JSON line of endpoints to stdout once all three are serving.",
     )
+    _add_serve_arguments(serve_parser)
+    world_parser = commands.add_parser(
+        "demo-world",
+        help="serve the fakes, seed the demo's Pending prospects, and play the sellers",
+        description="Serves the fakes as `serve` does (same options) with a seller app added, seeds "
+        "the demo's prospects in Commerce once, then every --sellers-every-s seconds decides the open "
+        "Commerce B2B leads in Sales as the demo plans them (won, lost, disqualified, qualified, "
+        "untouched), until SIGTERM/SIGINT.",
+    )
+    _add_serve_arguments(world_parser)
+    world_parser.add_argument(
+        "--prospects", type=int, default=50, help="prospects to seed, at least 10 (default: 50, as make demo)"
+    )
+    world_parser.add_argument(
+        "--legal-entities",
+        default="usrt,usmf",
+        help="comma-separated dataAreaIds to seed (default: usrt,usmf)",
+    )
+    world_parser.add_argument(
+        "--sellers-every-s",
+        type=float,
+        default=30,
+        help="how often the sellers work their open leads (default: 30)",
+    )
+    args = parser.parse_args(argv)
+    serve_options = _serve_options(parser, args)
+    if args.command == "demo-world":
+        from d365_fakes import demo_world
+
+        legal_entities = tuple(part.strip() for part in args.legal_entities.split(",") if part.strip())
+        if args.prospects < MIN_DEMO_PROSPECTS or not legal_entities or args.sellers_every_s <= 0:
+            parser.error(f"--prospects must be at least {MIN_DEMO_PROSPECTS}, --sellers-every-s positive, "
+                         "--legal-entities not empty")
+        return demo_world.run(
+            args.state_dir, serve_options, args.prospects, legal_entities, args.sellers_every_s
+        )
+    return _serve(serve_options)
+
+
+def _add_serve_arguments(serve_parser: argparse.ArgumentParser) -> None:
     serve_parser.add_argument(
         "--state-dir",
         type=Path,
         default=Path(".fakes"),
         help="where the CA, keys, tenant id and endpoints.json live (default: .fakes)",
+    )
+    serve_parser.add_argument(
+        "--host",
+        default=LOOPBACK,
+        help="the IPv4 address to listen on: a loopback one, or 0.0.0.0 in a container "
+        "(default: 127.0.0.1). The admin surface answers loopback callers only.",
+    )
+    serve_parser.add_argument(
+        "--public-host",
+        help="the host name clients use (in every URL, token audience and the certificate), e.g. "
+        "the compose service name (default: --host; required with --host 0.0.0.0)",
     )
     for service, port in (("entra", 8441), ("commerce", 8442), ("dataverse", 8443)):
         serve_parser.add_argument(
@@ -59,8 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     _add_limit_arguments(serve_parser)
     _add_fault_arguments(serve_parser)
-    args = parser.parse_args(argv)
 
+
+def _serve_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of `server.serve`, checked; exits through `parser.error` otherwise."""
+    try:
+        check_listen_address(args.host)
+    except ValueError as error:
+        parser.error(f"--host {error}")
+    if args.host == ANY_ADDRESS and not args.public_host:
+        parser.error(f"--public-host is required with --host {ANY_ADDRESS}: clients cannot reach {ANY_ADDRESS}")
     clients_source = args.clients or os.environ.get(CLIENTS_ENV)
     if not clients_source:
         parser.error(
@@ -88,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
 
     # After the argument checks: the servers import FastAPI.
     from d365_fakes.limits import Limits
-    from d365_fakes.server import serve
 
     try:
         limits = Limits(
@@ -105,19 +167,27 @@ def main(argv: list[str] | None = None) -> int:
         field, _, reason = str(error).partition(" ")
         parser.error(f"--{field.replace('_', '-')} {reason}")
 
+    return {
+        "state_dir": args.state_dir,
+        "entra_port": args.entra_port,
+        "commerce_port": args.commerce_port,
+        "dataverse_port": args.dataverse_port,
+        "clients": clients,
+        "commerce_page_size": args.commerce_page_size,
+        "tenant_id": args.tenant_id,
+        "limits": limits,
+        "delta_token_ttl_s": args.delta_token_ttl_s,
+        "faults": faults,
+        "host": args.host,
+        "public_host": args.public_host,
+    }
+
+
+def _serve(options: dict[str, Any]) -> int:
+    from d365_fakes.server import serve
+
     try:
-        serve(
-            state_dir=args.state_dir,
-            entra_port=args.entra_port,
-            commerce_port=args.commerce_port,
-            dataverse_port=args.dataverse_port,
-            clients=clients,
-            commerce_page_size=args.commerce_page_size,
-            tenant_id=args.tenant_id,
-            limits=limits,
-            delta_token_ttl_s=args.delta_token_ttl_s,
-            faults=faults,
-        )
+        serve(**options)
     except OSError as error:
         print(f"d365_fakes: {error}", file=sys.stderr)
         return 1

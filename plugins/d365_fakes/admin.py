@@ -1,14 +1,16 @@
 """The `/_admin` surface: seed, inspect and reset the fakes' state (demo and tests only).
 
-It has no authentication; that is acceptable only because the servers bind to 127.0.0.1.
+It has no authentication; that is acceptable only because it answers loopback callers only
+(`loopback_callers_only`), also when the fakes listen on 0.0.0.0 in a container.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Any, Protocol
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 
 from d365_fakes.faults import FaultPlan
@@ -29,6 +31,17 @@ class DataverseAdmin(Protocol):
     def add_rejection(self, entity_set: Any, column: Any, value: Any, message: Any = None) -> None: ...
     def clear_rejections(self) -> None: ...
     def apply_decisions(self, decisions: Any, as_client_id: Any = None) -> dict[str, Any]: ...
+
+
+def loopback_callers_only(request: Request) -> None:
+    """A route dependency: 403 for a caller that is not on this machine's loopback."""
+    caller = request.client.host if request.client else ""
+    try:
+        loopback = ipaddress.ip_address(caller).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise HTTPException(403, f"the admin surface answers loopback callers only, not {caller or 'unknown'}")
 
 
 def create_admin_router(

@@ -42,6 +42,7 @@ class Endpoints:
     dataverse: str  # the Dataverse resource; Web API root is f"{dataverse}/api/data/v9.2"
     ca_bundle: str  # give it to MSAL (`verify=`) and httpx
     pid: int
+    admin: str  # the `/_admin` surface, on a loopback address (it answers nobody else)
 
 
 class FakesFailedToStart(RuntimeError):
@@ -93,7 +94,7 @@ class FakeAdmin:
 
     def __init__(self, endpoints: Endpoints) -> None:
         self._http = httpx.Client(
-            base_url=f"{endpoints.entra}/_admin",
+            base_url=endpoints.admin,
             verify=ssl.create_default_context(cafile=endpoints.ca_bundle),
             timeout=30,
         )

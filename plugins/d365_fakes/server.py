@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
+from fastapi import Depends
 from starlette.types import ASGIApp
 
 from d365_fakes import admin, entra
 from d365_fakes.clients import ClientRegistration
 from d365_fakes.faults import FaultInjection, FaultPlan
+from d365_fakes.listen import ANY_ADDRESS, LOOPBACK, check_listen_address
 from d365_fakes.limits import Limits, ServiceProtection, ServiceProtectionMiddleware, create_limits_router
 from d365_fakes.tls import TlsFiles, ensure_tls, load_or_create_rsa_key
 from d365_fakes.tokens import TokenIssuer
@@ -33,7 +35,6 @@ if TYPE_CHECKING:
     from d365_fakes.commerce import CommerceState
     from d365_fakes.dataverse import DataverseState
 
-HOST = "127.0.0.1"
 ENDPOINTS_FILE = "endpoints.json"
 TENANT_ID_FILE = "tenant-id"
 SIGNING_KEY_FILE = "token-signing-key.pem"
@@ -61,9 +62,14 @@ def serve(
     limits: Limits | None = None,
     delta_token_ttl_s: float = 604_800,
     faults: FaultPlan | None = None,
+    host: str = LOOPBACK,
+    public_host: str | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT. Raises OSError if a port cannot be bound.
 
+    `host`: the IPv4 address to listen on, a loopback one or 0.0.0.0 (e.g. in a container);
+    `public_host`: the name clients reach the fakes by (default: `host`), which goes into every URL,
+    token audience and issuer, and into the server certificate;
     `limits`: service protection and latency (default: the real Dataverse limits, no latency);
     `delta_token_ttl_s`: how long a Dataverse change-tracking delta link stays valid;
     `faults`: the fault plan to start with (default: none, seed 0).
@@ -71,11 +77,15 @@ def serve(
     # Imported on use: the OData services are the bulk of the package; nothing else here needs them.
     from d365_fakes import commerce, dataverse
 
+    check_listen_address(host)
+    public_host = public_host or host
+    # The admin surface answers loopback callers only: on 0.0.0.0 they reach it through 127.0.0.1.
+    admin_host = LOOPBACK if host == ANY_ADDRESS else host
     state_dir = Path(state_dir).resolve()
-    tls = ensure_tls(state_dir)
+    tls = ensure_tls(state_dir, extra_names=(public_host, admin_host))
     tenant_id = tenant_id or _stable_tenant_id(state_dir)
-    sockets = [_bind(port) for port in (entra_port, commerce_port, dataverse_port)]
-    entra_url, commerce_url, dataverse_url = (_base_url(sock) for sock in sockets)
+    sockets = [_bind(host, port) for port in (entra_port, commerce_port, dataverse_port)]
+    entra_url, commerce_url, dataverse_url = (_base_url(public_host, sock) for sock in sockets)
 
     issuer = TokenIssuer(
         entra_url, tenant_id, signing_key=load_or_create_rsa_key(state_dir / SIGNING_KEY_FILE)
@@ -90,6 +100,7 @@ def serve(
         faults or FaultPlan(),
         ServiceProtection(limits),
         commerce_page_size,
+        admin_for_loopback_only=True,
     )
 
     endpoints = {
@@ -100,6 +111,7 @@ def serve(
         "dataverse": dataverse_url,
         "ca_bundle": str(tls.ca_bundle),
         "pid": os.getpid(),
+        "admin": f"{_base_url(admin_host, sockets[0])}/_admin",
     }
     endpoints_file = state_dir / ENDPOINTS_FILE
     try:
@@ -118,11 +130,14 @@ def create_apps(
     faults: FaultPlan,
     protection: ServiceProtection,
     commerce_page_size: int = 10_000,
+    admin_for_loopback_only: bool = False,
 ) -> list[ASGIApp]:
     """The Entra, Commerce and Dataverse apps, each with the whole `/_admin` surface; the two OData
     services behind service protection; each app wrapped whole in fault injection (outermost, so a
     reset fault gets uvicorn's own connection). One fault plan and one `ServiceProtection` serve
-    all three, so an admin call through any server reaches the system it names."""
+    all three, so an admin call through any server reaches the system it names.
+    `admin_for_loopback_only`: `/_admin` answers 403 to callers not on the loopback (on for the
+    served fakes; in-process test clients have no address)."""
     from d365_fakes import commerce, dataverse
 
     commerce_app = commerce.create_app(
@@ -141,9 +156,10 @@ def create_apps(
     entra_app = entra.create_app(issuer, clients)
     admin_router = admin.create_admin_router(commerce_state, dataverse_state, issuer, faults)
     limits_router = create_limits_router(protection)
+    admin_dependencies = [Depends(admin.loopback_callers_only)] if admin_for_loopback_only else []
     for app in (entra_app, commerce_app, dataverse_app):
-        app.include_router(admin_router, prefix="/_admin")
-        app.include_router(limits_router, prefix="/_admin")
+        app.include_router(admin_router, prefix="/_admin", dependencies=admin_dependencies)
+        app.include_router(limits_router, prefix="/_admin", dependencies=admin_dependencies)
     commerce_challenge = issuer.www_authenticate(commerce_url)
     dataverse_challenge = issuer.www_authenticate(dataverse_url)
     return [
@@ -218,23 +234,22 @@ def _config(app: ASGIApp, tls: TlsFiles) -> uvicorn.Config:
     )
 
 
-def _bind(port: int) -> socket.socket:
+def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # Accepted connections inherit it: without it, an answer written in two segments (TLS record
     # of the headers, then the body) waits ~40 ms for the client's delayed ACK (Nagle's algorithm).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
-        sock.bind((HOST, port))
+        sock.bind((host, port))
     except OSError as error:
         sock.close()
-        raise OSError(error.errno, f"cannot listen on {HOST}:{port}: {error.strerror}") from None
+        raise OSError(error.errno, f"cannot listen on {host}:{port}: {error.strerror}") from None
     return sock
 
 
-def _base_url(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"https://{host}:{port}"
+def _base_url(host: str, sock: socket.socket) -> str:
+    return f"https://{host}:{sock.getsockname()[1]}"
 
 
 def _stable_tenant_id(state_dir: Path) -> str:

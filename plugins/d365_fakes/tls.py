@@ -23,11 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 CA_LIFETIME = datetime.timedelta(days=3650)
 SERVER_CERT_LIFETIME = datetime.timedelta(days=825)  # the longest lifetime TLS clients accept
 RENEW_BEFORE = datetime.timedelta(days=30)
-SERVER_NAMES = [
-    x509.DNSName("localhost"),
-    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-    x509.IPAddress(ipaddress.ip_address("::1")),
-]
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)
@@ -37,12 +33,15 @@ class TlsFiles:
     key: Path  # the server certificate's private key
 
 
-def ensure_tls(state_dir: Path) -> TlsFiles:
+def ensure_tls(state_dir: Path, extra_names: tuple[str, ...] = ()) -> TlsFiles:
     """Create the CA and server certificate in `state_dir` if needed, and return their paths.
 
-    An existing CA is always reused. The server certificate is reissued when it is missing, was not
-    signed by the current CA, or is within 30 days of expiry.
+    The server certificate is valid for localhost and the loopback addresses, plus `extra_names`
+    (host names or IP addresses, e.g. the name a compose network gives the fakes). An existing CA is
+    always reused. The server certificate is reissued when it is missing, was not signed by the
+    current CA, names other hosts, or is within 30 days of expiry.
     """
+    names = _subject_alternative_names((*LOOPBACK_NAMES, *extra_names))
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     files = TlsFiles(
@@ -52,9 +51,9 @@ def ensure_tls(state_dir: Path) -> TlsFiles:
     )
     ca_key = load_or_create_rsa_key(state_dir / "ca-key.pem")
     ca_cert = _load_or_create_ca(files.ca_bundle, ca_key)
-    if not _server_cert_usable(files.cert, ca_cert):
+    if not _server_cert_usable(files.cert, ca_cert, names):
         server_key = load_or_create_rsa_key(files.key)
-        cert = _issue_server_cert(server_key, ca_cert, ca_key)
+        cert = _issue_server_cert(server_key, ca_cert, ca_key, names)
         _write_atomically(files.cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return files
 
@@ -120,7 +119,17 @@ def _load_or_create_ca(path: Path, ca_key: rsa.RSAPrivateKey) -> x509.Certificat
     return cert
 
 
-def _server_cert_usable(path: Path, ca_cert: x509.Certificate) -> bool:
+def _subject_alternative_names(names: tuple[str, ...]) -> list[x509.GeneralName]:
+    alternative_names: list[x509.GeneralName] = []
+    for name in dict.fromkeys(names):  # in order, without repeats
+        try:
+            alternative_names.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            alternative_names.append(x509.DNSName(name))
+    return alternative_names
+
+
+def _server_cert_usable(path: Path, ca_cert: x509.Certificate, names: list[x509.GeneralName]) -> bool:
     if not path.exists() or not path.with_name("server-key.pem").exists():
         return False
     cert = x509.load_pem_x509_certificate(path.read_bytes())
@@ -135,11 +144,15 @@ def _server_cert_usable(path: Path, ca_cert: x509.Certificate) -> bool:
         )
     except InvalidSignature:
         return False
-    return cert.not_valid_after_utc - _now() > RENEW_BEFORE
+    issued_for = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return set(issued_for) == set(names) and cert.not_valid_after_utc - _now() > RENEW_BEFORE
 
 
 def _issue_server_cert(
-    server_key: rsa.RSAPrivateKey, ca_cert: x509.Certificate, ca_key: rsa.RSAPrivateKey
+    server_key: rsa.RSAPrivateKey,
+    ca_cert: x509.Certificate,
+    ca_key: rsa.RSAPrivateKey,
+    names: list[x509.GeneralName],
 ) -> x509.Certificate:
     now = _now()
     public_key = server_key.public_key()
@@ -151,7 +164,7 @@ def _issue_server_cert(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + SERVER_CERT_LIFETIME)
-        .add_extension(x509.SubjectAlternativeName(SERVER_NAMES), critical=False)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -185,3 +186,53 @@ def test_delta_token_lifetime_is_a_serve_flag(tmp_path: Path, msal_honours_verif
 
     assert expired.status_code == 400
     assert expired.json()["error"]["code"] == "0x80044352"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--host", "0.0.0.0"], "--public-host is required with --host 0.0.0.0"),
+        (["--host", "10.1.2.3", "--public-host", "fakes"], "neither a loopback address nor 0.0.0.0"),
+    ],
+)
+def test_command_line_refuses_addresses_the_admin_surface_cannot_serve(tmp_path: Path, flags, message) -> None:
+    env = {**os.environ, "PYTHONPATH": str(PLUGINS), "D365_FAKES_CLIENTS": json.dumps([CLIENT])}
+
+    result = subprocess.run([sys.executable, "-m", "d365_fakes", "serve", "--state-dir", str(tmp_path), *flags],
+                            env=env, capture_output=True, text=True, timeout=30)  # fmt: skip
+
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def non_loopback_ipv4() -> str | None:
+    """An address of this machine other than the loopback (the route to a documentation address)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # UDP: nothing is sent
+        except OSError:
+            return None
+        address = probe.getsockname()[0]
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+def test_on_all_addresses_urls_name_the_public_host_and_admin_answers_loopback_only(
+    tmp_path: Path, msal_honours_verify
+) -> None:
+    with running_fakes(tmp_path, [CLIENT], host="0.0.0.0", public_host="localhost") as fakes:
+        for url in (fakes.entra, fakes.commerce, fakes.dataverse):
+            assert url.startswith("https://localhost:")
+        assert fakes.admin == f"https://127.0.0.1:{fakes.entra.rsplit(':', 1)[1]}/_admin"
+        token = msal_token(fakes, fakes.commerce)["access_token"]  # issuer and audience: localhost
+        with https(fakes) as client, FakeAdmin(fakes) as admin:
+            assert admin.seed_prospects([PROSPECT]) == 1
+            prospects = client.get(f"{fakes.commerce}/data/Prospects", headers={"Authorization": f"Bearer {token}"})
+            assert prospects.status_code == 200, prospects.text
+            address = non_loopback_ipv4()
+            if address is None:
+                pytest.skip("no non-loopback IPv4 address to call the admin surface from")
+            port = fakes.entra.rsplit(":", 1)[1]
+            with httpx.Client(verify=False, timeout=30) as outsider:  # the certificate does not name it
+                refused = outsider.get(f"https://{address}:{port}/_admin/counts")
+    assert refused.status_code == 403
+    assert "loopback callers only" in refused.text

@@ -97,3 +97,20 @@ def test_missing_server_certificate_is_reissued_by_the_same_ca(tmp_path: Path) -
 
     assert tls.ca_bundle.read_bytes() == ca_before
     assert handshake(tls, "127.0.0.1")
+
+
+def test_extra_names_are_certified_and_a_change_of_names_reissues_the_certificate(tmp_path: Path) -> None:
+    first = ensure_tls(tmp_path, extra_names=("fakes",))
+    assert handshake(first, "fakes")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        handshake(first, "other")
+    ca_before = first.ca_bundle.read_bytes()
+
+    again = ensure_tls(tmp_path, extra_names=("other", "10.0.0.7"))
+
+    names = x509.load_pem_x509_certificate(again.cert.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value  # fmt: skip
+    assert names.get_values_for_type(x509.DNSName) == ["localhost", "other"]
+    assert ipaddress.ip_address("10.0.0.7") in names.get_values_for_type(x509.IPAddress)
+    assert again.ca_bundle.read_bytes() == ca_before  # same CA: clients' bundles stay valid
+    assert handshake(again, "other")

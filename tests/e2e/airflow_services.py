@@ -1,13 +1,15 @@
 """Airflow for real, against the fakes: `airflow api-server`, `airflow scheduler` and
-`airflow dag-processor` as processes (LocalExecutor, SQLite metadata database in a temporary
-AIRFLOW_HOME), the product's connections as `AIRFLOW_CONN_*` variables, its pools imported, both
-DAGs unpaused, and the Simple auth manager with one admin whose password the tests know.
+`airflow dag-processor` as processes (by default LocalExecutor, SQLite metadata database in a
+temporary AIRFLOW_HOME), the product's connections as `AIRFLOW_CONN_*` variables, its pools
+imported, both DAGs unpaused, and the Simple auth manager with one admin whose password the tests
+know. A `Topology` chooses another executor, metadata database, state store, settings and more
+processes (tests/distributed: CeleryExecutor on PostgreSQL and Redis with two Celery workers).
 
 A pytest plugin: a test module asks for it with `pytest_plugins = ["airflow_services"]` and uses
 the `airflow_services` fixture. Airflow starts once, for the first test that asks for it, and stops
 after the last test in a row that does (so it does not idle beside the rest of the suite).
 Each process's output is in `<AIRFLOW_HOME>/services/`, copied to `.artifacts/airflow-services/`
-when Airflow stops.
+(the topology's `artifacts`) when Airflow stops.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +44,7 @@ RECONCILIATION = "b2b_outcome_reconciliation"
 DAG_IDS = (SYNC, RECONCILIATION)
 LEGAL_ENTITIES = ["usrt", "usmf"]
 USERNAME = "admin"
-SERVICES = ("api-server", "scheduler", "dag-processor")
+SERVICES = ("api-server", "scheduler", "dag-processor")  # started in this order, stopped in the reverse
 STARTUP_TIMEOUT_S = 180
 FINISHED = {"success", "failed"}
 
@@ -63,6 +65,34 @@ class AirflowFailed(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class Process:
+    """A long-running `airflow <args>` process of the deployment, with its own settings on top of the
+    deployment's (`env`). The deployment is ready only once its log holds `ready_marker`, if any."""
+
+    name: str
+    args: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    ready_marker: str | None = None
+
+
+@dataclass(frozen=True)
+class Topology:
+    """How Airflow is deployed. The default is the end-to-end tests' one: LocalExecutor, SQLite
+    metadata database and state store in the temporary directory, the three services."""
+
+    executor: str = "LocalExecutor"
+    metadata_url: str | None = None  # SQLAlchemy URL of Airflow's metadata database; None: SQLite in AIRFLOW_HOME
+    state_connection: str | None = None  # AIRFLOW_CONN_D365_STATE (JSON); None: a SQLite file, `state_db`
+    env: Mapping[str, str] = field(default_factory=dict)  # more settings, for every process and the CLI
+    extra_processes: tuple[Process, ...] = ()  # started after the three services (e.g. Celery workers)
+    artifacts: str = "airflow-services"  # where under .artifacts/ the processes' output is kept
+    keep_task_logs: bool = False  # also keep the task logs (<AIRFLOW_HOME>/logs) there
+
+    def processes(self) -> tuple[Process, ...]:
+        return tuple(Process(name, (name,)) for name in SERVICES) + self.extra_processes
+
+
 @dataclass
 class AirflowServices:
     """What a test needs of the running Airflow and fakes."""
@@ -74,7 +104,8 @@ class AirflowServices:
     password: str
     endpoints: Endpoints
     cast: Cast
-    state_db: Path
+    state_db: Path | None  # the state store's SQLite file; None when the topology puts it elsewhere
+    topology: Topology = field(default_factory=Topology)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     _token: str | None = None
 
@@ -240,6 +271,8 @@ class AirflowServices:
 
     def fresh_world(self) -> None:
         """Empty fakes and no state store, once no run is active: each test tells its own story."""
+        if self.state_db is None:
+            raise NotImplementedError("fresh_world() empties a SQLite state store only")
         self.wait_idle()
         with self.admin() as admin:
             admin.reset()
@@ -248,13 +281,21 @@ class AirflowServices:
 
     # --- the processes -----------------------------------------------------------------------------
 
+    def process_spec(self, name: str) -> Process:
+        return next((spec for spec in self.topology.processes() if spec.name == name), Process(name, (name,)))
+
+    def log_path(self, name: str) -> Path:
+        return self.home / "services" / f"{name}.log"
+
     def start_process(self, name: str) -> None:
-        """`airflow <name>` in its own session (stopping it stops what it started: LocalExecutor
-        workers, uvicorn), its output appended to `services/<name>.log`."""
-        with open(self.home / "services" / f"{name}.log", "ab") as log:
-            command = [sys.executable, "-m", "airflow", name]
-            self.processes[name] = subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                                    start_new_session=True)  # fmt: skip
+        """The topology's process `name` (by default `airflow <name>`) in its own session (stopping it
+        stops what it started: LocalExecutor and Celery workers, uvicorn), its output appended to
+        `services/<name>.log`."""
+        spec = self.process_spec(name)
+        with open(self.log_path(name), "ab") as log:
+            command = [sys.executable, "-m", "airflow", *spec.args]
+            self.processes[name] = subprocess.Popen(command, env=self.env | dict(spec.env), stdout=log,
+                                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
     def stop_process(self, name: str) -> None:
         """SIGTERM to the process group this module started (SIGKILL after 30 s), then SIGKILL to
@@ -292,28 +333,30 @@ class AirflowServices:
 
     def log_tails(self, limit: int = 3000) -> str:
         parts = []
-        for name in SERVICES:
-            path = self.home / "services" / f"{name}.log"
+        for name in [spec.name for spec in self.topology.processes()]:
+            path = self.log_path(name)
             if path.exists():
                 parts.append(f"--- {name} ({path}) ---\n{path.read_text(errors='replace')[-limit:]}")
         return "\n".join(parts)
 
 
-def _environment(home: Path, port: int, password_file: Path, connections: dict[str, str]) -> dict[str, str]:
+def _environment(home: Path, port: int, password_file: Path, connections: dict[str, str],
+                 topology: Topology) -> dict[str, str]:  # fmt: skip
     # Nothing Airflow-related leaks in from the test process (tests/conftest.py sets its own home).
     env = {name: value for name, value in os.environ.items() if not name.startswith("AIRFLOW")}
     base_url = f"http://127.0.0.1:{port}"
+    # Three processes, their workers and the CLI share one SQLite file: a writer waits up to a
+    # minute for another to finish, not the driver's default 5 s.
+    metadata_url = topology.metadata_url or f"sqlite:///{home / 'airflow.db'}?timeout=60"
     return env | connections | {
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "plugins"), env.get("PYTHONPATH")])),
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__EXECUTOR": topology.executor,
         "AIRFLOW__CORE__PARALLELISM": "8",  # worker processes of the LocalExecutor, on a 2-core machine
-        # Three processes, their workers and the CLI share one SQLite file: a writer waits up to a
-        # minute for another to finish, not the driver's default 5 s.
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}?timeout=60",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url,
         "AIRFLOW__API__BASE_URL": base_url,
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(port),
@@ -327,12 +370,14 @@ def _environment(home: Path, port: int, password_file: Path, connections: dict[s
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(password_file),
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",  # unpaused through the API, as an operator does
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
-    }  # fmt: skip
+    } | dict(topology.env)  # fmt: skip
 
 
-def start(directory: Path) -> tuple[AirflowServices, ExitStack]:
-    """Fakes, then the metadata database and pools, then the three processes; returns once both
-    DAGs are parsed, unpaused, and the runs the scheduler made at unpausing have ended."""
+def start(directory: Path, topology: Topology | None = None) -> tuple[AirflowServices, ExitStack]:
+    """Fakes, then the metadata database and pools, then the topology's processes; returns once they
+    are ready, both DAGs are parsed, unpaused, and the runs the scheduler made at unpausing have ended.
+    Closing the stack stops everything, also when starting failed half-way."""
+    topology = topology or Topology()
     stack = ExitStack()
     try:
         cast = Cast.new()
@@ -343,15 +388,18 @@ def start(directory: Path) -> tuple[AirflowServices, ExitStack]:
         password_file = home / "simple_auth_manager_passwords.json"
         password_file.write_text(json.dumps({USERNAME: password}))  # read, not regenerated, by the auth manager
         port = free_port()
-        state_db = directory / "state.db"
-        connections = airflow_connections(endpoints, cast, LEGAL_ENTITIES, state_db)
-        services = AirflowServices(f"http://127.0.0.1:{port}", home, _environment(home, port, password_file,
-                                   connections), USERNAME, password, endpoints, cast, state_db)  # fmt: skip
+        state_db = directory / "state.db" if topology.state_connection is None else None
+        connections = airflow_connections(endpoints, cast, LEGAL_ENTITIES, state_db or directory / "unused.db")
+        if topology.state_connection is not None:
+            connections["AIRFLOW_CONN_D365_STATE"] = topology.state_connection
+        env = _environment(home, port, password_file, connections, topology)
+        services = AirflowServices(f"http://127.0.0.1:{port}", home, env, USERNAME, password, endpoints, cast,
+                                   state_db, topology)  # fmt: skip
         stack.callback(_stop_all, services)
         services.cli("db", "migrate", timeout=300)
         services.cli("pools", "import", str(POOLS))
-        for name in SERVICES:
-            services.start_process(name)
+        for spec in topology.processes():
+            services.start_process(spec.name)
         _wait_until_ready(services)
         return services, stack
     except BaseException:
@@ -377,6 +425,9 @@ def _wait_until_ready(services: AirflowServices) -> None:
         except httpx.HTTPError:
             pass
         waiting("health")
+    for spec in services.topology.processes():  # e.g. Celery workers: "celery@<name> ready."
+        while spec.ready_marker and spec.ready_marker not in services.log_path(spec.name).read_text(errors="replace"):
+            waiting(f"{spec.name} ready ({spec.ready_marker!r} in its log)")
     while True:  # both DAGs parsed
         errors = services.api("GET", "/importErrors")
         if errors["total_entries"]:
@@ -393,12 +444,16 @@ def _wait_until_ready(services: AirflowServices) -> None:
 
 
 def _stop_all(services: AirflowServices) -> None:
-    for name in reversed(SERVICES):
+    for spec in reversed(services.topology.processes()):
+        services.stop_process(spec.name)
+    for name in list(services.processes):  # anything else a test started
         services.stop_process(name)
     write_artifact_gitignore()
-    target = ARTIFACTS / "airflow-services"
+    target = ARTIFACTS / services.topology.artifacts
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(services.home / "services", target)
+    if services.topology.keep_task_logs and (services.home / "logs").is_dir():
+        shutil.copytree(services.home / "logs", target / "task-logs")
 
 
 # --- the pytest plugin -----------------------------------------------------------------------------
