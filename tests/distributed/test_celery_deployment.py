@@ -34,7 +34,7 @@ LEGAL_ENTITIES = ("usrt", "usmf")
 PROSPECTS = 50
 CHUNK_SIZE = 3
 RUN_TIMEOUT_S = 420
-# "[<celery task id>] Executing workload in Celery: token=... ti=TaskInstanceDTO(id=UUID('<ti id>'), ..."
+# "Executing workload in Celery: dag_rel_path=... bundle_info=... log_path=... ti=TaskInstanceDTO(id=UUID('<ti id>'), ..."
 WORKLOAD = re.compile(r"Executing workload in Celery: .*?\bti=\w*\(id=UUID\('([0-9a-f-]{36})'\)")
 
 
