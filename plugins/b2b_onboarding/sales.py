@@ -141,8 +141,10 @@ class SalesClient:
     def leads_between(self, first_key: str, last_key: str) -> dict[str, str]:
         """Existing Commerce B2B leads whose prospect key lies in [first_key, last_key]: key → lead id.
 
-        One ranged read per bulk write tells which prospects already have a lead, so an upsert only
-        ever creates: a lead a seller works on is never overwritten."""
+        One ranged read per bulk write tells which prospects already have a lead, so the upsert
+        creates only the others and never overwrites a lead a seller works on. Only a run overlapping
+        in the moment between this read and its write can upsert the same rows again, with the same
+        contents (README, Backfills)."""
         params = {
             "$filter": f"msdyn_prospectid ge {literal(first_key)} and msdyn_prospectid le {literal(last_key)}",
             "$select": "leadid,msdyn_prospectid",
