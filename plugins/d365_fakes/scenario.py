@@ -71,6 +71,17 @@ def airflow_connections(
     }
 
 
+# The fakes' table that each operation of a dry run's plan (b2b_onboarding.dry_run) writes when
+# the real run makes it: (system, entity set), as /_admin/counts names them.
+PLANNED_WRITE_TABLES = {
+    "create lead": ("dataverse", "leads"), "set account number": ("dataverse", "accounts"),
+    "create Organization customer": ("commerce", "CustomersV3"), "create Person customer": ("commerce", "CustomersV3"),
+    "create customer hierarchy": ("commerce", "CustomerHiearchies"),
+    "add Admin node to customer hierarchy": ("commerce", "CustomerHierarchyNodes"),
+    "approve prospect": ("commerce", "Prospects"), "reject prospect": ("commerce", "Prospects"),
+}  # fmt: skip
+
+
 def total_writes(counts: dict) -> int:
     """Writes to Commerce and Sales, from the fakes' `/_admin/counts`."""
     return sum(counts["commerce"]["writes"].values()) + sum(counts["dataverse"]["writes"].values())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from b2b_onboarding.sales import SalesClient
 from b2b_onboarding.settings import ServiceSettings
 from b2b_onboarding.store import StateStore
 from d365_fakes.actors import Clerk, Seller
@@ -68,3 +69,11 @@ def clerk(world: World) -> Iterator[Clerk]:
     clerk = Clerk(world.endpoints, world.cast.clerk["client_id"], world.cast.clerk["client_secret"])
     yield clerk
     clerk.close()
+
+
+@pytest.fixture
+def sales_client(world: World, admin: FakeAdmin) -> Iterator[SalesClient]:
+    """Sales with pages of 2 rows: every read crosses pages."""
+    client = SalesClient.connect(world.settings(world.endpoints.dataverse, page_size=2))
+    yield client
+    client.odata.close()

@@ -16,7 +16,6 @@ from b2b_onboarding import sales
 from b2b_onboarding.auth import TokenProvider, token_provider
 from b2b_onboarding.commerce import CommerceClient
 from b2b_onboarding.errors import AuthenticationError, D365Error
-from b2b_onboarding.sales import SalesClient
 from b2b_onboarding.settings import DEFAULT_MAX_ATTEMPTS
 from d365_fakes.running import FakeAdmin
 from d365_fakes.tls import ensure_tls
@@ -31,13 +30,6 @@ HOSTILE_PROSPECT_IDS = [
 @pytest.fixture
 def commerce(world, admin: FakeAdmin) -> Iterator[CommerceClient]:
     client = CommerceClient.connect(world.settings(world.endpoints.commerce, legal_entities=["usrt", "usmf"]))
-    yield client
-    client.odata.close()
-
-
-@pytest.fixture
-def sales_client(world, admin: FakeAdmin) -> Iterator[SalesClient]:
-    client = SalesClient.connect(world.settings(world.endpoints.dataverse, page_size=2))
     yield client
     client.odata.close()
 

@@ -18,16 +18,9 @@ from b2b_onboarding.dry_run import DryRunCommerce, DryRunSales, Plan
 from b2b_onboarding.sales import SalesClient
 from b2b_onboarding.store import DryRunStore, StateStore
 from d365_fakes.running import FakeAdmin
+from d365_fakes.scenario import PLANNED_WRITE_TABLES
 
 COMMERCE_PAGE_SIZE = 4  # every read crosses pages
-# Which table of the fakes each planned operation writes: (system, entity set), as /_admin/counts names them.
-WRITTEN = {
-    "create lead": ("dataverse", "leads"), "set account number": ("dataverse", "accounts"),
-    "create Organization customer": ("commerce", "CustomersV3"), "create Person customer": ("commerce", "CustomersV3"),
-    "create customer hierarchy": ("commerce", "CustomerHiearchies"),
-    "add Admin node to customer hierarchy": ("commerce", "CustomerHierarchyNodes"),
-    "approve prospect": ("commerce", "Prospects"), "reject prospect": ("commerce", "Prospects"),
-}  # fmt: skip
 STORE_TABLES = ("b2b_prospects", "b2b_transitions", "b2b_delta_links", "b2b_drift_findings", "b2b_anomalies")
 OUTCOMES = ("won", "lost", "disqualified", "qualified", "won", None)
 
@@ -39,7 +32,7 @@ def writes(admin: FakeAdmin) -> Counter:
 
 
 def planned(plan: Plan) -> Counter:
-    return Counter(WRITTEN[operation] for operation in plan.frame()["operation"])
+    return Counter(PLANNED_WRITE_TABLES[operation] for operation in plan.frame()["operation"])
 
 
 def snapshot(store: StateStore) -> dict[str, list]:

@@ -56,13 +56,6 @@ def commerce(world, admin: FakeAdmin) -> Iterator[CommerceClient]:
     client.odata.close()
 
 
-@pytest.fixture
-def sales_client(world, admin: FakeAdmin) -> Iterator[SalesClient]:
-    client = SalesClient.connect(world.settings(world.endpoints.dataverse, page_size=2))
-    yield client
-    client.odata.close()
-
-
 def all_prospects(clerk: Clerk) -> dict[tuple[str, str], dict]:
     return {(row["dataAreaId"], row["ProspectId"]): row for row in clerk.all("Prospects")}
 

@@ -31,3 +31,13 @@ def world(tmp_path_factory: pytest.TempPathFactory, airflow_db: Path) -> Iterato
             for name, value in connections.items():
                 env.setenv(name, value)
             yield World(endpoints, cast, state_db)
+
+
+@pytest.fixture(scope="module")
+def dags(airflow_db):
+    """Both DAGs as Airflow parses them (DAG files and plugins), none failing to import."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag()
+    assert not bag.import_errors
+    return bag

@@ -21,15 +21,6 @@ from alert_receivers import smtp_connection, smtp_receiver, webhook_connection, 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def dags(airflow_db):
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag()
-    assert not bag.import_errors
-    return bag
-
-
 def reconcile(dags, **conf):
     """A reconciliation with `conf` over the params' defaults, every param given: Airflow 3.3's
     in-process `dag.test()` keeps a run's conf in the DAG object's params for the next run."""

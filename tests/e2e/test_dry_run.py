@@ -14,27 +14,10 @@ import pytest
 from b2b_onboarding.store import StateStore
 from d365_fakes.actors import Clerk, Seller
 from d365_fakes.running import FakeAdmin
-from d365_fakes.scenario import play_sellers, prospects, total_writes
+from d365_fakes.scenario import PLANNED_WRITE_TABLES, play_sellers, prospects, total_writes
 
 pytestmark = pytest.mark.e2e
 
-# Which table of the fakes each planned operation writes: (system, entity set), as /_admin/counts names them.
-WRITTEN = {
-    "create lead": ("dataverse", "leads"), "set account number": ("dataverse", "accounts"),
-    "create Organization customer": ("commerce", "CustomersV3"), "create Person customer": ("commerce", "CustomersV3"),
-    "create customer hierarchy": ("commerce", "CustomerHiearchies"),
-    "add Admin node to customer hierarchy": ("commerce", "CustomerHierarchyNodes"),
-    "approve prospect": ("commerce", "Prospects"), "reject prospect": ("commerce", "Prospects"),
-}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def dags(airflow_db):
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag()
-    assert not bag.import_errors
-    return bag
 
 
 # Each DAG's params as declared, taken before its first run in this module.
@@ -62,7 +45,7 @@ def writes(admin: FakeAdmin) -> Counter:
 
 
 def planned(plan) -> Counter:
-    return Counter(WRITTEN[operation] for operation in plan["operation"])
+    return Counter(PLANNED_WRITE_TABLES[operation] for operation in plan["operation"])
 
 
 def prospect_rows(world) -> list[dict]:

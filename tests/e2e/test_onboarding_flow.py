@@ -14,15 +14,6 @@ from d365_fakes.scenario import observe, play_sellers, prospects, total_writes
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def dags(airflow_db):
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag()
-    assert not bag.import_errors
-    return bag
-
-
 def run(dags, dag_id: str, **conf):
     dag_run = dags.get_dag(dag_id).test(run_conf=conf or None)
     assert dag_run.state == "success", f"{dag_id} ended {dag_run.state}"
