@@ -53,6 +53,10 @@ def task_failed(context) -> None:
         "sla_days": Param(3, type="integer", minimum=0, title="SLA (days)",
                           description="check_sla fails when a prospect has waited undecided (Pending in Commerce) "
                                       "longer than this many days since it was first pulled, or an anomaly is open."),
+        "qualified_without_opportunity_days": Param(
+            2, type="number", minimum=0, title="Qualified without opportunity (days)",
+            description="A lead qualified this long ago with no opportunity (none created at qualification or "
+                        "since) is reported as the anomaly qualified_without_opportunity."),
     },  # fmt: skip
     tags=["dynamics365", "b2b-onboarding"],
     doc_md=__doc__,

@@ -50,7 +50,7 @@ def task_failed(context) -> None:
                                           "one per line, each read from Commerce by its key (it must be a Pending B2B "
                                           "prospect): rerun a bad record fixed in HQ. Empty: every Pending prospect."),
         "chunk_size": Param(5000, type="integer", minimum=1, title="Chunk size",
-                            description="Prospects per mapped push task."),
+                            description="Prospects per mapped push or correction task."),
     },  # fmt: skip
     tags=["dynamics365", "b2b-onboarding"],
     doc_md=__doc__,
@@ -80,17 +80,30 @@ def b2b_prospect_sync():
 
         return tasks.push_leads(legal_entity, first_id, last_id)
 
-    @task(trigger_rule="all_done")
-    def report(pulled, pushed) -> None:
+    @task
+    def plan_corrections(entities: list[str]) -> list[dict]:
         from b2b_onboarding import tasks
 
-        tasks.report_run(pulled[:], pushed[:])
+        return tasks.plan("correct", entities)
+
+    @task(map_index_template=CHUNK, pool="d365_sales")
+    def correct_leads(legal_entity: str, first_id: str, last_id: str) -> dict:
+        from b2b_onboarding import tasks
+
+        return tasks.correct_leads(legal_entity, first_id, last_id)
+
+    @task(trigger_rule="all_done")
+    def report(pulled, pushed, corrected) -> None:
+        from b2b_onboarding import tasks
+
+        tasks.report_run(pulled[:], pushed[:], corrected[:])
 
     entities = legal_entities()
     pulled = pull_prospects.expand(legal_entity=entities)
     chunks = plan_push(entities)
-    pulled >> chunks
-    report(pulled, push_leads.expand_kwargs(chunks))
+    corrections = plan_corrections(entities)
+    pulled >> [chunks, corrections]
+    report(pulled, push_leads.expand_kwargs(chunks), correct_leads.expand_kwargs(corrections))
 
 
 b2b_prospect_sync()

@@ -22,6 +22,8 @@ class BatchRequest:
     url: str
     body: Mapping[str, Any] | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+    # The (legal entity, prospect id) the write is for: named in a dry run's plan, never sent.
+    prospect: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)

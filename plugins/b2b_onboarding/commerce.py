@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlencode
 
@@ -25,6 +25,12 @@ PROSPECT_FIELDS = (
 _CROSS_COMPANY = {"cross-company": "true"}
 # Changesets (one prospect's writes each) per `$batch` request unless the connection says otherwise.
 DEFAULT_CHANGESETS_PER_BATCH = 100
+# Values per `or` filter: keeps the URL far below the service's length limit.
+VALUES_PER_QUERY = 40
+CUSTOMER_FIELDS = ("dataAreaId", "CustomerAccount", "PartyType", "PartyNumber", "OrganizationName",
+                   "PersonFirstName", "PersonLastName", "PrimaryContactEmail")  # fmt: skip
+HIERARCHY_FIELDS = ("dataAreaId", "CustomerHierarchyId", "OrganizationPartyNumber", "Purpose")
+NODE_FIELDS = ("dataAreaId", "CustomerHierarchyId", "NodePartyNumber", "Role", "VersionRemoved")
 
 
 def enum_literal(enum_name: str, member: str) -> str:
@@ -72,9 +78,12 @@ class CommerceClient:
         operation = f"read {status or 'all'} B2B prospects".replace("Pending", "pending")
         return self.odata.iter_pages("Prospects", operation=operation, params=params)
 
-    def run_changesets(self, changesets: Sequence[Sequence[BatchRequest]], operation: str) -> list[list[BatchResponse]]:
+    def run_changesets(
+        self, changesets: Sequence[Sequence[BatchRequest]], operation: str, repeatable: bool = True
+    ) -> list[list[BatchResponse]]:
         """Sends changesets in `$batch` requests (several at once, up to the client's concurrency);
-        every changeset is answered, applied whole or not at all."""
+        every changeset is answered, applied whole or not at all. `repeatable`: every create in them
+        names its key, so a repeat is refused as a duplicate (a create numbered by HQ is not)."""
         groups = [changesets[start : start + self.changesets_per_batch]
                   for start in range(0, len(changesets), self.changesets_per_batch)]  # fmt: skip
 
@@ -83,7 +92,7 @@ class CommerceClient:
             response = self.odata.request(
                 "POST", "$batch", operation=operation, content=body,
                 headers={"Content-Type": content_type, "Prefer": "odata.continue-on-error"},
-                repeatable=True,  # each changeset's creates are keyed and its updates carry If-Match
+                repeatable=repeatable,  # keyed creates are refused when repeated; updates carry If-Match
             )  # fmt: skip
             answers = batch.decode(response.headers.get("Content-Type", ""), response.content)
             if len(answers) != len(group):
@@ -97,8 +106,33 @@ class CommerceClient:
             return [answer for answers in pool.map(send, groups) for answer in answers]
 
     @staticmethod
-    def create_request(entity_set: str, row: dict) -> BatchRequest:
-        return BatchRequest("POST", _in_url(entity_set), row)
+    def create_request(entity_set: str, row: dict, prospect: tuple[str, str] | None = None) -> BatchRequest:
+        return BatchRequest("POST", _in_url(entity_set), row, prospect=prospect)
+
+    def rows_where(
+        self, entity_set: str, field: str, values: Iterable[str], select: Sequence[str], legal_entity: str | None = None,
+        condition: str | None = None,
+    ) -> list[dict]:  # fmt: skip
+        """Rows of any company (or of one) whose `field` equals one of `values` (as HQ compares:
+        case-insensitively), a bounded `or` filter a request. A `*` is a wildcard in HQ's `eq` and
+        nothing escapes it, so rows are matched again here, exactly but for case."""
+        unique = sorted({value for value in values if value})
+        wanted = {value.casefold() for value in unique}
+        parts = [unique[start : start + VALUES_PER_QUERY] for start in range(0, len(unique), VALUES_PER_QUERY)]
+
+        def read(part: Sequence[str]) -> list[dict]:
+            query = "(" + " or ".join(f"{field} eq {literal(value)}" for value in part) + ")"
+            if legal_entity is not None:
+                query = f"dataAreaId eq {literal(legal_entity)} and {query}"
+            if condition:
+                query += f" and {condition}"
+            params = {**_CROSS_COMPANY, "$filter": query, "$select": ",".join(select)}
+            return [row for page in self.odata.iter_pages(entity_set, operation=f"read {entity_set} by {field}",
+                                                          params=params) for row in page
+                    if str(row.get(field) or "").casefold() in wanted]  # fmt: skip
+
+        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+            return [row for rows in pool.map(read, parts) for row in rows]
 
     @staticmethod
     def status_request(legal_entity: str, prospect_id: str, status: str, etag: str) -> BatchRequest:
@@ -134,15 +168,18 @@ class CommerceClient:
             params=_CROSS_COMPANY,
         )
 
-    def create_customer(self, customer: dict) -> dict:
+    def create_customer(self, customer: dict, prospect: tuple[str, str] | None = None) -> dict:
+        named = f"customer {customer['dataAreaId']}/{customer['CustomerAccount']}" if customer.get("CustomerAccount") else (
+            f"{customer['PartyType']} customer of prospect {prospect[0]}/{prospect[1]}" if prospect else "customer")  # fmt: skip
         return self.odata.request(
             "POST",
             "CustomersV3",
             operation=f"create {customer['PartyType']} customer",
-            record=f"customer {customer['dataAreaId']}/{customer['CustomerAccount']}",
+            record=named,
             params=_CROSS_COMPANY,
             json=customer,
-            repeatable=True,  # a derived key: a repeat is refused as a duplicate, and adopted
+            # A templated account is refused when repeated, and adopted; a numbered one is sent once.
+            repeatable=bool(customer.get("CustomerAccount")),
         ).json()
 
     def get_hierarchy(self, hierarchy_id: str) -> dict | None:

@@ -26,7 +26,7 @@ from . import sales as sales_module
 from .batch import BatchRequest, BatchResponse
 from .commerce import CommerceClient
 from .odata import ODataClient
-from .prospects import ORGANIZATION_ACCOUNT_SUFFIX, PERSON_ACCOUNT_SUFFIX
+from .prospects import prospect_key
 from .sales import SalesClient, lead_id_of
 from .store import PLAN_COLUMNS
 
@@ -82,14 +82,6 @@ class ReadOnlyOData:
         self._odata.__exit__(*exc_info)
 
 
-def _prospect_of_account(customer_account: str) -> str:
-    """The prospect id a customer account was derived from (`prospects.customer_accounts`)."""
-    for suffix in (ORGANIZATION_ACCOUNT_SUFFIX, PERSON_ACCOUNT_SUFFIX):
-        if customer_account.endswith(suffix):
-            return customer_account[: -len(suffix)]
-    return customer_account
-
-
 def _prospect_of_hierarchy(hierarchy_id: str, legal_entity: str | None) -> tuple[str | None, str]:
     """(legal entity, prospect id) a hierarchy id was derived from (`prospects.prospect_hierarchy_id`)."""
     if legal_entity and hierarchy_id.startswith(f"{legal_entity.upper()}-"):
@@ -127,10 +119,13 @@ class DryRunCommerce(CommerceClient):
 
     # --- one by one (and the parts of each changeset) -------------------------------------------------
 
-    def create_customer(self, customer: dict) -> dict:
+    def create_customer(self, customer: dict, prospect: tuple[str, str] | None = None) -> dict:
+        # HQ's number sequence would number a customer without an account: a stand-in names it.
+        account = customer.get("CustomerAccount") or f"({customer['PartyType']} of {prospect[1] if prospect else '?'})"
+        customer = {**customer, "CustomerAccount": account}
         self.plan.add(COMMERCE, f"create {customer['PartyType']} customer", customer["dataAreaId"],
-                      _prospect_of_account(customer["CustomerAccount"]), _customer_text(customer))  # fmt: skip
-        return {**customer, "PartyNumber": PLANNED_PARTY_PREFIX + customer["CustomerAccount"]}
+                      prospect[1] if prospect else None, _customer_text(customer))  # fmt: skip
+        return {**customer, "PartyNumber": PLANNED_PARTY_PREFIX + account}
 
     def create_hierarchy(self, hierarchy: dict) -> dict:
         legal_entity, prospect_id = _prospect_of_hierarchy(hierarchy["CustomerHierarchyId"], self.legal_entity)
@@ -139,8 +134,8 @@ class DryRunCommerce(CommerceClient):
                       f"{hierarchy.get('Name')}, organization {hierarchy.get('OrganizationPartyNumber')})")  # fmt: skip
         return dict(hierarchy)
 
-    def create_hierarchy_node(self, node: dict) -> dict:
-        legal_entity, prospect_id = _prospect_of_hierarchy(node["CustomerHierarchyId"], self.legal_entity)
+    def create_hierarchy_node(self, node: dict, prospect: tuple[str, str] | None = None) -> dict:
+        legal_entity, prospect_id = prospect or _prospect_of_hierarchy(node["CustomerHierarchyId"], self.legal_entity)
         self.plan.add(COMMERCE, f"add {node['Role']} node to customer hierarchy", legal_entity, prospect_id,
                       f"party {node['NodePartyNumber']} as {node['Role']} of hierarchy {node['CustomerHierarchyId']}")  # fmt: skip
         return dict(node)
@@ -152,7 +147,9 @@ class DryRunCommerce(CommerceClient):
 
     # --- in changesets ---------------------------------------------------------------------------------
 
-    def run_changesets(self, changesets: Sequence[Sequence[BatchRequest]], operation: str) -> list[list[BatchResponse]]:
+    def run_changesets(
+        self, changesets: Sequence[Sequence[BatchRequest]], operation: str, repeatable: bool = True
+    ) -> list[list[BatchResponse]]:
         """Each changeset as HQ would answer it: applied whole (its writes planned), or refused whole
         when one of its creates names a key that exists (the step then adopts it one by one)."""
         with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
@@ -169,7 +166,7 @@ class DryRunCommerce(CommerceClient):
     def _check(self, request: BatchRequest) -> None:
         entity_set, body = request.url.split("?", 1)[0].split("(", 1)[0], dict(request.body or {})
         if request.method == "POST" and entity_set == "CustomersV3":
-            if self.get_customer(body["dataAreaId"], body["CustomerAccount"]) is not None:
+            if body.get("CustomerAccount") and self.get_customer(body["dataAreaId"], body["CustomerAccount"]) is not None:
                 raise DryRunRefused(f"customer {body['dataAreaId']}/{body['CustomerAccount']} exists")
         elif request.method == "POST" and entity_set == "CustomerHiearchies":
             if self.get_hierarchy(body["CustomerHierarchyId"]) is not None:
@@ -184,11 +181,11 @@ class DryRunCommerce(CommerceClient):
     def _answer(self, request: BatchRequest, content_id: str) -> BatchResponse:
         entity_set, body = request.url.split("?", 1)[0].split("(", 1)[0], dict(request.body or {})
         if entity_set == "CustomersV3":
-            return BatchResponse(201, self.create_customer(body), content_id)
+            return BatchResponse(201, self.create_customer(body, request.prospect), content_id)
         if entity_set == "CustomerHiearchies":
             return BatchResponse(201, self.create_hierarchy(body), content_id)
         if entity_set == "CustomerHierarchyNodes":
-            return BatchResponse(201, self.create_hierarchy_node(body), content_id)
+            return BatchResponse(201, self.create_hierarchy_node(body, request.prospect), content_id)
         legal_entity, prospect_id = _prospect_of_url(request.url)
         self.set_prospect_status(legal_entity or "", prospect_id or "", body["B2BProspectStatus"], "")
         return BatchResponse(204, None, content_id)
@@ -205,22 +202,21 @@ class DryRunSales(SalesClient):
         self.plan = plan
         self.legal_entity = legal_entity
 
-    def _plan_lead(self, prospect_key: str, lead: dict) -> str:
-        legal_entity, _, prospect_id = prospect_key.partition(":")
+    def _plan_lead(self, legal_entity: str, prospect_id: str, lead: dict) -> str:
         name = " ".join(part for part in (lead.get("firstname"), lead.get("lastname")) if part)
         self.plan.add(SALES, "create lead", legal_entity, prospect_id,
-                      f"lead {prospect_key} ({name}, {lead.get('companyname')}, {lead.get('emailaddress1')}) "
-                      "in All Commerce B2B leads")  # fmt: skip
-        return lead_id_of(prospect_key)
+                      f"lead {prospect_key(legal_entity, prospect_id)} ({name}, {lead.get('companyname')}, "
+                      f"{lead.get('emailaddress1')}) in All Commerce B2B leads")  # fmt: skip
+        return lead_id_of(legal_entity, prospect_id)
 
-    def upsert_leads(self, leads: Sequence[tuple[str, dict]]) -> list[str]:
-        return [self._plan_lead(key, lead) for key, lead in leads]
+    def upsert_leads(self, legal_entity: str, leads: Sequence[tuple[str, dict]]) -> list[str]:
+        return [self._plan_lead(legal_entity, prospect_id, lead) for prospect_id, lead in leads]
 
-    def create_lead(self, prospect_key: str, lead: dict) -> tuple[str, bool]:
-        existing = self.get_lead(prospect_key)
-        if existing is not None:  # the real create answers 412 and adopts it: no write
-            return existing["leadid"].lower(), False
-        return self._plan_lead(prospect_key, lead), True
+    def create_lead(self, legal_entity: str, prospect_id: str, lead: dict) -> tuple[str, dict | None]:
+        existing = self.get_leads(legal_entity, prospect_id)
+        if existing:  # the real create is refused and adopts it: no write
+            return existing[0]["leadid"].lower(), existing[0]
+        return self._plan_lead(legal_entity, prospect_id, lead), None
 
     def update_many(self, entity_set: str, id_column: str, rows: Sequence[dict]) -> None:
         for row in rows:
@@ -231,5 +227,5 @@ class DryRunSales(SalesClient):
                               + ", ".join(f"{name} = {value}" for name, value in row.items() if name != id_column))  # fmt: skip
 
     def set_account_number(self, account_id: str, account_number: str) -> None:
-        self.plan.add(SALES, "set account number", self.legal_entity, _prospect_of_account(account_number),
+        self.plan.add(SALES, "set account number", self.legal_entity, None,
                       f"account {account_id}: accountnumber = {account_number} (the Commerce customer account)")  # fmt: skip

@@ -17,6 +17,13 @@ _NEXT_STEP = {
     429: "the service is throttling this client; rerun later or lower the task's concurrency",
 }
 _SERVER_ERROR_STEP = "the service failed; rerun the task, and check the service's health if it persists"
+# Next steps by the service's error code, where the code says more than the status. These cannot
+# cure themselves, so none says "rerun".
+_CODE_STEP = {
+    "0x80040237": ("another record already holds this key in Sales (keys compare case-insensitively, so "
+                   "'USMF:P-1' and 'usmf:P-1' are one key): find the lead with that key, and merge or delete the extra "
+                   "one; the next sync adopts the one that remains"),
+}
 
 
 class D365Error(Exception):
@@ -55,6 +62,8 @@ class D365Error(Exception):
                     "is written twice), and check the service's health if it persists")  # fmt: skip
         if self.status >= 500:
             return _SERVER_ERROR_STEP
+        if self.code.lower() in _CODE_STEP:
+            return _CODE_STEP[self.code.lower()]
         return _NEXT_STEP.get(self.status, "read the service's message above and fix the cause")
 
     @property

@@ -12,10 +12,10 @@ from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, 
 from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated
 
-# Customer accounts are derived from the prospect id (idempotent creates); CustAccount holds 20.
-MAX_PROSPECT_ID_LENGTH = 16
-ORGANIZATION_ACCOUNT_SUFFIX = "-ORG"
-PERSON_ACCOUNT_SUFFIX = "-ADM"
+# Prospect ids as HQ's number sequences draw them fit in 20 characters (ProspectId's EDT).
+MAX_PROSPECT_ID_LENGTH = 20
+# CustAccount holds 20 characters: a customer account template must render within it.
+MAX_CUSTOMER_ACCOUNT_LENGTH = 20
 
 LEAD_SOURCE_WEB = 8
 B2B_STATUS_OPTION = {"Pending": 0, "Approved": 1, "Rejected": 2, "Unknown": 3}
@@ -76,13 +76,19 @@ class Prospect(BaseModel):
 
 
 def prospect_key(legal_entity: str, prospect_id: str) -> str:
-    """The lead's `msdyn_prospectid`: prospect ids repeat across legal entities, so both are in it."""
+    """A prospect's name across legal entities, `usrt:P-000123`: the seed of its derived lead id, and
+    the `msdyn_prospectid` that versions of this product before the composite key wrote (still adopted)."""
     return f"{legal_entity}:{prospect_id}"
 
 
-def customer_accounts(prospect_id: str) -> tuple[str, str]:
-    """(organization, person) customer accounts that this prospect's customers get in Commerce."""
-    return prospect_id + ORGANIZATION_ACCOUNT_SUFFIX, prospect_id + PERSON_ACCOUNT_SUFFIX
+def key_fold(value: str) -> str:
+    """A key as Dataverse compares it: alternate keys follow the database's case-insensitive collation."""
+    return value.casefold()
+
+
+def customer_account(template: str, legal_entity: str, prospect_id: str, role: str) -> str:
+    """The customer account a template gives (`{legal_entity}`, `{prospect_id}`, `{role}`: ORG or ADM)."""
+    return template.format(legal_entity=legal_entity.upper(), prospect_id=prospect_id, role=role)
 
 
 def prospect_hierarchy_id(legal_entity: str, prospect_id: str) -> str:
@@ -158,10 +164,23 @@ def refuse_duplicate_emails(page: pd.DataFrame, legal_entity: str, emails_in_use
     return result
 
 
+# The lead columns dual-write maps from prospect fields (domain.md): corrections in HQ reach these.
+MAPPED_LEAD_COLUMNS = (
+    "firstname", "lastname", "companyname", "emailaddress1", "telephone1", "address1_line1", "address1_city",
+    "address1_postalcode", "address1_country",
+)  # fmt: skip
+
+
+def mapped_lead_fields(prospect: dict) -> dict:
+    """The mapped columns a prospect gives its lead, every one present (None where HQ has nothing)."""
+    lead = lead_of(prospect)
+    return {column: lead.get(column) for column in MAPPED_LEAD_COLUMNS}
+
+
 def lead_of(prospect: dict) -> dict:
     """The lead a prospect becomes, by dual-write's column map; tagged so it lands in the view
     "All Commerce B2B leads". Its owner is the calling application user, so no seller's
-    "My open leads" shows it. The alternate key is in the URL, never in the body."""
+    "My open leads" shows it. Its key (prospect id and company) is added by the Sales client."""
     first, last = split_name(prospect["ProspectName"])
     lead = {
         "firstname": first,

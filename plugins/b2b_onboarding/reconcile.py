@@ -7,15 +7,16 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Collection
+from datetime import UTC, datetime
 
 import pandas as pd
 
-from . import bulk, drift, rules
+from . import bulk, customers, drift, rules
 from .batch import BatchRequest, BatchResponse
-from .commerce import CommerceClient
+from .commerce import CUSTOMER_FIELDS, HIERARCHY_FIELDS, NODE_FIELDS, CommerceClient
 from .errors import D365Error, DecisionConflict
 from .per_record import Action, for_each_prospect, keep
-from .prospects import customer_accounts, prospect_hierarchy_id, prospect_key
+from .prospects import customer_account, prospect_hierarchy_id
 from .sales import (ACCOUNT_COLUMNS, CONTACT_COLUMNS, DRIFT_LEAD_COLUMNS, LEAD_OUTCOME_COLUMNS, OPPORTUNITY_COLUMNS,
                     SalesClient)  # fmt: skip
 from .store import StateStore
@@ -23,59 +24,175 @@ from .store import StateStore
 log = logging.getLogger(__name__)
 
 
+# Days a lead may stay qualified with no opportunity before it is an anomaly, unless the run says otherwise.
+DEFAULT_QUALIFIED_WITHOUT_OPPORTUNITY_DAYS = 2.0
+
+
 def read_outcomes(
-    sales: SalesClient, store: StateStore, run_id: str, keys: Collection[tuple[str, str]] | None = None
-) -> dict:
-    """Brings the store up to date with what sellers did to tracked leads and opportunities.
+    sales: SalesClient, store: StateStore, run_id: str, keys: Collection[tuple[str, str]] | None = None,
+    qualified_without_opportunity_days: float = DEFAULT_QUALIFIED_WITHOUT_OPPORTUNITY_DAYS,
+) -> dict:  # fmt: skip
+    """Brings the store up to date with what sellers did to tracked leads and all their opportunities.
 
     With change tracking, only what changed since the last run is read (the delta links live in the
-    store, saved after the changes they cover); otherwise every decided lead is read each night.
+    store, saved after the changes they cover); a full read (first run, or a link expired) is also
+    compared with what the store tracks, so a lead or opportunity deleted meanwhile is reported as
+    a tombstone would have been. Without change tracking every decided lead is read each night.
+    Either way the opportunities of qualified leads still waiting for one are read by their
+    originating lead (opportunities created after qualification, leads adopted already qualified),
+    and a lead qualified longer than `qualified_without_opportunity_days` with none is an anomaly.
     With `keys` (a targeted rerun), the leads and opportunities of those prospects are read by id,
     and the delta links are left for the next full run."""
     if keys is not None:
-        return _read_outcomes_of(sales, store, keys, run_id)
-    if not sales.change_tracking:
-        return _read_all_outcomes(sales, store, run_id)
-    counts: Counter[str] = Counter()
-    for entity_set, what, columns, id_column, rule in (
-        ("leads", "lead", LEAD_OUTCOME_COLUMNS, "lead_ids", rules.lead_outcomes),
-        ("opportunities", "opportunity", OPPORTUNITY_COLUMNS, "opportunity_ids", rules.opportunity_outcomes),
-    ):
-        link = store.delta_link(entity_set)
-        feed = sales.changes(entity_set, columns, link)
-        for page in feed.pages:
-            changed = pd.DataFrame(page, columns=list(columns))
-            ids = changed[columns[0]].str.lower()
-            tracked = store.frame(columns=rules.RULE_COLUMNS, **{id_column: list(ids)})
-            counts[f"{entity_set}_read"] += len(changed)
-            counts[f"{entity_set}_changes"] += store.apply_changes(rule(tracked, changed), run_id)
-            counts[f"{entity_set}_changed_after_decision"] += _record_changed_after_decision(
-                store, what, rules.changed_after_decision(tracked, changed, what), run_id)  # fmt: skip
-        counts[f"{entity_set}_deleted"] += _record_deleted(store, what, id_column, feed.deleted, run_id)
-        counts[f"{entity_set}_full_reads"] += int(feed.expired or link is None)
-        store.set_delta_link(entity_set, feed.delta_link, run_id)
+        counts = _read_outcomes_of(sales, store, keys, run_id)
+    elif not sales.change_tracking:
+        counts = _read_all_outcomes(sales, store, run_id)
+    else:
+        counts = _read_changes(sales, store, run_id)
+    tracked = rules.only(store.frame(columns=rules.RULE_COLUMNS), keys)
+    waiting = tracked[(tracked["lead_state"] == "qualified") & tracked["decision"].isna() & tracked["opportunity_state"].isna()]
+    counts["opportunities_changes"] += _refresh_opportunities(sales, store, waiting, run_id)
+    counts["qualified_without_opportunity"] += _record_qualified_without_opportunity(
+        store, rules.only(store.frame(columns=rules.RULE_COLUMNS), keys), qualified_without_opportunity_days, run_id)  # fmt: skip
     return {"step": "read outcomes", "legal_entity": "*", **counts}
 
 
-def _read_outcomes_of(sales: SalesClient, store: StateStore, keys: Collection[tuple[str, str]], run_id: str) -> dict:
-    """The outcomes of the named prospects only: their leads, then their opportunities (which the
-    leads may just have named), read by id. A tracked lead or opportunity that Sales no longer has is
-    deleted, as change tracking would have said."""
+def _read_changes(sales: SalesClient, store: StateStore, run_id: str) -> Counter[str]:
     counts: Counter[str] = Counter()
-    for entity_set, what, columns, id_column, rule in (
-        ("leads", "lead", LEAD_OUTCOME_COLUMNS, "lead_id", rules.lead_outcomes),
-        ("opportunities", "opportunity", OPPORTUNITY_COLUMNS, "opportunity_id", rules.opportunity_outcomes),
-    ):
-        tracked = store.frame(columns=rules.RULE_COLUMNS, keys=keys)
-        ids = sorted({value.lower() for value in tracked[id_column].dropna()})
-        read = pd.DataFrame(sales.get_by_ids(entity_set, columns[0], ids, columns), columns=list(columns))
-        counts[f"{entity_set}_read"] += len(read)
-        counts[f"{entity_set}_changes"] += store.apply_changes(rule(tracked, read), run_id)
-        counts[f"{entity_set}_changed_after_decision"] += _record_changed_after_decision(
-            store, what, rules.changed_after_decision(tracked, read, what), run_id)  # fmt: skip
-        gone = sorted(set(ids) - set(read[columns[0]].str.lower()))
-        counts[f"{entity_set}_deleted"] += _record_deleted(store, what, f"{id_column}s", gone, run_id)
-    return {"step": "read outcomes", "legal_entity": "*", **counts}
+    link = store.delta_link("leads")
+    feed = sales.changes("leads", LEAD_OUTCOME_COLUMNS, link)
+    seen: set[str] = set()
+    for page in feed.pages:
+        changed = pd.DataFrame(page, columns=list(LEAD_OUTCOME_COLUMNS))
+        ids = list(changed["leadid"].str.lower())
+        seen.update(ids)
+        counts["leads_read"] += len(changed)
+        counts.update(_apply_lead_changes(store, store.frame(columns=rules.RULE_COLUMNS, lead_ids=ids), changed, run_id))
+    full_read = feed.expired or link is None
+    deleted = set(feed.deleted) | (_missing(sales, store, "leads", "leadid", seen) if full_read else set())
+    counts["leads_deleted"] += _record_deleted(store, "lead", "lead_ids", sorted(deleted), run_id)
+    counts["leads_full_reads"] += int(full_read)
+    store.set_delta_link("leads", feed.delta_link, run_id)
+
+    link = store.delta_link("opportunities")
+    feed = sales.changes("opportunities", OPPORTUNITY_COLUMNS, link)
+    seen = set()
+    for page in feed.pages:
+        rows = pd.DataFrame(page, columns=list(OPPORTUNITY_COLUMNS))
+        ids = list(rows["opportunityid"].str.lower())
+        seen.update(ids)
+        origins = [value.lower() for value in rows["_originatingleadid_value"] if isinstance(value, str)]
+        tracked = pd.concat([store.frame(columns=rules.RULE_COLUMNS, lead_ids=origins),
+                             store.frame(columns=rules.RULE_COLUMNS, opportunity_ids=ids)],
+                            ignore_index=True).drop_duplicates(["legal_entity", "prospect_id"])  # fmt: skip
+        counts["opportunities_read"] += len(rows)
+        counts.update(_apply_opportunities(store, tracked, rows, run_id))
+    full_read = feed.expired or link is None
+    deleted = set(feed.deleted) | (_missing(sales, store, "opportunities", "opportunityid", seen) if full_read else set())
+    counts["opportunities_deleted"] += _record_deleted_opportunities(store, sorted(deleted), run_id)
+    counts["opportunities_full_reads"] += int(full_read)
+    store.set_delta_link("opportunities", feed.delta_link, run_id)
+    return counts
+
+
+def _missing(sales: SalesClient, store: StateStore, entity_set: str, id_column: str, seen: set[str]) -> set[str]:
+    """The leads or opportunities of undecided prospects that the store tracks and a full read did not
+    return, read once more by id (one made after the read began is not missing): deleted meanwhile."""
+    if entity_set == "leads":
+        tracked = store.frame(columns=rules.RULE_COLUMNS)
+        ids = set(tracked.loc[tracked["decision"].isna() & tracked["lead_id"].notna(), "lead_id"])
+    else:
+        undecided = store.frame(columns=rules.RULE_COLUMNS)
+        undecided = undecided[undecided["decision"].isna()]
+        kept = store.tracked_opportunities(keys=list(zip(undecided["legal_entity"], undecided["prospect_id"])))
+        ids = set(kept["opportunity_id"])
+    candidates = sorted(ids - seen)
+    if not candidates:
+        return set()
+    found = {row[id_column].lower() for row in sales.get_by_ids(entity_set, id_column, candidates, (id_column,))}
+    return set(candidates) - found
+
+
+def _apply_lead_changes(store: StateStore, tracked: pd.DataFrame, leads: pd.DataFrame, run_id: str) -> Counter[str]:
+    """Records what sellers did to these leads; notes when a lead was first seen qualified."""
+    changes = rules.lead_outcomes(tracked, leads)
+    qualified_at = dict(zip(zip(tracked["legal_entity"], tracked["prospect_id"]), tracked["qualified_at"]))
+    now = datetime.now(UTC).isoformat()
+    changes["qualified_at"] = [now if state == "qualified" and not qualified_at.get(key) else None
+                               for key, state in zip(zip(changes["legal_entity"], changes["prospect_id"]),
+                                                     changes["lead_state"])]  # fmt: skip
+    counts: Counter[str] = Counter()
+    counts["leads_changes"] += store.apply_changes(changes, run_id)
+    counts["leads_changed_after_decision"] += _record_changed_after_decision(
+        store, "lead", rules.changed_after_decision(tracked, leads, "lead"), run_id)  # fmt: skip
+    return counts
+
+
+def _apply_opportunities(store: StateStore, tracked: pd.DataFrame, rows: pd.DataFrame, run_id: str) -> Counter[str]:
+    """Records opportunities (Sales rows) of tracked leads and the state that now counts for each of
+    their prospects (`rules.opportunity_states`): any won, else any open, else all lost."""
+    counts: Counter[str] = Counter()
+    mapped = rules.opportunities_of_leads(tracked, rows)
+    if mapped.empty:
+        return counts
+    keys = sorted(set(zip(mapped["legal_entity"], mapped["prospect_id"])))
+    kept = store.tracked_opportunities(keys=keys)
+    every = pd.concat([kept[~kept["opportunity_id"].isin(set(mapped["opportunity_id"]))], mapped], ignore_index=True)
+    concerned = rules.only(tracked, keys)
+    states = rules.opportunity_states(concerned, every)
+    store.record_opportunities(mapped, run_id)
+    counts["opportunities_changes"] += store.apply_changes(rules.opportunity_outcomes(concerned, states), run_id)
+    counts["opportunities_changed_after_decision"] += _record_changed_after_decision(
+        store, "opportunity", rules.opportunities_changed_after_decision(concerned, states), run_id)  # fmt: skip
+    store.resolve_anomalies(keys, "qualified_without_opportunity")
+    return counts
+
+
+def _refresh_opportunities(sales: SalesClient, store: StateStore, tracked: pd.DataFrame, run_id: str) -> int:
+    """Reads every opportunity made from these prospects' leads and records them."""
+    if tracked.empty:
+        return 0
+    rows = pd.DataFrame(sales.opportunities_of_leads(tracked["lead_id"]), columns=list(OPPORTUNITY_COLUMNS))
+    return _apply_opportunities(store, tracked, rows, run_id)["opportunities_changes"]
+
+
+def _record_qualified_without_opportunity(store: StateStore, tracked: pd.DataFrame, days: float, run_id: str) -> int:
+    waiting = rules.qualified_without_opportunity(tracked, datetime.now(UTC), days)
+    found = [((row["legal_entity"], row["prospect_id"]), "qualified_without_opportunity",
+              f"the lead of prospect {row['legal_entity']}/{row['prospect_id']} was qualified on {row['qualified_at'][:10]} "
+              f"and has no opportunity after {days:g} days: nothing approves or rejects the prospect until it has one. "
+              "Next step: ask the seller to create the opportunity from the lead (originating lead), or to "
+              "disqualify the lead")
+             for row in waiting.to_dict("records")]  # fmt: skip
+    if found:
+        store.record_anomalies(found, run_id)
+    return len(found)
+
+
+def _read_outcomes_of(sales: SalesClient, store: StateStore, keys: Collection[tuple[str, str]], run_id: str) -> Counter[str]:
+    """The outcomes of the named prospects only: their leads, then every opportunity of those leads,
+    read by id. A tracked lead or opportunity that Sales no longer has is deleted, as change tracking
+    would have said."""
+    counts: Counter[str] = Counter()
+    tracked = store.frame(columns=rules.RULE_COLUMNS, keys=keys)
+    ids = sorted({value.lower() for value in tracked["lead_id"].dropna()})
+    read = pd.DataFrame(sales.get_by_ids("leads", "leadid", ids, LEAD_OUTCOME_COLUMNS), columns=list(LEAD_OUTCOME_COLUMNS))
+    counts["leads_read"] += len(read)
+    counts.update(_apply_lead_changes(store, tracked, read, run_id))
+    counts["leads_deleted"] += _record_deleted(store, "lead", "lead_ids", sorted(set(ids) - set(read["leadid"].str.lower())),
+                                               run_id)  # fmt: skip
+    tracked = store.frame(columns=rules.RULE_COLUMNS, keys=keys)
+    kept = set(store.tracked_opportunities(keys=keys)["opportunity_id"])
+    rows = pd.DataFrame(sales.opportunities_of_leads(tracked["lead_id"].dropna()), columns=list(OPPORTUNITY_COLUMNS))
+    named = sorted((kept | set(tracked["opportunity_id"].dropna())) - set(rows["opportunityid"].str.lower()))
+    by_id = pd.DataFrame(sales.get_by_ids("opportunities", "opportunityid", named, OPPORTUNITY_COLUMNS),
+                         columns=list(OPPORTUNITY_COLUMNS))  # fmt: skip
+    rows = pd.concat([frame for frame in (rows, by_id) if len(frame)] or [rows], ignore_index=True)
+    counts["opportunities_read"] += len(rows)
+    counts.update(_apply_opportunities(store, tracked, rows, run_id))
+    gone = sorted(set(named) - set(by_id["opportunityid"].str.lower()))
+    counts["opportunities_deleted"] += _record_deleted_opportunities(store, gone, run_id)
+    return counts
 
 
 def check_named_drift(
@@ -88,11 +205,9 @@ def check_named_drift(
     prospects = pd.DataFrame([{"legal_entity": key[0], "prospect_id": key[1], "status": row["B2BProspectStatus"]}
                               for key, row in found if row is not None and row.get("IsB2BProspect", "Yes") == "Yes"],
                              columns=["legal_entity", "prospect_id", "status"])  # fmt: skip
-    leads = pd.DataFrame([lead for key in keys if (lead := sales.get_lead(prospect_key(*key))) is not None],
-                         columns=list(DRIFT_LEAD_COLUMNS))  # fmt: skip
-    tracked = store.frame(columns=["stage", "decision"], keys=keys)
-    invalid = tracked.loc[tracked["stage"] == "invalid", ["legal_entity", "prospect_id"]].itertuples(index=False, name=None)
-    findings = drift.find_drift(prospects, leads, invalid)
+    leads = pd.DataFrame([lead for key in keys for lead in sales.get_leads(*key)], columns=list(DRIFT_LEAD_COLUMNS))
+    tracked = store.frame(columns=["stage", "decision", "lead_id"], keys=keys)
+    findings = drift.find_drift(prospects, leads, tracked, sales.company_codes())
     store.record_drift(findings, run_id)
     anomalies = drift.find_anomalies(prospects, tracked)
     if anomalies:
@@ -131,20 +246,39 @@ def _record_changed_after_decision(store: StateStore, what: str, changed: pd.Dat
     return len(found)
 
 
-def _read_all_outcomes(sales: SalesClient, store: StateStore, run_id: str) -> dict:
+def _record_deleted_opportunities(store: StateStore, deleted: list[str], run_id: str) -> int:
+    """Opportunities deleted in Sales: forgotten; one of an undecided prospect is an anomaly."""
+    if not deleted:
+        return 0
+    kept = store.tracked_opportunities(opportunity_ids=deleted)
+    store.record_opportunities(kept.iloc[0:0], run_id, gone=deleted)
+    named = store.frame(columns=rules.RULE_COLUMNS, opportunity_ids=deleted)
+    keys = sorted(set(zip(kept["legal_entity"], kept["prospect_id"])) | set(zip(named["legal_entity"], named["prospect_id"])))
+    tracked = store.frame(columns=rules.RULE_COLUMNS, keys=keys)
+    undecided = tracked[tracked["decision"].isna()]
+    found = [((row["legal_entity"], row["prospect_id"]), "opportunity_deleted",
+              f"an opportunity of prospect {row['legal_entity']}/{row['prospect_id']} was deleted in Sales before a "
+              "decision; recreate it, or decide the prospect in Commerce by hand")
+             for row in undecided.to_dict("records")]  # fmt: skip
+    store.update_many([(key, {}, keep({"legal_entity": key[0], "prospect_id": key[1]}, f"conflict: {detail}"))
+                       for key, _, detail in found], run_id)  # fmt: skip
+    if found:
+        store.record_anomalies(found, run_id)
+    return len(found)
+
+
+def _read_all_outcomes(sales: SalesClient, store: StateStore, run_id: str) -> Counter[str]:
+    """Without change tracking: every decided Commerce B2B lead; their opportunities are read by
+    `read_outcomes` (qualified leads still waiting for a decision) and here (those open)."""
     leads = pd.DataFrame(
         [row for page in sales.iter_decided_lead_pages() for row in page], columns=list(LEAD_OUTCOME_COLUMNS)
     )
-    lead_changes = store.apply_changes(rules.lead_outcomes(store.frame(columns=rules.RULE_COLUMNS), leads), run_id)
+    counts: Counter[str] = Counter({"leads_read": len(leads)})
+    counts.update(_apply_lead_changes(store, store.frame(columns=rules.RULE_COLUMNS), leads, run_id))
     tracked = store.frame(columns=rules.RULE_COLUMNS)
-    open_ids = tracked.loc[tracked["decision"].isna() & tracked["opportunity_id"].notna(), "opportunity_id"]
-    opportunities = pd.DataFrame(
-        sales.get_by_ids("opportunities", "opportunityid", open_ids, OPPORTUNITY_COLUMNS),
-        columns=list(OPPORTUNITY_COLUMNS),
-    )
-    opportunity_changes = store.apply_changes(rules.opportunity_outcomes(tracked, opportunities), run_id)
-    return {"step": "read outcomes", "legal_entity": "*", "leads_read": len(leads),
-            "leads_changes": lead_changes, "opportunities_changes": opportunity_changes}  # fmt: skip
+    counts["opportunities_changes"] += _refresh_opportunities(
+        sales, store, tracked[tracked["decision"].isna() & (tracked["opportunity_state"] == "open")], run_id)  # fmt: skip
+    return counts
 
 
 def write_customers(
@@ -156,58 +290,106 @@ def write_customers(
     customer_group: str | None = None,
     first_id: str | None = None,
     last_id: str | None = None,
+    account_template: str | None = None,
 ) -> dict:
-    """Qualified leads: the account becomes an Organization customer, the contact a Person customer,
-    and the account gets the customer account as its number (dual-write's mapping)."""
+    """Qualified leads: the account stands for an Organization customer and the contact for a Person
+    customer of the prospect's legal entity, existing ones reused (`customers.choose`), missing ones
+    created in one atomic changeset; an account without a number gets the organization's customer
+    account (dual-write's mapping), and a number already set is never overwritten. The person's email
+    is the prospect's as HQ has it now, so the approval email and the customer agree."""
     todo = store.work("customers", legal_entity, first_id, last_id)
-    accounts = {row["accountid"]: row for row in sales.get_by_ids("accounts", "accountid",
-                                                                  todo["account_id"].dropna(), ACCOUNT_COLUMNS)}  # fmt: skip
-    contacts = {row["contactid"]: row for row in sales.get_by_ids("contacts", "contactid",
-                                                                  todo["contact_id"].dropna(), CONTACT_COLUMNS)}  # fmt: skip
+    accounts = {row["accountid"].lower(): row for row in sales.get_by_ids("accounts", "accountid",
+                                                                          todo["account_id"].dropna(), ACCOUNT_COLUMNS)}  # fmt: skip
+    contacts = {row["contactid"].lower(): row for row in sales.get_by_ids("contacts", "contactid",
+                                                                          todo["contact_id"].dropna(), CONTACT_COLUMNS)}  # fmt: skip
+    current = _current_prospects(commerce, legal_entity, todo) if len(todo) else {}
     common = {"CustomerGroupId": customer_group} if customer_group else {}
+    counts: Counter[str] = Counter()
 
-    def customers_of(row: dict) -> tuple[dict, dict, dict]:
-        """(organization, person, account) of a prospect, or a conflict when Sales lost one."""
+    def email_of(row: dict) -> str:
+        now = current.get(row["prospect_id"]) or {}
+        return now.get("PrimaryEmailAddress") or row["prospect"]["PrimaryEmailAddress"]
+
+    def known_for(rows: list[dict]) -> customers.Known:
+        """What HQ already holds that may be these prospects' customers: by account number (any
+        company), by email (this legal entity), and the hierarchies the persons among them are in."""
+        numbers = {str(accounts[row["account_id"]].get("accountnumber") or "").strip() for row in rows
+                   if row["account_id"] in accounts}  # fmt: skip
+        if account_template:
+            numbers |= {customer_account(account_template, legal_entity, row["prospect_id"], role)
+                        for row in rows for role in ("ORG", "ADM")}  # fmt: skip
+        found = commerce.rows_where("CustomersV3", "CustomerAccount", numbers, CUSTOMER_FIELDS)
+        found += commerce.rows_where("CustomersV3", "PrimaryContactEmail", {email_of(row) for row in rows},
+                                     CUSTOMER_FIELDS, legal_entity=legal_entity)  # fmt: skip
+        persons = {row["PartyNumber"] for row in found if row["PartyType"] == "Person"}
+        nodes = commerce.rows_where("CustomerHierarchyNodes", "NodePartyNumber", persons, NODE_FIELDS) if persons else []
+        hierarchies = commerce.rows_where("CustomerHiearchies", "CustomerHierarchyId",
+                                          {node["CustomerHierarchyId"] for node in nodes}, HIERARCHY_FIELDS) if nodes else []  # fmt: skip
+        return customers.Known.of(found, legal_entity, nodes, hierarchies)
+
+    def choose(row: dict, known: customers.Known) -> customers.Choice:
         record = f"prospect {row['legal_entity']}/{row['prospect_id']}"
         account, contact = accounts.get(row["account_id"]), contacts.get(row["contact_id"])
         if account is None or contact is None:
             missing = "account" if account is None else "contact"
             raise DecisionConflict(f"{missing}_deleted", f"{record}: the qualified lead's {missing} no longer exists "
                                    "in Sales; recreate it, or create the customer in Commerce by hand")  # fmt: skip
-        org_account, person_account = customer_accounts(row["prospect_id"])
         currency = {"SalesCurrencyCode": row["prospect"]["CurrencyCode"]} if row["prospect"].get("CurrencyCode") else {}
-        names = {field: contact[column] for field, column in (("PersonFirstName", "firstname"),
-                                                              ("PersonLastName", "lastname")) if contact[column]}  # fmt: skip
-        organization = {"dataAreaId": row["legal_entity"], "CustomerAccount": org_account,
-                        "PartyType": "Organization", "OrganizationName": account["name"], **common, **currency}  # fmt: skip
-        person = {"dataAreaId": row["legal_entity"], "CustomerAccount": person_account, "PartyType": "Person",
-                  "PrimaryContactEmail": contact["emailaddress1"], **names, **common, **currency}  # fmt: skip
-        return organization, person, account
+        return customers.choose(legal_entity=legal_entity, prospect_id=row["prospect_id"], account=account,
+                                contact=contact, email=email_of(row), known=known, template=account_template,
+                                common={**common, **currency})  # fmt: skip
 
     def facts(organization: dict, person: dict) -> dict:
         return {"org_customer_account": organization["CustomerAccount"], "org_party_number": organization["PartyNumber"],
                 "person_customer_account": person["CustomerAccount"], "person_party_number": person["PartyNumber"]}  # fmt: skip
 
     def create_one(row: dict) -> tuple[str, dict]:
-        organization, person, account = customers_of(row)
-        organization, person = _ensure_customer(commerce, organization), _ensure_customer(commerce, person)
-        if account.get("accountnumber") != organization["CustomerAccount"]:
-            sales.set_account_number(account["accountid"], organization["CustomerAccount"])
+        key = (row["legal_entity"], row["prospect_id"])
+        choice = choose(row, known_for([row]))
+        made = {}
+        for wanted in choice.to_create:
+            try:
+                made[wanted["PartyType"]] = commerce.create_customer(wanted, key)
+            except D365Error as error:  # made meanwhile (a lost answer, an overlapping run): adopt it
+                again = choose(row, known_for([row]))
+                existing = again.organization if wanted["PartyType"] == "Organization" else again.person
+                if not error.is_record_error or "PartyNumber" not in existing:
+                    raise
+                made[wanted["PartyType"]] = existing
+        organization = made.get("Organization", choice.organization)
+        person = made.get("Person", choice.person)
+        counts["existing customers reused"] += choice.reused
+        if not commerce.bulk and not accounts[row["account_id"]].get("accountnumber"):
+            sales.set_account_number(row["account_id"], organization["CustomerAccount"])
         return "created", facts(organization, person)
 
+    done: list[tuple[dict, dict]] = []
     if not commerce.bulk:
-        return for_each_prospect("write customers", legal_entity, todo, store, run_id, create_one)
+        counts.update({name: value for name, value in
+                       for_each_prospect("write customers", legal_entity, todo, store, run_id, create_one).items()
+                       if name not in ("step", "legal_entity")})  # fmt: skip
+    else:
+        known = known_for(todo.to_dict("records"))
+        choices: dict[str, customers.Choice] = {}
 
-    def plan(row: dict) -> list[BatchRequest]:
-        organization, person, _ = customers_of(row)
-        return [commerce.create_request("CustomersV3", organization), commerce.create_request("CustomersV3", person)]
+        def plan(row: dict) -> list[BatchRequest] | dict:
+            choice = choices[row["prospect_id"]] = choose(row, known)
+            if not choice.to_create:
+                return facts(choice.organization, choice.person)
+            key = (row["legal_entity"], row["prospect_id"])
+            return [commerce.create_request("CustomersV3", wanted, key) for wanted in choice.to_create]
 
-    def record(row: dict, answers: list[BatchResponse]) -> dict:
-        return facts(answers[0].body, answers[1].body)
+        def record(row: dict, answers: list[BatchResponse]) -> dict:
+            choice = choices[row["prospect_id"]]
+            made = {wanted["PartyType"]: answer.body for wanted, answer in zip(choice.to_create, answers)}
+            return facts(made.get("Organization", choice.organization), made.get("Person", choice.person))
 
-    done, counts = _in_changesets(commerce, "write customers", legal_entity, todo, store, run_id, plan, record, create_one)
-    numbered = [{"accountid": accounts[row["account_id"]]["accountid"], "accountnumber": fact["org_customer_account"]}
-                for row, fact in done if accounts[row["account_id"]].get("accountnumber") != fact["org_customer_account"]]  # fmt: skip
+        done, written = _in_changesets(commerce, "write customers", legal_entity, todo, store, run_id, plan, record,
+                                       create_one, repeatable=bool(account_template))  # fmt: skip
+        counts.update(written)
+        counts["existing customers reused"] += sum(choice.reused for choice in choices.values())
+    numbered = [{"accountid": row["account_id"], "accountnumber": fact["org_customer_account"]} for row, fact in done
+                if row["account_id"] in accounts and not accounts[row["account_id"]].get("accountnumber")]  # fmt: skip
     for outcome in bulk.write(numbered, sales.targets_per_request,
                               lambda rows: sales.update_many("accounts", "accountid", rows)):  # fmt: skip
         if isinstance(outcome, bulk.Refused):  # kept on the account; the customers stay recorded
@@ -226,6 +408,7 @@ def _in_changesets(
     plan: Callable[[dict], list[BatchRequest] | dict],
     record: Callable[[dict, list[BatchResponse]], dict],
     one: Action,
+    repeatable: bool = True,
 ) -> tuple[list[tuple[dict, dict]], Counter[str]]:
     """One atomic changeset per prospect, many per `$batch`. `plan` gives a prospect's writes (or,
     when nothing needs writing, its facts); `record` turns the answers into facts. A changeset
@@ -246,7 +429,8 @@ def _in_changesets(
             counts["already done"] += 1
         else:
             planned.append((row, writes))
-    answers = commerce.run_changesets([writes for _, writes in planned], operation=step) if planned else []
+    answers = commerce.run_changesets([writes for _, writes in planned], operation=step,
+                                      repeatable=repeatable) if planned else []  # fmt: skip
     refused = []
     for (row, _), answer in zip(planned, answers):
         if all(part.ok for part in answer):
@@ -265,25 +449,6 @@ def _in_changesets(
         counts.update({f"{name} one by one": value for name, value in retried.items()
                        if name not in ("step", "legal_entity")})  # fmt: skip
     return done, counts
-
-
-def _ensure(read: Callable[[], dict | None], create: Callable[[], dict]) -> dict:
-    """A keyed row: read, else create. A create refused because the row exists (an earlier attempt
-    whose answer was lost, or a concurrent run) is adopted after a fresh read."""
-    found = read()
-    if found is not None:
-        return found
-    try:
-        return create()
-    except D365Error as error:
-        if error.is_record_error and (found := read()) is not None:
-            return found
-        raise
-
-
-def _ensure_customer(commerce: CommerceClient, customer: dict) -> dict:
-    legal_entity, account = customer["dataAreaId"], customer["CustomerAccount"]
-    return _ensure(lambda: commerce.get_customer(legal_entity, account), lambda: commerce.create_customer(customer))
 
 
 def _decide(commerce: CommerceClient, legal_entity: str, prospect_id: str, status: str) -> None:
@@ -331,48 +496,86 @@ def approve_won(
     commerce: CommerceClient, store: StateStore, legal_entity: str, run_id: str,
     first_id: str | None = None, last_id: str | None = None,
 ) -> dict:  # fmt: skip
-    """Won opportunities: the customer hierarchy with the contact as Admin, then the approval; in
-    bulk mode all three in one atomic changeset, so HQ never emails a partner without a hierarchy."""
+    """Won opportunities: the requester in the organization's B2B customer hierarchy, then the
+    approval; in bulk mode in one atomic changeset, so HQ never emails a partner without a hierarchy.
+
+    An organization that has no B2B hierarchy gets one, in the prospect's legal entity, with the
+    requester as its Admin. One that already has one (a company onboarded before) keeps it, and the
+    requester joins it as a User: a hierarchy keeps one Admin."""
     todo = store.work("approve", legal_entity, first_id, last_id)
+    counts: Counter[str] = Counter()
+
+    def known_for(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+        hierarchies = commerce.rows_where("CustomerHiearchies", "OrganizationPartyNumber",
+                                          {row["org_party_number"] for row in rows}, HIERARCHY_FIELDS,
+                                          legal_entity=legal_entity)  # fmt: skip
+        nodes = commerce.rows_where("CustomerHierarchyNodes", "NodePartyNumber",
+                                    {row["person_party_number"] for row in rows}, NODE_FIELDS)  # fmt: skip
+        return [row for row in hierarchies if row.get("Purpose") == "B2BOrganization"], nodes
+
+    def membership(row: dict, hierarchies: list[dict], nodes: list[dict]) -> tuple[str, list[tuple[str, dict]]]:
+        """(hierarchy id, the writes that put the requester in it)."""
+        derived = prospect_hierarchy_id(row["legal_entity"], row["prospect_id"])
+        organization = customers.fold(row["org_party_number"])
+        found = sorted((customers.fold(h["CustomerHierarchyId"]) != customers.fold(derived), h["CustomerHierarchyId"])
+                       for h in hierarchies if customers.fold(h["OrganizationPartyNumber"]) == organization)  # fmt: skip
+        if not found:
+            return derived, [("CustomerHiearchies", _hierarchy(row, derived)),
+                             ("CustomerHierarchyNodes", _node(row, derived, "Admin"))]  # fmt: skip
+        joined, hierarchy_id = found[0]
+        member = any(customers.fold(node["CustomerHierarchyId"]) == customers.fold(hierarchy_id)
+                     and customers.fold(node["NodePartyNumber"]) == customers.fold(row["person_party_number"])
+                     and not node.get("VersionRemoved") for node in nodes)  # fmt: skip
+        if joined and not member:
+            counts["joined an existing hierarchy"] += 1
+        return hierarchy_id, [] if member else [("CustomerHierarchyNodes", _node(row, hierarchy_id, "Admin" if not joined else "User"))]
 
     def approve_one(row: dict) -> tuple[str, dict]:
-        hierarchy_id = prospect_hierarchy_id(row["legal_entity"], row["prospect_id"])
-        _ensure(lambda: commerce.get_hierarchy(hierarchy_id), lambda: commerce.create_hierarchy(_hierarchy(row, hierarchy_id)))
-        _ensure(lambda: commerce.get_hierarchy_node(hierarchy_id, row["person_party_number"]),
-                lambda: commerce.create_hierarchy_node(_admin_node(row, hierarchy_id)))  # fmt: skip
+        hierarchy_id, writes = membership(row, *known_for([row]))
+        for entity_set, body in writes:
+            try:
+                commerce.create_hierarchy(body) if entity_set == "CustomerHiearchies" else commerce.create_hierarchy_node(body)
+            except D365Error as error:  # made meanwhile (a lost answer, an overlapping run): judged again
+                if not error.is_record_error or membership(row, *known_for([row]))[1] == writes:
+                    raise
         _decide(commerce, row["legal_entity"], row["prospect_id"], "Approved")
         return "approved", {"hierarchy_id": hierarchy_id, "decision": rules.Stage.APPROVED.value}
 
     if not commerce.bulk:
-        return for_each_prospect("approve", legal_entity, todo, store, run_id, approve_one)
+        result = for_each_prospect("approve", legal_entity, todo, store, run_id, approve_one)
+        return {**result, **counts}
     current = _current_prospects(commerce, legal_entity, todo) if len(todo) else {}
+    hierarchies, nodes = known_for(todo.to_dict("records")) if len(todo) else ([], [])
+    chosen: dict[str, str] = {}
 
     def plan(row: dict) -> list[BatchRequest] | dict:
-        hierarchy_id = prospect_hierarchy_id(row["legal_entity"], row["prospect_id"])
+        hierarchy_id, writes = membership(row, hierarchies, nodes)
+        chosen[row["prospect_id"]] = hierarchy_id
         prospect = current.get(row["prospect_id"])
         if _judge(prospect, row["legal_entity"], row["prospect_id"], "Approved"):
             return {"hierarchy_id": hierarchy_id, "decision": rules.Stage.APPROVED.value}
-        return [
-            commerce.create_request("CustomerHiearchies", _hierarchy(row, hierarchy_id)),
-            commerce.create_request("CustomerHierarchyNodes", _admin_node(row, hierarchy_id)),
-            commerce.status_request(row["legal_entity"], row["prospect_id"], "Approved", prospect["@odata.etag"]),
-        ]
+        key = (row["legal_entity"], row["prospect_id"])
+        return [*(commerce.create_request(entity_set, body, key) for entity_set, body in writes),
+                commerce.status_request(row["legal_entity"], row["prospect_id"], "Approved", prospect["@odata.etag"])]  # fmt: skip
 
     def record(row: dict, answers: list[BatchResponse]) -> dict:
-        return {"hierarchy_id": answers[0].body["CustomerHierarchyId"], "decision": rules.Stage.APPROVED.value}
+        return {"hierarchy_id": chosen[row["prospect_id"]], "decision": rules.Stage.APPROVED.value}
 
-    _, counts = _in_changesets(commerce, "approve", legal_entity, todo, store, run_id, plan, record, approve_one)
-    return {"step": "approve", "legal_entity": legal_entity, **counts}
+    _, written = _in_changesets(commerce, "approve", legal_entity, todo, store, run_id, plan, record, approve_one)
+    return {"step": "approve", "legal_entity": legal_entity, **written, **counts}
 
 
 def _hierarchy(row: dict, hierarchy_id: str) -> dict:
+    """A B2B hierarchy, written in the prospect's legal entity (F&O writes a record in the company its
+    `dataAreaId` names, else in the caller's default company)."""
     channel = row["prospect"].get("RetailChannelOperatingUnitPartyNumber")
-    return {"CustomerHierarchyId": hierarchy_id, "Name": row["prospect"]["CompanyName"], "Purpose": "B2BOrganization",
-            "OrganizationPartyNumber": row["org_party_number"], **({"SellerChannel": channel} if channel else {})}  # fmt: skip
+    return {"dataAreaId": row["legal_entity"], "CustomerHierarchyId": hierarchy_id, "Name": row["prospect"]["CompanyName"],
+            "Purpose": "B2BOrganization", "OrganizationPartyNumber": row["org_party_number"],
+            **({"SellerChannel": channel} if channel else {})}  # fmt: skip
 
 
-def _admin_node(row: dict, hierarchy_id: str) -> dict:
-    return {"CustomerHierarchyId": hierarchy_id, "NodePartyNumber": row["person_party_number"], "Role": "Admin",
+def _node(row: dict, hierarchy_id: str, role: str) -> dict:
+    return {"CustomerHierarchyId": hierarchy_id, "NodePartyNumber": row["person_party_number"], "Role": role,
             "NodeType": "Customer"}  # fmt: skip
 
 

@@ -29,7 +29,7 @@ class Stage(StrEnum):
 # The columns every rule below reads: enough to plan work without loading each prospect's fields.
 RULE_COLUMNS = (
     "legal_entity", "prospect_id", "stage", "lead_id", "lead_state", "opportunity_id", "opportunity_state",
-    "account_id", "contact_id", "person_party_number", "decision",
+    "account_id", "contact_id", "person_party_number", "decision", "qualified_at", "lead_outdated",
 )  # fmt: skip
 
 LEAD_STATES = {0: "open", 1: "qualified", 2: "disqualified"}
@@ -91,15 +91,78 @@ def lead_outcomes(tracked: pd.DataFrame, decided_leads: pd.DataFrame) -> pd.Data
     )
 
 
-def opportunity_outcomes(tracked: pd.DataFrame, opportunities: pd.DataFrame) -> pd.DataFrame:
-    """Whether sellers won or lost the opportunities of undecided prospects."""
-    undecided = tracked[tracked["decision"].isna() & tracked["opportunity_id"].notna()]
-    opportunities = opportunities.assign(
-        new_opportunity_state=opportunities["statecode"].map(OPPORTUNITY_STATES),
-        opportunityid=opportunities["opportunityid"].str.lower(),
-    )
-    merged = undecided.merge(opportunities, left_on="opportunity_id", right_on="opportunityid", how="inner")
-    return _changes(merged, {"opportunity_state": "new_opportunity_state"})
+OPPORTUNITY_ROW_COLUMNS = ("opportunity_id", "legal_entity", "prospect_id", "state")
+
+
+def opportunities_of_leads(tracked: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """The opportunities (Sales rows: opportunityid, statecode, _originatingleadid_value) that belong
+    to tracked prospects: made from their lead (`originatingleadid`, at qualification or later), or
+    named as the lead's qualifying opportunity. OPPORTUNITY_ROW_COLUMNS, state as a word."""
+    if rows.empty:
+        return pd.DataFrame(columns=list(OPPORTUNITY_ROW_COLUMNS), dtype=object)
+    seen = pd.DataFrame({
+        "opportunity_id": rows["opportunityid"].str.lower(),
+        "origin": rows["_originatingleadid_value"].astype("object").map(lambda v: v.lower() if isinstance(v, str) else None),
+        "state": rows["statecode"].map(OPPORTUNITY_STATES),
+    })  # fmt: skip
+    leads = tracked.loc[tracked["lead_id"].notna(), ["legal_entity", "prospect_id", "lead_id"]]
+    by_lead = seen.merge(leads, left_on="origin", right_on="lead_id", how="inner")
+    qualifying = tracked.loc[tracked["opportunity_id"].notna(), ["legal_entity", "prospect_id", "opportunity_id"]]
+    by_qualifying = seen.merge(qualifying, on="opportunity_id", how="inner")
+    found = pd.concat([by_lead, by_qualifying], ignore_index=True).drop_duplicates("opportunity_id")
+    return found.reindex(columns=list(OPPORTUNITY_ROW_COLUMNS)).astype(object).reset_index(drop=True)
+
+
+def opportunity_states(tracked: pd.DataFrame, opportunities: pd.DataFrame) -> pd.DataFrame:
+    """Every tracked prospect that has opportunities, with the state that counts over all of them:
+    any won → won (that one); else any open → open (wait); else all lost → lost. legal_entity,
+    prospect_id, opportunity_id, opportunity_state."""
+    columns = ["legal_entity", "prospect_id", "opportunity_id", "opportunity_state"]
+    if opportunities.empty:
+        return pd.DataFrame(columns=columns, dtype=object)
+    rank = {"won": 0, "open": 1, "lost": 2}
+    qualifying = dict(zip(zip(tracked["legal_entity"], tracked["prospect_id"]), tracked["opportunity_id"]))
+    ordered = opportunities.assign(
+        rank=opportunities["state"].map(rank),
+        # Among equals, the lead's qualifying opportunity stands for the prospect.
+        not_qualifying=[qualifying.get(key) != opportunity for key, opportunity in
+                        zip(zip(opportunities["legal_entity"], opportunities["prospect_id"]), opportunities["opportunity_id"])],
+    ).sort_values(["legal_entity", "prospect_id", "rank", "not_qualifying", "opportunity_id"])  # fmt: skip
+    best = ordered.drop_duplicates(["legal_entity", "prospect_id"])
+    return pd.DataFrame({"legal_entity": best["legal_entity"], "prospect_id": best["prospect_id"],
+                         "opportunity_id": best["opportunity_id"], "opportunity_state": best["state"]},
+                        columns=columns, dtype=object).reset_index(drop=True)  # fmt: skip
+
+
+def opportunity_outcomes(tracked: pd.DataFrame, states: pd.DataFrame) -> pd.DataFrame:
+    """Whether sellers won or lost the opportunities of undecided prospects (`states` from
+    `opportunity_states`): the changes to record."""
+    undecided = tracked[tracked["decision"].isna()]
+    merged = undecided.merge(states.rename(columns={"opportunity_id": "new_opportunity_id",
+                                                    "opportunity_state": "new_opportunity_state"}),
+                             on=["legal_entity", "prospect_id"], how="inner")  # fmt: skip
+    return _changes(merged, {"opportunity_id": "new_opportunity_id", "opportunity_state": "new_opportunity_state"})
+
+
+def opportunities_changed_after_decision(tracked: pd.DataFrame, states: pd.DataFrame) -> pd.DataFrame:
+    """Decided prospects whose opportunities, taken together, no longer say what the decision was
+    made on (reopened, won after a loss...): legal_entity, prospect_id, decision, was, now."""
+    decided = tracked[tracked["decision"].notna() & tracked["opportunity_state"].notna()]
+    merged = decided.merge(states, on=["legal_entity", "prospect_id"], how="inner", suffixes=("", "_now"))
+    moved = merged[merged["opportunity_state_now"] != merged["opportunity_state"]]
+    return moved.rename(columns={"opportunity_state": "was", "opportunity_state_now": "now"})[
+        ["legal_entity", "prospect_id", "decision", "was", "now"]]  # fmt: skip
+
+
+def qualified_without_opportunity(tracked: pd.DataFrame, now: datetime, days: float) -> pd.DataFrame:
+    """Undecided prospects whose lead was qualified more than `days` ago and that still have no
+    opportunity: nothing can approve or reject them until a seller makes one."""
+    waiting = tracked[(tracked["lead_state"] == "qualified") & tracked["decision"].isna()
+                      & tracked["opportunity_state"].isna() & tracked["qualified_at"].notna()]  # fmt: skip
+    since = pd.to_datetime(waiting["qualified_at"], utc=True, format="ISO8601")
+    now = pd.Timestamp(now)
+    now = now.tz_localize("UTC") if now.tzinfo is None else now.tz_convert("UTC")
+    return waiting[(now - since).dt.total_seconds() > days * 86400]
 
 
 def changed_after_decision(tracked: pd.DataFrame, rows: pd.DataFrame, what: str) -> pd.DataFrame:
@@ -137,8 +200,14 @@ def to_push(tracked: pd.DataFrame) -> pd.DataFrame:
     return tracked[tracked["stage"] == Stage.PULLED]
 
 
+def to_correct(tracked: pd.DataFrame) -> pd.DataFrame:
+    """Open leads whose prospect was corrected in HQ since the lead was written."""
+    return tracked[(tracked["lead_outdated"] == "yes") & (tracked["lead_state"] == "open") & tracked["decision"].isna()]
+
+
 # Each step's work, by the name the DAGs plan and map it under.
-STEPS = {"push": to_push, "customers": needing_customers, "approve": to_approve, "reject": to_reject}
+STEPS = {"push": to_push, "correct": to_correct, "customers": needing_customers, "approve": to_approve,
+         "reject": to_reject}  # fmt: skip
 
 
 def chunks(work: pd.DataFrame, size: int) -> list[dict]:

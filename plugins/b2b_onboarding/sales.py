@@ -8,8 +8,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from .errors import D365Error
+from .errors import ConfigurationError, D365Error
 from .odata import ODataClient, literal
+from .prospects import MAPPED_LEAD_COLUMNS, key_fold, prospect_key
 from .settings import ServiceSettings
 
 SYSTEM = "Dataverse (Sales)"
@@ -19,13 +20,18 @@ LEAD_OUTCOME_COLUMNS = (
     "leadid", "msdyn_prospectid", "statecode", "statuscode",
     "_qualifyingopportunityid_value", "_parentaccountid_value", "_parentcontactid_value",
 )  # fmt: skip
+# What the sync reads of a lead that may already exist: its key, tag, state and mapped columns.
+EXISTING_LEAD_COLUMNS = (*LEAD_OUTCOME_COLUMNS, "_msdyn_company_value", "msdyn_b2bcommerceprospect",
+                         *MAPPED_LEAD_COLUMNS)  # fmt: skip
 OPPORTUNITY_COLUMNS = ("opportunityid", "statecode", "statuscode", "_originatingleadid_value")
 ACCOUNT_COLUMNS = ("accountid", "name", "accountnumber", "emailaddress1")
 CONTACT_COLUMNS = ("contactid", "firstname", "lastname", "emailaddress1")
 
 # Dataverse's answer to a delta link older than the organization keeps change history for.
 EXPIRED_DELTA_TOKEN = "0x80044352"
-DRIFT_LEAD_COLUMNS = ("leadid", "msdyn_prospectid", "statecode", "msdyn_b2bprospectstatus")
+# Dataverse's answer to a create whose alternate key values another row already holds.
+DUPLICATE_KEY = "0x80040237"
+DRIFT_LEAD_COLUMNS = ("leadid", "msdyn_prospectid", "_msdyn_company_value", "statecode", "msdyn_b2bprospectstatus")
 
 # Ids per `or` filter: keeps the URL far below the service's length limit.
 IDS_PER_QUERY = 100
@@ -56,9 +62,26 @@ def _guid(entity_set: str, value: object) -> str:
         raise ValueError(f"{entity_set}: {value!r} is not a GUID, so it cannot be read by id") from None
 
 
-def lead_id_of(prospect_key: str) -> str:
-    """The lead id of a prospect, the same on every run and every worker."""
-    return str(uuid.uuid5(_LEAD_IDS, prospect_key))
+def lead_id_of(legal_entity: str, prospect_id: str) -> str:
+    """The lead id of a prospect, the same on every run and every worker (and as earlier versions
+    derived it, so that their leads are the same rows)."""
+    return str(uuid.uuid5(_LEAD_IDS, prospect_key(legal_entity, prospect_id)))
+
+
+def lead_prospect(lead: dict, company_codes: dict[str, str]) -> tuple[str, str] | None:
+    """The (legal entity, prospect id) a lead's key names, folded as Dataverse compares keys: the
+    composite key (`msdyn_prospectid` and the `msdyn_company` of dual-write's company-specific tables),
+    or the `<legal entity>:<prospect id>` that earlier versions wrote without a company. None when
+    the lead names no prospect. `company_codes`: cdm_companyid → company code."""
+    prospect_id = lead.get("msdyn_prospectid")
+    if not isinstance(prospect_id, str) or not prospect_id:
+        return None
+    company = lead.get("_msdyn_company_value")
+    if isinstance(company, str) and company:  # a frame's missing value is NaN, not None
+        code = company_codes.get(str(company).lower())
+        return (key_fold(code), key_fold(prospect_id)) if code else None
+    legal_entity, separator, bare = prospect_id.partition(":")
+    return (key_fold(legal_entity), key_fold(bare)) if separator and bare else None
 
 
 class SalesClient:
@@ -73,6 +96,7 @@ class SalesClient:
         self.targets_per_request = targets_per_request
         self.max_concurrency = max_concurrency
         self._paging = {"Prefer": f"odata.maxpagesize={page_size}"}
+        self._companies: dict[str, str] | None = None
 
     @classmethod
     def connect(cls, settings: ServiceSettings) -> SalesClient:
@@ -86,44 +110,87 @@ class SalesClient:
     def whoami(self) -> dict:
         return self.odata.get("WhoAmI", operation="WhoAmI")
 
-    def create_lead(self, prospect_key: str, lead: dict) -> tuple[str, bool]:
-        """Creates the lead of a prospect unless one exists; returns (leadid, created).
+    def company_codes(self) -> dict[str, str]:
+        """cdm_companyid → company code (lowercase) of every legal entity dual-write's "Legal entities
+        (cdm_companies)" map holds in Dataverse; read once per client."""
+        if self._companies is None:
+            params = {"$select": "cdm_companyid,cdm_companycode"}
+            self._companies = {
+                str(row["cdm_companyid"]).lower(): str(row["cdm_companycode"]).lower()
+                for page in self.odata.iter_pages("cdm_companies", operation="read legal entities (cdm_companies)",
+                                                  params=params, headers=self._paging)  # fmt: skip
+                for row in page if row.get("cdm_companycode")
+            }
+        return self._companies
 
-        Created at the lead id derived from the prospect key (as `upsert_leads` does) and sent
-        create-only (`If-None-Match: *`): a lead that exists, at that id or under that prospect key,
-        answers 412 and is adopted as it is, never overwritten. The prospect key never goes in the
-        URL: Dataverse cannot address an alternate key holding `:`, `/`, `#`, `%`... in a URL."""
-        record = f"lead of prospect {prospect_key}"
-        lead_id = lead_id_of(prospect_key)
-        response = self.odata.request(
-            "PATCH", f"leads({lead_id})", operation="create lead", record=record,
-            json={"msdyn_prospectid": prospect_key, **lead}, headers={"If-None-Match": "*"}, accept=frozenset({412}),
-        )  # fmt: skip
-        if response.status_code != 412:
-            return lead_id, True
-        existing = self.get_lead(prospect_key)
-        if existing is None:  # deleted between the two calls: the next run creates it
-            raise D365Error(
-                system=SYSTEM, operation="create lead", status=412, record=record,
-                message="the lead existed, then vanished before it could be read",
+    def company_id(self, legal_entity: str) -> str:
+        """The cdm_companyid of a legal entity: the company part of a lead's key."""
+        for company_id, code in self.company_codes().items():
+            if code == legal_entity.lower():
+                return company_id
+        raise ConfigurationError(
+            f"{SYSTEM}: legal entity {legal_entity!r} has no row in cdm_companies, so its leads cannot be keyed by "
+            "company. Next step: add the legal entity to Dataverse (dual-write's \"Legal entities (cdm_companies)\" "
+            "map, or a cdm_company row with that company code), or remove it from the connection's legal_entities."
+        )
+
+    def _keyed(self, legal_entity: str, prospect_id: str, lead: dict) -> dict:
+        """A lead's body with its key: the prospect id and the company, as dual-write keys a
+        company-specific table (so that dual-write's leads and ours are the same kind of row)."""
+        return {"msdyn_prospectid": prospect_id,
+                "msdyn_company@odata.bind": f"/cdm_companies({self.company_id(legal_entity)})", **lead}  # fmt: skip
+
+    def create_lead(self, legal_entity: str, prospect_id: str, lead: dict) -> tuple[str, dict | None]:
+        """Creates the lead of a prospect unless one exists; returns (leadid, None) for a lead created,
+        (leadid, the lead as read) for one that existed.
+
+        Created at the lead id derived from the prospect (as `upsert_leads` does) and sent create-only
+        (`If-None-Match: *`): a lead that exists, at that id or under that key, is refused and adopted
+        as it is, never overwritten. The key never goes in the URL: Dataverse cannot address an
+        alternate key whose value holds `:`, `/`, `%`, `?`... in a URL."""
+        record = f"lead of prospect {legal_entity}/{prospect_id}"
+        lead_id = lead_id_of(legal_entity, prospect_id)
+        try:
+            response = self.odata.request(
+                "PATCH", f"leads({lead_id})", operation="create lead", record=record,
+                json=self._keyed(legal_entity, prospect_id, lead), headers={"If-None-Match": "*"},
+                accept=frozenset({412}),
             )  # fmt: skip
-        return existing["leadid"].lower(), False
+        except D365Error as error:
+            if error.code != DUPLICATE_KEY:
+                raise
+        else:
+            if response.status_code != 412:
+                return lead_id, None
+        existing = self.get_leads(legal_entity, prospect_id)
+        if len(existing) != 1:  # deleted between the two calls, or ambiguous: the next run judges again
+            raise D365Error(
+                system=SYSTEM, operation="create lead", status=412, code=DUPLICATE_KEY, record=record,
+                message=f"a lead with this key exists, but {len(existing)} leads were found for it",
+            )  # fmt: skip
+        return existing[0]["leadid"].lower(), existing[0]
 
-    def get_lead(self, prospect_key: str) -> dict | None:
-        params = {"$filter": f"msdyn_prospectid eq {literal(prospect_key)}", "$select": ",".join(LEAD_OUTCOME_COLUMNS)}
-        rows = [row for page in self.odata.iter_pages("leads", operation="read lead", params=params) for row in page]
-        return rows[0] if rows else None
+    def get_leads(self, legal_entity: str, prospect_id: str) -> list[dict]:
+        """The leads of one prospect, under either form of key (`lead_prospect`)."""
+        keyed = (f"(msdyn_prospectid eq {literal(prospect_id)} and _msdyn_company_value eq "
+                 f"{self.company_id(legal_entity)}) or msdyn_prospectid eq {literal(prospect_key(legal_entity, prospect_id))}")  # fmt: skip
+        params = {"$filter": keyed, "$select": ",".join(EXISTING_LEAD_COLUMNS)}
+        wanted = (key_fold(legal_entity), key_fold(prospect_id))
+        return [row for page in self.odata.iter_pages("leads", operation="read lead", params=params) for row in page
+                if lead_prospect(row, self.company_codes()) == wanted]  # fmt: skip
 
-    def upsert_leads(self, leads: Sequence[tuple[str, dict]]) -> list[str]:
-        """One UpsertMultiple of (prospect key, lead) pairs, all or nothing; the lead ids, in order.
+    def upsert_leads(self, legal_entity: str, leads: Sequence[tuple[str, dict]]) -> list[str]:
+        """One UpsertMultiple of (prospect id, lead) pairs of a legal entity, all or nothing; the lead
+        ids, in order.
 
-        UpsertMultiple answers 204 with no ids, so each lead's id is derived from its prospect key
+        UpsertMultiple answers 204 with no ids, so each lead's id is derived from its prospect
         (`lead_id_of`): a retried or overlapping upsert names the same row, never a second one."""
-        targets = [{"@odata.type": "Microsoft.Dynamics.CRM.lead", "leadid": lead_id_of(key), "msdyn_prospectid": key,
-                    **lead} for key, lead in leads]  # fmt: skip
+        targets = [{"@odata.type": "Microsoft.Dynamics.CRM.lead", "leadid": lead_id_of(legal_entity, prospect_id),
+                    **self._keyed(legal_entity, prospect_id, lead)} for prospect_id, lead in leads]  # fmt: skip
         self.odata.request(
             "POST", "leads/Microsoft.Dynamics.CRM.UpsertMultiple", operation="upsert leads",
-            record=f"{len(leads)} leads ({leads[0][0]} … {leads[-1][0]})", json={"Targets": targets},
+            record=f"{len(leads)} leads ({legal_entity}/{leads[0][0]} … {legal_entity}/{leads[-1][0]})",
+            json={"Targets": targets},
             repeatable=True,  # upserts by derived lead id: a repeat writes the same rows
         )  # fmt: skip
         return [target["leadid"] for target in targets]
@@ -138,23 +205,44 @@ class SalesClient:
             repeatable=True,  # sets the same values again
         )  # fmt: skip
 
-    def leads_between(self, first_key: str, last_key: str) -> dict[str, str]:
-        """Existing Commerce B2B leads whose prospect key lies in [first_key, last_key]: key → lead id.
+    def leads_between(self, legal_entity: str, first_id: str, last_id: str) -> dict[str, list[dict]]:
+        """Existing leads of the legal entity's prospects whose ids lie in [first_id, last_id], under
+        either form of key, whoever wrote them (this product, dual-write, a seller): folded prospect id
+        (`key_fold`) → its leads (EXISTING_LEAD_COLUMNS).
 
         One ranged read per bulk write tells which prospects already have a lead, so the upsert
         creates only the others and never overwrites a lead a seller works on. Only a run overlapping
         in the moment between this read and its write can upsert the same rows again, with the same
         contents (README, Backfills)."""
+        company = self.company_id(legal_entity)
+        older = (prospect_key(legal_entity, first_id), prospect_key(legal_entity, last_id))
         params = {
-            "$filter": f"msdyn_prospectid ge {literal(first_key)} and msdyn_prospectid le {literal(last_key)}",
-            "$select": "leadid,msdyn_prospectid",
-        }
-        return {
-            row["msdyn_prospectid"]: row["leadid"].lower()
-            for page in self.odata.iter_pages("leads", operation="read existing leads", params=params,
-                                              headers=self._paging)  # fmt: skip
-            for row in page
-        }
+            "$filter": f"(_msdyn_company_value eq {company} and msdyn_prospectid ge {literal(first_id)} and "
+                       f"msdyn_prospectid le {literal(last_id)}) or (msdyn_prospectid ge {literal(older[0])} and "
+                       f"msdyn_prospectid le {literal(older[1])})",
+            "$select": ",".join(EXISTING_LEAD_COLUMNS),
+        }  # fmt: skip
+        found: dict[str, list[dict]] = {}
+        for page in self.odata.iter_pages("leads", operation="read existing leads", params=params, headers=self._paging):
+            for row in page:
+                named = lead_prospect(row, self.company_codes())
+                if named is not None and named[0] == key_fold(legal_entity):
+                    found.setdefault(named[1], []).append(row)
+        return found
+
+    def opportunities_of_leads(self, lead_ids: Iterable[str]) -> list[dict]:
+        """Every opportunity made from these leads (`originatingleadid`), a bounded `or` filter a request."""
+        unique = sorted({_guid("leads", value) for value in lead_ids})
+        select = ",".join(OPPORTUNITY_COLUMNS)
+
+        def read(chunk: Sequence[str]) -> list[dict]:
+            params = {"$filter": " or ".join(f"_originatingleadid_value eq {guid}" for guid in chunk), "$select": select}
+            return [row for page in self.odata.iter_pages("opportunities", operation="read opportunities of leads",
+                                                          params=params, headers=self._paging) for row in page]  # fmt: skip
+
+        chunks = [unique[start : start + IDS_PER_QUERY] for start in range(0, len(unique), IDS_PER_QUERY)]
+        with ThreadPoolExecutor(max_workers=self.max_concurrency) as pool:
+            return [row for rows in pool.map(read, chunks) for row in rows]
 
     def changes(self, entity_set: str, columns: Iterable[str], delta_link: str | None) -> ChangeFeed:
         """Change tracking: every row on the first read, then only what changed since `delta_link`."""

@@ -30,6 +30,9 @@ class ServiceSettings(BaseModel):
     timeout_s: float = Field(default=60.0, gt=0)
     legal_entities: tuple[str, ...] = ()
     customer_group: str | None = None
+    # Commerce: the customer accounts of new customers. None: HQ's number sequence numbers them (the
+    # default); else a template of `{legal_entity}`, `{prospect_id}` and `{role}` (ORG or ADM).
+    customer_account_template: str | None = None
     page_size: int = Field(default=5000, ge=1, le=5000)
     # Bulk writes (Sales: UpsertMultiple/UpdateMultiple; Commerce: $batch changesets) and change
     # tracking; `false` is the one-request-per-record mode, kept as the benchmark's baseline.
@@ -73,6 +76,22 @@ class ServiceSettings(BaseModel):
         except (ssl.SSLError, OSError, ValueError) as error:
             raise ValueError(f"the CA bundle file {path} holds no readable PEM certificate ({error})") from None
         return path
+
+    @field_validator("customer_account_template")
+    @classmethod
+    def _template(cls, template: str | None) -> str | None:
+        """A template must tell legal entities, prospects and the two customers of one apart: account
+        numbers are per legal entity in HQ but one column (`accountnumber`) in Sales."""
+        if not template:
+            return None
+        missing = [name for name in ("{legal_entity}", "{prospect_id}", "{role}") if name not in template]
+        if missing:
+            raise ValueError(f"must hold {', '.join(missing)} (e.g. '{{legal_entity}}-{{prospect_id}}-{{role}}'), got {template!r}")
+        try:
+            template.format(legal_entity="", prospect_id="", role="")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(f"{template!r} is not a template of {{legal_entity}}, {{prospect_id}} and {{role}} ({error})") from None
+        return template
 
     @field_validator("legal_entities", mode="before")
     @classmethod

@@ -25,10 +25,12 @@ metadata = sa.MetaData()
 
 KEY_COLUMNS = ("legal_entity", "prospect_id")
 FACT_COLUMNS = (
-    "prospect", "validation_error", "lead_id", "lead_state", "opportunity_id", "opportunity_state",
+    "prospect", "validation_error", "lead_fields", "lead_id", "lead_state", "opportunity_id", "opportunity_state",
     "account_id", "contact_id", "org_customer_account", "person_customer_account", "org_party_number",
-    "person_party_number", "hierarchy_id", "decision",
+    "person_party_number", "hierarchy_id", "decision", "qualified_at", "lead_outdated",
 )  # fmt: skip
+# Facts held as JSON; the others are short strings (ids, states, a time in ISO form).
+_JSON_FACTS = ("prospect", "lead_fields")
 PROSPECT_COLUMNS = (*KEY_COLUMNS, "stage", *FACT_COLUMNS, "last_error", "last_run_id", "created_at", "updated_at")
 
 prospects = sa.Table(
@@ -39,7 +41,10 @@ prospects = sa.Table(
     sa.Column("stage", sa.String(32), nullable=False, index=True),
     sa.Column("prospect", sa.JSON),
     sa.Column("validation_error", sa.Text),
-    *(sa.Column(name, sa.String(64)) for name in FACT_COLUMNS[2:]),
+    # The mapped lead columns as the product last wrote or found them on the lead: a correction in HQ
+    # updates only columns a seller has not changed since (README, Corrections).
+    sa.Column("lead_fields", sa.JSON),
+    *(sa.Column(name, sa.String(64)) for name in FACT_COLUMNS if name not in (*_JSON_FACTS, "validation_error")),
     # The email of a valid prospect, as prospects.email_key compares it (null otherwise): one
     # undecided prospect per legal entity may hold it.
     sa.Column("email", sa.String(320)),
@@ -63,8 +68,25 @@ transitions = sa.Table(
     sa.Column("run_id", sa.String(250)),
     sa.Column("error", sa.Text),
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    # What changed without a change of stage (a correction in HQ carried to the lead, an adoption).
+    sa.Column("detail", sa.Text),
     sa.Index("ix_b2b_transitions_prospect", "legal_entity", "prospect_id"),
 )
+
+# Every opportunity of a tracked lead (its originating lead, or the lead's qualifying opportunity):
+# a prospect's opportunity state is decided over all of them (rules.opportunity_states).
+opportunities = sa.Table(
+    "b2b_opportunities",
+    metadata,
+    sa.Column("opportunity_id", sa.String(64), primary_key=True),
+    sa.Column("legal_entity", sa.String(16), nullable=False),
+    sa.Column("prospect_id", sa.String(255), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("run_id", sa.String(250)),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_b2b_opportunities_prospect", "legal_entity", "prospect_id"),
+)
+OPPORTUNITY_ROW_COLUMNS = ("opportunity_id", "legal_entity", "prospect_id", "state")
 
 delta_links = sa.Table(
     "b2b_delta_links",
@@ -163,6 +185,18 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _add_missing_columns(connection: sa.Connection) -> None:
+    """Adds the nullable columns a newer version of the store has and an existing database lacks, so
+    an upgrade needs no hand-written ALTER TABLE (columns are only ever added, never changed)."""
+    inspector = sa.inspect(connection)
+    for table in metadata.sorted_tables:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present and column.nullable:
+                kind = column.type.compile(dialect=connection.dialect)
+                connection.exec_driver_sql(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}')
+
+
 # The advisory lock that makes PostgreSQL writers of the store take turns (any constant will do).
 _WRITE_LOCK_KEY = 0x62326270
 
@@ -192,6 +226,7 @@ class StateStore:
             event.listen(self.engine, "begin", _sqlite_begin)
         with self._write() as connection:  # under the lock: two workers starting at once create it once
             metadata.create_all(connection)
+            _add_missing_columns(connection)
 
     @contextmanager
     def _write(self) -> Iterator[sa.Connection]:
@@ -262,16 +297,18 @@ class StateStore:
 
     def record_pulled(self, pulled: pd.DataFrame, run_id: str) -> dict[str, int]:
         """Tracks newly pulled prospects (a frame of `prospects.PAGE_COLUMNS`; `email` optional);
-        refreshes those without a lead yet (a fixed bad record becomes valid); leaves alone every
-        prospect that already has a lead. Keeps the email of valid prospects only. One transaction."""
-        counts = {"new": 0, "refreshed": 0, "unchanged": 0}
+        refreshes those without a lead yet (a fixed bad record becomes valid); takes a correction made
+        in HQ to an undecided prospect that has a lead (its history names the changed fields; the sync
+        then carries it to the lead), keeping the last valid record when the correction is invalid.
+        Keeps the email of valid prospects only. One transaction."""
+        counts = {"new": 0, "refreshed": 0, "corrected": 0, "unchanged": 0}
         rows = pulled.to_dict("records")
         now = _now()
         with self._write() as connection:
             for start in range(0, len(rows), _KEYS_PER_QUERY):
                 chunk = rows[start : start + _KEYS_PER_QUERY]
                 existing = self._rows(connection, [(row["legal_entity"], row["prospect_id"]) for row in chunk])
-                inserts, history, updates = [], [], []
+                inserts, history, updates, details = [], [], [], {}
                 for row in chunk:
                     facts = {"prospect": row["prospect"], "validation_error": row["error"]}
                     email = row.get("email") if row["error"] is None else None
@@ -292,11 +329,15 @@ class StateStore:
                     ):
                         updates.append((key, {**facts, "email": email}, None))
                         counts["refreshed"] += 1
+                    elif known["decision"] is None and (correction := _correction(known, row, email)) is not None:
+                        updates.append((key, correction[0], None))
+                        details[key] = correction[1]
+                        counts["corrected"] += 1
                     else:
                         counts["unchanged"] += 1
                 if inserts:
                     self._insert_rows(connection, inserts, history)
-                self._apply(connection, existing, updates, run_id, now)
+                self._apply(connection, existing, updates, run_id, now, details)
         return counts
 
     def emails_in_use(self, legal_entity: str, emails: Iterable[str]) -> dict[str, str]:
@@ -354,6 +395,75 @@ class StateStore:
         ]  # fmt: skip
         self.update_many(updates, run_id)
         return len(changes)
+
+    def note(self, notes: Iterable[tuple[tuple[str, str], str]], run_id: str) -> None:
+        """Adds (key, detail) lines to prospects' histories without changing their facts."""
+        rows, now = [], _now()
+        with self._write() as connection:
+            known = self._rows(connection, [key for key, _ in notes])
+            for key, detail in notes:
+                stage = known[key]["stage"]
+                rows.append(_transition(key, stage, stage, run_id, None, now, detail))
+            self._insert_history(connection, rows)
+
+    def tracked_opportunities(
+        self, keys: Iterable[tuple[str, str]] | None = None, opportunity_ids: Iterable[str] | None = None
+    ) -> pd.DataFrame:
+        """The opportunities of tracked leads (OPPORTUNITY_ROW_COLUMNS): of some prospects, some ids, or all."""
+        query = sa.select(*(opportunities.c[name] for name in OPPORTUNITY_ROW_COLUMNS))
+        selections = [(sa.tuple_(opportunities.c.legal_entity, opportunities.c.prospect_id), keys),
+                      (opportunities.c.opportunity_id, opportunity_ids)]  # fmt: skip
+        chosen = [(column, list(values)) for column, values in selections if values is not None]
+        rows: list[dict] = []
+        with self.engine.connect() as connection:
+            if not chosen:
+                rows = [dict(row) for row in connection.execute(query).mappings()]
+            for column, values in chosen:
+                for start in range(0, len(values), _KEYS_PER_QUERY):
+                    part = query.where(column.in_(values[start : start + _KEYS_PER_QUERY]))
+                    rows.extend(dict(row) for row in connection.execute(part).mappings())
+        return pd.DataFrame(rows, columns=list(OPPORTUNITY_ROW_COLUMNS), dtype=object).drop_duplicates("opportunity_id")
+
+    def record_opportunities(self, seen: pd.DataFrame, run_id: str, gone: Iterable[str] = ()) -> None:
+        """Keeps the opportunities seen (OPPORTUNITY_ROW_COLUMNS) and forgets those `gone` (deleted)."""
+        now, gone = _now(), list(gone)
+        with self._write() as connection:
+            ids = list(seen["opportunity_id"]) + gone
+            for start in range(0, len(ids), _KEYS_PER_QUERY):
+                connection.execute(opportunities.delete().where(
+                    opportunities.c.opportunity_id.in_(ids[start : start + _KEYS_PER_QUERY])))  # fmt: skip
+            rows = [{**{name: row[name] for name in OPPORTUNITY_ROW_COLUMNS}, "run_id": run_id, "updated_at": now}
+                    for row in seen.to_dict("records")]  # fmt: skip
+            if rows:
+                connection.execute(opportunities.insert(), rows)
+
+    def track_decided(self, decided: pd.DataFrame, run_id: str) -> int:
+        """Tracks prospects that HQ shows decided and the store never saw (a cut-over from dual-write,
+        or a decision made by hand in HQ): legal_entity, prospect_id, decision, lead_id. They are
+        recorded as decided, so nothing is ever written for them. Returns how many were new."""
+        rows = decided.to_dict("records")
+        now, new = _now(), 0
+        with self._write() as connection:
+            for start in range(0, len(rows), _KEYS_PER_QUERY):
+                chunk = rows[start : start + _KEYS_PER_QUERY]
+                existing = self._rows(connection, [(row["legal_entity"], row["prospect_id"]) for row in chunk])
+                inserts, history = [], []
+                for row in chunk:
+                    key = (row["legal_entity"], row["prospect_id"])
+                    if key in existing:
+                        continue
+                    facts = {name: None for name in FACT_COLUMNS} | {"decision": row["decision"], "lead_id": row["lead_id"]}
+                    stage = stage_of(facts)
+                    inserts.append({"legal_entity": key[0], "prospect_id": key[1], "stage": stage, **facts,
+                                    "email": None, "last_error": None, "last_run_id": run_id, "created_at": now,
+                                    "updated_at": now})  # fmt: skip
+                    history.append(_transition(key, None, stage, run_id, None, now,
+                                               "found decided in Commerce; recorded as decided, nothing written"))  # fmt: skip
+                    existing[key] = inserts[-1]
+                if inserts:
+                    self._insert_rows(connection, inserts, history)
+                    new += len(inserts)
+        return new
 
     def delta_link(self, entity_set: str) -> str | None:
         with self.engine.connect() as connection:
@@ -426,9 +536,10 @@ class StateStore:
         updates: Iterable[tuple[tuple[str, str], Mapping[str, Any], str | None]],
         run_id: str,
         now: datetime,
+        details: Mapping[tuple[str, str], str] | None = None,
     ) -> int:
-        """Writes the updates that change something, and a transition where the stage changed or a
-        new error appeared (the history stays free of repeats)."""
+        """Writes the updates that change something, and a transition where the stage changed, a new
+        error appeared or `details` says what changed (the history stays free of repeats)."""
         rows, history = [], []
         for key, facts, error in updates:
             before = known[key]
@@ -443,8 +554,9 @@ class StateStore:
             after = {**merged, "stage": stage, "last_error": error, "last_run_id": run_id, "updated_at": now}
             known[key] = after  # type: ignore[index]  # a second update of the key in this batch builds on this one
             rows.append(after)
-            if stage != before["stage"] or (error and error != before["last_error"]):
-                history.append(_transition(key, before["stage"], stage, run_id, error, now))
+            detail = (details or {}).get(key)
+            if stage != before["stage"] or (error and error != before["last_error"]) or detail:
+                history.append(_transition(key, before["stage"], stage, run_id, error, now, detail))
         self._update_rows(connection, rows, history)
         return len(rows)
 
@@ -452,6 +564,10 @@ class StateStore:
     def _insert_rows(self, connection: sa.Connection, rows: list[dict], history: list[dict]) -> None:
         connection.execute(prospects.insert(), rows)
         connection.execute(transitions.insert(), history)
+
+    def _insert_history(self, connection: sa.Connection, history: list[dict]) -> None:
+        if history:
+            connection.execute(transitions.insert(), history)
 
     def _update_rows(self, connection: sa.Connection, rows: list[dict], history: list[dict]) -> None:
         """Writes whole rows (as `_apply` merged them) and their transitions."""
@@ -528,9 +644,27 @@ class StateStore:
 _WRITTEN_COLUMNS = ("stage", *FACT_COLUMNS, "email", "last_error", "last_run_id", "updated_at")
 
 
-def _transition(key: tuple[str, str], from_stage, to_stage, run_id: str, error: str | None, at: datetime) -> dict:
+def _transition(
+    key: tuple[str, str], from_stage, to_stage, run_id: str, error: str | None, at: datetime, detail: str | None = None
+) -> dict:
     return {"legal_entity": key[0], "prospect_id": key[1], "from_stage": from_stage, "to_stage": to_stage,
-            "run_id": run_id, "error": error, "at": at}  # fmt: skip
+            "run_id": run_id, "error": error, "at": at, "detail": detail}  # fmt: skip
+
+
+def _correction(known: Mapping[str, Any], pulled: Mapping[str, Any], email: str | None) -> tuple[dict, str] | None:
+    """(facts, what changed) when HQ shows a tracked prospect with a lead otherwise than the store
+    has it; None when nothing changed. An invalid correction keeps the last valid record and names
+    the error (the lead is not touched until HQ has it right)."""
+    if pulled["error"] is not None:
+        if pulled["error"] == known["validation_error"]:
+            return None
+        return {"validation_error": pulled["error"]}, "corrected in Commerce, but invalid: the lead keeps the last valid values"
+    before, after = known["prospect"] or {}, pulled["prospect"]
+    changed = sorted(name for name in set(before) | set(after) if before.get(name) != after.get(name))
+    if not changed and known["validation_error"] is None:
+        return None
+    facts = {"prospect": after, "validation_error": None, "email": email, "lead_outdated": "yes" if changed else None}
+    return facts, "corrected in Commerce: " + (", ".join(changed) or "valid again")
 
 
 _DATETIME_COLUMNS = ("created_at", "updated_at")
@@ -651,6 +785,12 @@ class DryRunStore(StateStore):
                 yield row["email"], prospect_id
 
     # What a dry run never keeps.
+    def _insert_history(self, connection: sa.Connection, history: list[dict]) -> None:
+        pass
+
+    def record_opportunities(self, seen: pd.DataFrame, run_id: str, gone: Iterable[str] = ()) -> None:
+        log.info("dry run: %d opportunities seen, not kept (the prospects' states are in this run's overlay)", len(seen))
+
     def set_delta_link(self, entity_set: str, delta_link: str | None, run_id: str) -> None:
         log.info("dry run: the delta link of %s is not advanced (the next real run reads these changes)", entity_set)
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
+from datetime import UTC, datetime
 
-from . import bulk
+from . import bulk, rules
 from . import prospects as prospect_rules
 from .commerce import CommerceClient
-from .per_record import for_each_prospect, keep
+from .errors import D365Error
+from .per_record import keep
+from .prospects import key_fold
 from .sales import SalesClient
 from .store import StateStore
 
@@ -73,41 +76,178 @@ def push_leads(
     last_id: str | None = None,
 ) -> dict:
     """Creates the lead of every tracked, valid prospect (of a prospect-id range) that has none yet,
-    or adopts the lead that already exists. A record the service refuses keeps its error and is
-    retried next run; the rest are written."""
+    or adopts the one lead that already exists under either form of key, whoever made it (this
+    product, dual-write before the cut-over, a seller), as it is: its state is read at adoption, and
+    an untagged one is tagged as a Commerce B2B lead. Two leads for one prospect are an anomaly and
+    neither is adopted. A record the service refuses keeps its error and is retried next run."""
     todo = store.work("push", legal_entity, first_id, last_id)
+    result = _LeadOutcomes(legal_entity)
     if not sales.bulk:
-        return for_each_prospect("push", legal_entity, todo, store, run_id, lambda row: _push_one(sales, row))
+        for row in todo.to_dict("records"):
+            try:
+                leads = sales.get_leads(legal_entity, row["prospect_id"])
+                if not leads:
+                    lead_id, existing = sales.create_lead(legal_entity, row["prospect_id"], prospect_rules.lead_of(row["prospect"]))
+                    leads = [existing] if existing else []
+                    if not existing:
+                        result.created(row, lead_id)
+                        continue
+                result.found(row, leads)
+            except D365Error as error:
+                if not error.is_record_error:
+                    raise
+                result.refused(row, error)
+        return result.record(sales, store, run_id)
 
-    pending = [(row, prospect_rules.prospect_key(row["legal_entity"], row["prospect_id"])) for row in
-               todo.to_dict("records")]  # fmt: skip
+    pending = todo.to_dict("records")
 
-    def send(batch: Sequence[tuple[dict, str]]) -> dict[str, tuple[str, bool]]:
-        """Key → (lead id, created): existing leads adopted as they are, the others created."""
-        existing = sales.leads_between(batch[0][1], batch[-1][1])
-        new = [(key, prospect_rules.lead_of(row["prospect"])) for row, key in batch if key not in existing]
-        created = dict(zip((key for key, _ in new), sales.upsert_leads(new))) if new else {}
-        return {key: (existing[key], False) if key in existing else (created[key], True) for _, key in batch}
+    def send(batch: Sequence[dict]) -> dict[str, list[dict] | str]:
+        """Prospect id → its existing leads, or the id of the lead created for it."""
+        existing = sales.leads_between(legal_entity, batch[0]["prospect_id"], batch[-1]["prospect_id"])
+        found = {row["prospect_id"]: existing[key_fold(row["prospect_id"])] for row in batch
+                 if key_fold(row["prospect_id"]) in existing}  # fmt: skip
+        new = [(row["prospect_id"], prospect_rules.lead_of(row["prospect"])) for row in batch
+               if row["prospect_id"] not in found]  # fmt: skip
+        created = dict(zip((prospect_id for prospect_id, _ in new), sales.upsert_leads(legal_entity, new))) if new else {}
+        return found | created
 
-    counts: Counter[str] = Counter()
-    updates = []
     for outcome in bulk.write(pending, sales.targets_per_request, send, sales.max_concurrency):
         if isinstance(outcome, bulk.Refused):
-            row, _ = outcome.item
-            updates.append(((row["legal_entity"], row["prospect_id"]), {}, keep(row, str(outcome.error))))
-            counts["failed"] += 1
+            result.refused(outcome.item, outcome.error)
             continue
-        for row, key in outcome.items:
-            lead_id, created = outcome.result[key]
-            facts = {"lead_id": lead_id, "lead_state": "open"} if created else {"lead_id": lead_id}
-            updates.append(((row["legal_entity"], row["prospect_id"]), facts, None))
-            counts["created" if created else "adopted"] += 1
+        for row in outcome.items:
+            answer = outcome.result[row["prospect_id"]]
+            if isinstance(answer, str):
+                result.created(row, answer)
+            else:
+                result.found(row, answer)
+    return result.record(sales, store, run_id)
+
+
+class _LeadOutcomes:
+    """What `push_leads` found or did per prospect, recorded in the store in one go."""
+
+    def __init__(self, legal_entity: str) -> None:
+        self.legal_entity = legal_entity
+        self.counts: Counter[str] = Counter()
+        self.updates: list[tuple[tuple[str, str], dict, str | None]] = []
+        self.anomalies: list[tuple[tuple[str, str], str, str]] = []
+        self.untagged: list[tuple[tuple[str, str], str]] = []
+
+    def created(self, row: dict, lead_id: str) -> None:
+        facts = {"lead_id": lead_id, "lead_state": "open", "lead_fields": prospect_rules.mapped_lead_fields(row["prospect"])}
+        self.updates.append(((row["legal_entity"], row["prospect_id"]), facts, None))
+        self.counts["created"] += 1
+
+    def found(self, row: dict, leads: list[dict]) -> None:
+        key, record = (row["legal_entity"], row["prospect_id"]), f"prospect {row['legal_entity']}/{row['prospect_id']}"
+        if len(leads) > 1:
+            ids = ", ".join(sorted(lead["leadid"].lower() for lead in leads))
+            detail = (f"{record} has {len(leads)} leads in Sales ({ids}; keys "
+                      f"{', '.join(repr(lead['msdyn_prospectid']) for lead in leads)}); neither is adopted. Next step: "
+                      "merge or delete the extra leads in Sales so that one remains; the next sync adopts it")  # fmt: skip
+            self.updates.append((key, {}, keep(row, f"conflict: {detail}")))
+            self.anomalies.append((key, "duplicate_leads", detail))
+            self.counts["conflicts"] += 1
+            return
+        lead = leads[0]
+        state = rules.LEAD_STATES.get(lead.get("statecode"))
+        facts = {
+            "lead_id": lead["leadid"].lower(), "lead_state": state,
+            # Only what HQ changes from now on is carried to the lead: its values as HQ has them today.
+            "lead_fields": prospect_rules.mapped_lead_fields(row["prospect"]),
+            "opportunity_id": _lower(lead.get("_qualifyingopportunityid_value")),
+            "account_id": _lower(lead.get("_parentaccountid_value")),
+            "contact_id": _lower(lead.get("_parentcontactid_value")),
+            "qualified_at": datetime.now(UTC).isoformat() if state == "qualified" else None,
+        }  # fmt: skip
+        self.updates.append((key, {name: value for name, value in facts.items() if value is not None}, None))
+        if lead.get("msdyn_b2bcommerceprospect") is not True:
+            self.untagged.append((key, lead["leadid"].lower()))
+        self.counts["adopted"] += 1
+
+    def refused(self, row: dict, error: D365Error) -> None:
+        self.updates.append(((row["legal_entity"], row["prospect_id"]), {}, keep(row, str(error))))
+        self.counts["failed"] += 1
+
+    def record(self, sales: SalesClient, store: StateStore, run_id: str) -> dict:
+        store.update_many(self.updates, run_id)
+        if self.anomalies:
+            store.record_anomalies(self.anomalies, run_id)
+        if self.untagged:  # so that "All Commerce B2B leads" and the drift check see them
+            rows = [{"leadid": lead_id, "msdyn_b2bcommerceprospect": True} for _, lead_id in self.untagged]
+            tagged = []
+            for outcome in bulk.write(rows, sales.targets_per_request, lambda part: sales.update_many("leads", "leadid", part)):
+                if isinstance(outcome, bulk.Refused):
+                    log.warning("lead %s adopted but not tagged as a Commerce B2B lead: %s", outcome.item["leadid"], outcome.error)
+                    self.counts["tagging failed"] += 1
+                else:
+                    tagged += [row["leadid"] for row in outcome.items]
+            store.note([(key, "adopted an untagged lead and tagged it as a Commerce B2B lead")
+                        for key, lead_id in self.untagged if lead_id in set(tagged)], run_id)  # fmt: skip
+            self.counts["tagged"] += len(tagged)
+        return {"step": "push", "legal_entity": self.legal_entity, **self.counts}
+
+
+def _lower(value: object) -> str | None:
+    return value.lower() if isinstance(value, str) else None
+
+
+def correct_leads(
+    sales: SalesClient, store: StateStore, legal_entity: str, run_id: str,
+    first_id: str | None = None, last_id: str | None = None,
+) -> dict:  # fmt: skip
+    """Carries corrections made in HQ to open leads, in bulk: a mapped column that HQ changed is
+    updated unless a seller changed it in Sales too, in which case the seller's value stays and the
+    clash is an anomaly (`lead_edited_in_sales`). Each change is in the prospect's history."""
+    todo = store.work("correct", legal_entity, first_id, last_id)
+    columns = ("leadid", "statecode", *prospect_rules.MAPPED_LEAD_COLUMNS)
+    current = {row["leadid"].lower(): row for row in sales.get_by_ids("leads", "leadid", todo["lead_id"].dropna(), columns)}
+    counts: Counter[str] = Counter()
+    changes, facts, notes, clashes = [], {}, {}, []
+    for row in todo.to_dict("records"):
+        key, lead = (row["legal_entity"], row["prospect_id"]), current.get(row["lead_id"])
+        if lead is None or lead.get("statecode") != 0:  # gone or closed: the reconciliation reads it
+            counts["not open"] += 1
+            continue
+        wanted, base = prospect_rules.mapped_lead_fields(row["prospect"]), row["lead_fields"] or {}
+        update = {column: value for column, value in wanted.items()
+                  if _same(lead.get(column), base.get(column)) and not _same(lead.get(column), value)}  # fmt: skip
+        clashing = sorted(column for column, value in wanted.items() if not _same(value, base.get(column))
+                          and not _same(lead.get(column), base.get(column)) and not _same(lead.get(column), value))  # fmt: skip
+        facts[key] = {"lead_fields": wanted, "lead_outdated": None}
+        if update:
+            changes.append((key, {"leadid": row["lead_id"], **update}))
+            notes[key] = "lead updated from the correction in Commerce: " + ", ".join(sorted(update))
+        if clashing:
+            clashes.append((key, "lead_edited_in_sales",
+                            f"prospect {key[0]}/{key[1]} was corrected in Commerce ("
+                            + "; ".join(f"{column}: {wanted[column]!r}" for column in clashing)
+                            + "), but a seller had changed the same columns of its lead in Sales ("
+                            + "; ".join(f"{column}: {lead.get(column)!r}" for column in clashing)
+                            + "); the seller's values stay. Next step: agree on the values, and set them in Sales "
+                              "or Commerce by hand"))  # fmt: skip
+    updates = []
+    written = {key for key, _ in changes}
+    for outcome in bulk.write([row for _, row in changes], sales.targets_per_request,
+                              lambda part: sales.update_many("leads", "leadid", part)):  # fmt: skip
+        if isinstance(outcome, bulk.Refused):
+            key = next(key for key, row in changes if row is outcome.item)
+            written.discard(key)
+            facts.pop(key)
+            updates.append((key, {}, keep({"legal_entity": key[0], "prospect_id": key[1]}, str(outcome.error))))
+            counts["failed"] += 1
+    updates += [(key, fact, None) for key, fact in facts.items()]
     store.update_many(updates, run_id)
-    return {"step": "push", "legal_entity": legal_entity, **counts}
+    store.note([(key, notes[key]) for key in notes if key in written], run_id)
+    if clashes:
+        store.record_anomalies(clashes, run_id)
+    counts["corrected"] += len(written)
+    counts["clashes"] += len(clashes)
+    counts["unchanged"] += len(facts) - len(written)
+    return {"step": "correct leads", "legal_entity": legal_entity, **counts}
 
 
-def _push_one(sales: SalesClient, row: dict) -> tuple[str, dict]:
-    key = prospect_rules.prospect_key(row["legal_entity"], row["prospect_id"])
-    lead_id, created = sales.create_lead(key, prospect_rules.lead_of(row["prospect"]))
-    # An adopted lead's state is whatever a seller made it; the reconciliation reads it.
-    return ("created", {"lead_id": lead_id, "lead_state": "open"}) if created else ("adopted", {"lead_id": lead_id})
+def _same(a: object, b: object) -> bool:
+    """Equal as a lead column shows them: a missing value and an empty one are the same."""
+    return (a or None) == (b or None)

@@ -46,6 +46,7 @@ class RunOptions:
     prospect_keys: frozenset[tuple[str, str]] | None = None  # None: every prospect
     chunk_size: int = DEFAULT_CHUNK_SIZE
     sla_days: float = DEFAULT_SLA_DAYS
+    qualified_without_opportunity_days: float = reconcile.DEFAULT_QUALIFIED_WITHOUT_OPPORTUNITY_DAYS
 
     @classmethod
     def from_params(cls, params: Mapping) -> RunOptions:
@@ -60,7 +61,10 @@ class RunOptions:
             prospect_keys=keys or None,
             chunk_size=int(params.get("chunk_size") or DEFAULT_CHUNK_SIZE),
             sla_days=float(DEFAULT_SLA_DAYS if params.get("sla_days") is None else params["sla_days"]),
-        )
+            qualified_without_opportunity_days=float(
+                reconcile.DEFAULT_QUALIFIED_WITHOUT_OPPORTUNITY_DAYS if params.get("qualified_without_opportunity_days")
+                is None else params["qualified_without_opportunity_days"]),
+        )  # fmt: skip
 
     def prospect_ids(self, legal_entity: str) -> set[str] | None:
         """The named prospects of one legal entity; None when the run is not targeted."""
@@ -221,10 +225,19 @@ def push_leads(legal_entity: str, first_id: str, last_id: str) -> dict:
     )
 
 
+def correct_leads(legal_entity: str, first_id: str, last_id: str) -> dict:
+    step = _step()
+    sales = step.sales(legal_entity)
+    return step.measured(
+        lambda: sync.correct_leads(sales, step.store, legal_entity, step.run_id, first_id, last_id), sales
+    )
+
+
 def read_outcomes() -> dict:
     step = _step()
     sales = step.sales()
-    return step.measured(lambda: reconcile.read_outcomes(sales, step.store, step.run_id, step.options.prospect_keys),
+    return step.measured(lambda: reconcile.read_outcomes(sales, step.store, step.run_id, step.options.prospect_keys,
+                                                         step.options.qualified_without_opportunity_days),
                          sales)  # fmt: skip
 
 
@@ -234,7 +247,8 @@ def write_customers(legal_entity: str, first_id: str, last_id: str) -> dict:
     commerce, sales = step.commerce(legal_entity, settings), step.sales(legal_entity)
     return step.measured(
         lambda: reconcile.write_customers(
-            commerce, sales, step.store, legal_entity, step.run_id, settings.customer_group, first_id, last_id
+            commerce, sales, step.store, legal_entity, step.run_id, settings.customer_group, first_id, last_id,
+            settings.customer_account_template,
         ),
         commerce,
         sales,

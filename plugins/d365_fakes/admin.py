@@ -31,6 +31,7 @@ class DataverseAdmin(Protocol):
     def add_rejection(self, entity_set: Any, column: Any, value: Any, message: Any = None) -> None: ...
     def clear_rejections(self) -> None: ...
     def apply_decisions(self, decisions: Any, as_client_id: Any = None) -> dict[str, Any]: ...
+    def seed_companies(self, codes: Any) -> int: ...
 
 
 def loopback_callers_only(request: Request) -> None:
@@ -107,6 +108,9 @@ def create_admin_router(
             created = commerce_state.seed_prospects(body["prospects"])
         except ValueError as error:
             return _bad_request(str(error))
+        # Their legal entities in Dataverse, as dual-write's legal-entity map made them at setup:
+        # leads of these companies can then bind msdyn_company.
+        dataverse_state.seed_companies(sorted({str(row["dataAreaId"]) for row in body["prospects"]}))
         return JSONResponse({"created": created})
 
     @router.get("/commerce/outbox")
@@ -128,6 +132,15 @@ def create_admin_router(
     async def clear_rejections() -> Response:
         dataverse_state.clear_rejections()
         return Response(status_code=204)
+
+    @router.post("/dataverse/companies")
+    async def seed_companies(request: Request) -> JSONResponse:
+        try:
+            body = await _json_object(request, ("codes",))
+            created = dataverse_state.seed_companies(body.get("codes"))
+        except ValueError as error:
+            return _bad_request(str(error))
+        return JSONResponse({"created": created})
 
     @router.post("/dataverse/decisions")
     async def apply_decisions(request: Request) -> JSONResponse:

@@ -64,6 +64,7 @@ class EntitySet:
     keys: tuple[str, ...]
     types: Mapping[str, str]  # field -> "string", "int" or an enum name; includes the keys
     server_assigned: frozenset[str] = frozenset()  # set by HQ on create, never by the caller
+    fixed: frozenset[str] = frozenset()  # chosen on create (or defaulted), never changed by a PATCH
 
     @property
     def enum_map(self) -> dict[str, str]:
@@ -105,7 +106,8 @@ HIERARCHIES = EntitySet(
         "Purpose": "CustHierarchyPurpose",
         "CurrentVersion": "int",
     },
-    frozenset({"dataAreaId", "CurrentVersion"}),
+    frozenset({"CurrentVersion"}),
+    frozenset({"dataAreaId"}),  # the company: dataAreaId of the payload, else the caller's default company
 )
 NODES = EntitySet(
     "CustomerHierarchyNodes", "CustomerHierarchyNode", "Customer hierarchy node (CustHierarchyNode)",
@@ -199,10 +201,13 @@ def _checked_fields(entity: EntitySet, body: Mapping[str, Any]) -> dict[str, Any
 
 
 # Fields whose values HQ draws from number sequences; a value a caller chose is skipped.
-_NUMBERED = {
-    PROSPECTS.name: ("ProspectId",),
-    CUSTOMERS.name: ("CustomerAccount", "PartyNumber"),
-    HIERARCHIES.name: ("CustomerHierarchyId",),
+# Entity set -> (field, whether its sequence is per company). Customer accounts come from a
+# company-scoped sequence (each legal entity has its own C000001); party numbers belong to the
+# global address book, one sequence for all companies.
+_NUMBERED: dict[str, tuple[tuple[str, bool], ...]] = {
+    PROSPECTS.name: (("ProspectId", False),),
+    CUSTOMERS.name: (("CustomerAccount", True), ("PartyNumber", False)),
+    HIERARCHIES.name: (("CustomerHierarchyId", False),),
 }
 # Lookups the business rules need, kept as each write lands so that a write costs O(1), not a scan:
 # index name -> (entity set, the row's entry in the index or None).
@@ -236,15 +241,17 @@ class CommerceState:
         with self._lock:
             self._tables: dict[str, dict[_Key, dict[str, Any]]] = {name: {} for name in ENTITY_SETS}
             self._order: dict[str, list[_Key]] = {name: [] for name in ENTITY_SETS}  # keys, sorted
-            self._taken: dict[str, dict[str, int]] = {
-                field: {} for fields in _NUMBERED.values() for field in fields
-            }  # casefolded value -> rows holding it
+            # field -> rows holding each value: casefolded value, or (company, value) for a
+            # per-company sequence
+            self._taken: dict[str, dict[Hashable, int]] = {
+                field: {} for fields in _NUMBERED.values() for field, _ in fields
+            }
             self._indexes: dict[str, dict[Hashable, _Key]] = {name: {} for name in _UNIQUE_INDEXES}
             self._journal: dict[tuple[str, _Key], dict[str, Any] | None] | None = None
             self._outbox: list[dict[str, Any]] = []
             self._requests = 0
             self._writes = {name: 0 for name in ENTITY_SETS}
-            self._sequences: dict[str, itertools.count] = {}
+            self._sequences: dict[tuple[str, str], itertools.count] = {}  # (field, company or "")
             self._versions = itertools.count(1)
 
     @property
@@ -349,7 +356,7 @@ class CommerceState:
             row = self._find(entity, key, company, cross_company, url)
             _check_if_match(row, if_match)
             changes = _checked_fields(entity, body)
-            for name in entity.keys + tuple(entity.server_assigned):
+            for name in (*entity.keys, *entity.server_assigned, *entity.fixed):
                 if name in changes and not _same(changes[name], row[name]):
                     raise _bad_request(f"The field '{name}' of {entity.name} cannot be changed.")
             rule = _UPDATE_RULES.get(entity.name)
@@ -392,18 +399,18 @@ class CommerceState:
         table[key] = row
         if old is None:
             bisect.insort(self._order[entity.name], key)
-        for field in _NUMBERED.get(entity.name, ()):
+        for field, per_company in _NUMBERED.get(entity.name, ()):
             taken = self._taken[field]
-            value = row[field].casefold()
+            value = _taken_entry(row, field, per_company)
             taken[value] = taken.get(value, 0) + 1
         for name, (entity_name, entry_of) in _UNIQUE_INDEXES.items():
             if entity_name == entity.name and (entry := entry_of(row)) is not None:
                 self._indexes[name][entry] = key
 
     def _unindex(self, entity: EntitySet, key: _Key, row: Mapping[str, Any]) -> None:
-        for field in _NUMBERED.get(entity.name, ()):
+        for field, per_company in _NUMBERED.get(entity.name, ()):
             taken = self._taken[field]
-            value = row[field].casefold()
+            value = _taken_entry(row, field, per_company)
             taken[value] -= 1
             if not taken[value]:
                 del taken[value]
@@ -421,13 +428,16 @@ class CommerceState:
         version = base64.b64encode(f"'1,{next(self._versions)}'".encode()).decode()
         return f'W/"{version}"'
 
-    def _next_number(self, field: str, template: str) -> str:
-        """The next free value of the field's number sequence (values a caller chose are skipped)."""
-        counter = self._sequences.setdefault(field, itertools.count(1))
+    def _next_number(self, field: str, template: str, company: str | None = None) -> str:
+        """The next free value of the field's number sequence, the company's own when `company` is
+        given (values a caller chose, in that company, are skipped). A sequence only moves forward,
+        so each taken value is skipped at most once: O(1) amortised."""
+        scope = company.casefold() if company is not None else ""
+        counter = self._sequences.setdefault((field, scope), itertools.count(1))
         taken = self._taken[field]
         while True:
             value = template.format(next(counter))
-            if value.casefold() not in taken:
+            if (value.casefold() if company is None else (scope, value.casefold())) not in taken:
                 return value
 
     # Create rules: fill what HQ assigns, enforce the business rules, raise 400s.
@@ -438,30 +448,42 @@ class CommerceState:
 
     def _create_customer(self, row: dict[str, Any], company: str) -> None:
         if not row["CustomerAccount"]:
-            row["CustomerAccount"] = self._next_number("CustomerAccount", "C{:06d}")
+            row["CustomerAccount"] = self._next_number("CustomerAccount", "C{:06d}", row["dataAreaId"])
         row["PartyNumber"] = self._next_number("PartyNumber", "{:09d}")
         self._check_customer(row)
 
     def _create_hierarchy(self, row: dict[str, Any], company: str) -> None:
-        row["dataAreaId"] = company.lower()
+        # Created in the company the payload names, else in the caller's default company (F&O's
+        # rule for any company-specific record; dataAreaId is not a key of this entity).
+        row["dataAreaId"] = (row["dataAreaId"] or company).lower()
         row["CurrentVersion"] = 1
         if not row["CustomerHierarchyId"]:
             row["CustomerHierarchyId"] = self._next_number("CustomerHierarchyId", "CH-{:06d}")
-        party = row["OrganizationPartyNumber"]
-        customer = self._indexed("party", party.casefold())
-        if customer is None or customer["PartyType"] != "Organization":
-            raise _bad_request(f"OrganizationPartyNumber '{party}' is not the party of an Organization customer.")
+        self._check_hierarchy_organization(row)
 
     def _create_node(self, row: dict[str, Any], company: str) -> None:
         _require_keys(NODES, row)
         hierarchy = self._tables[HIERARCHIES.name].get(_key_tuple(HIERARCHIES, row))
         if hierarchy is None:
             raise _bad_request(f"Customer hierarchy '{row['CustomerHierarchyId']}' does not exist.")
+        # A node lives in its hierarchy's company; a payload naming another company is refused.
+        if row["dataAreaId"] and not _same(row["dataAreaId"], hierarchy["dataAreaId"]):
+            raise _bad_request(
+                f"Customer hierarchy {hierarchy['CustomerHierarchyId']} belongs to company {hierarchy['dataAreaId']}; "
+                f"its nodes cannot be created in company {row['dataAreaId'].lower()}."
+            )
         row["dataAreaId"] = hierarchy["dataAreaId"]
         row["VersionAdded"] = hierarchy["CurrentVersion"]
         party = row["NodePartyNumber"]
-        if self._indexed("party", party.casefold()) is None:
+        customer = self._indexed("party", party.casefold())
+        if customer is None:
             raise _bad_request(f"NodePartyNumber '{party}' is not the party of a customer.")
+        if not _same(customer["dataAreaId"], hierarchy["dataAreaId"]):
+            raise _bad_request(
+                f"NodePartyNumber '{party}' is the party of customer {customer['CustomerAccount']} in company "
+                f"{customer['dataAreaId']}, not of a customer in company {hierarchy['dataAreaId']}, the company of "
+                f"customer hierarchy {hierarchy['CustomerHierarchyId']}."
+            )
         self._check_single_admin(row)
 
     # Update rules: check the row as it would be after the PATCH; may return the email HQ sends.
@@ -480,6 +502,10 @@ class CommerceState:
 
     def _update_customer(self, row: dict[str, Any], changes: dict[str, Any]) -> None:
         self._check_customer(row | changes)
+
+    def _update_hierarchy(self, row: dict[str, Any], changes: dict[str, Any]) -> None:
+        if "OrganizationPartyNumber" in changes:
+            self._check_hierarchy_organization(row | changes)
 
     def _update_node(self, row: dict[str, Any], changes: dict[str, Any]) -> None:
         self._check_single_admin(row | changes)
@@ -501,6 +527,19 @@ class CommerceState:
                 f"{other['CustomerAccount']} in company {other['dataAreaId']}."
             )
 
+    def _check_hierarchy_organization(self, hierarchy: dict[str, Any]) -> None:
+        """The hierarchy's organization: an Organization customer of the hierarchy's company."""
+        party = hierarchy["OrganizationPartyNumber"]
+        customer = self._indexed("party", party.casefold())
+        if customer is None or customer["PartyType"] != "Organization":
+            raise _bad_request(f"OrganizationPartyNumber '{party}' is not the party of an Organization customer.")
+        if not _same(customer["dataAreaId"], hierarchy["dataAreaId"]):
+            raise _bad_request(
+                f"OrganizationPartyNumber '{party}' is the party of customer {customer['CustomerAccount']} in company "
+                f"{customer['dataAreaId']}, not of a customer in company {hierarchy['dataAreaId']}, the company of "
+                f"customer hierarchy {hierarchy['CustomerHierarchyId']}."
+            )
+
     def _check_single_admin(self, node: dict[str, Any]) -> None:
         entry = _UNIQUE_INDEXES["admin"][1](node)
         other = None if entry is None else self._indexed("admin", entry)
@@ -520,8 +559,15 @@ _CREATE_RULES = {
 _UPDATE_RULES = {
     PROSPECTS.name: CommerceState._update_prospect,
     CUSTOMERS.name: CommerceState._update_customer,
+    HIERARCHIES.name: CommerceState._update_hierarchy,
     NODES.name: CommerceState._update_node,
 }
+
+
+def _taken_entry(row: Mapping[str, Any], field: str, per_company: bool) -> Hashable:
+    """The row's entry in `CommerceState._taken[field]`."""
+    value = row[field].casefold()
+    return (row["dataAreaId"].casefold(), value) if per_company else value
 
 
 def _require_keys(entity: EntitySet, row: Mapping[str, Any]) -> None:

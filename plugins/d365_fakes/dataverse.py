@@ -1,9 +1,12 @@
 """Fake Dataverse Web API (Sales) under /api/data/v9.2: leads, opportunities, accounts, contacts,
-and the actions that move a lead to a won or lost opportunity.
+and the actions that move a lead to a won or lost opportunity; the legal entities dual-write keeps
+in `cdm_companies`.
 
 It keeps the Web API conventions clients depend on: server-generated lowercase GUID keys; lookups
 read as `_<name>_value` and written as `<navigation property>@odata.bind`; weak etags from a
-version number; PATCH as upsert, also by the lead alternate key `msdyn_prospectid`; the bulk
+version number; PATCH as upsert, also by the lead's alternate key, composite as dual-write makes
+company-specific keys (`msdyn_prospectid` and the company); key values that cannot travel in a URL
+refused there, as the service refuses them; the bulk
 actions CreateMultiple, UpdateMultiple and UpsertMultiple, all-or-nothing; DELETE; change tracking
 (`Prefer: odata.track-changes`, delta links, deleted rows); keyset server-driven paging; errors as
 `{"error": {"code": "0x...", "message": "..."}}`. Keyed reads and writes cost O(rows touched), so
@@ -87,7 +90,8 @@ class Table:
     # navigation property -> (lookup column, entity set it points at)
     lookups: dict[str, tuple[str, str]] = field(default_factory=dict)
     computed: tuple[str, ...] = ()  # read-only columns derived from data columns
-    alternate_key: str | None = None
+    # The alternate key's columns as read (a lookup part as `_<column>_value`); () for none.
+    alternate_key: tuple[str, ...] = ()
     state_model: StateModel | None = None
     writable: bool = True  # by POST/PATCH; read-only sets are written by actions or at start
 
@@ -99,6 +103,28 @@ class Table:
     @property
     def type_name(self) -> str:
         return f"Microsoft.Dynamics.CRM.{self.logical_name}"
+
+    @cached_property
+    def key_lookups(self) -> dict[str, tuple[str, str]]:
+        """The alternate key's lookup parts: `_<column>_value` -> (navigation property, entity set).
+        A lookup part is a row id, written unquoted in a URL key and bound in a body."""
+        return {
+            f"_{column}_value": (navigation, target)
+            for navigation, (column, target) in self.lookups.items()
+            if f"_{column}_value" in self.alternate_key
+        }
+
+    @cached_property
+    def key_forms(self) -> str:
+        """How a URL names a row of this table, for messages."""
+        forms = f"{self.entity_set}(<{self.primary_key}>)"
+        if self.alternate_key:
+            parts = (
+                f"{column}=<guid>" if column in self.key_lookups else f"{column}='<value>'"
+                for column in self.alternate_key
+            )
+            forms += f" or {self.entity_set}({','.join(parts)})"
+        return forms
 
 
 SERVER_COLUMNS = ("createdon", "modifiedon", "versionnumber")
@@ -135,10 +161,15 @@ LEADS = Table(
         "parentaccountid": ("parentaccountid", "accounts"),
         "parentcontactid": ("parentcontactid", "contacts"),
         "qualifyingopportunityid": ("qualifyingopportunityid", "opportunities"),
+        # The company column dual-write adds to company-specific tables, part of their key.
+        "msdyn_company": ("msdyn_company", "cdm_companies"),
         **_OWNER,
     },
     computed=("fullname",),
-    alternate_key="msdyn_prospectid",
+    # Dual-write's key for company-specific tables: the business key and the company. A lead
+    # without a company (written before the company was part of the key) is keyed by its
+    # msdyn_prospectid with an empty company.
+    alternate_key=("msdyn_prospectid", "_msdyn_company_value"),
     state_model=StateModel(
         "LeadState",
         {0: "Open", 1: "Qualified", 2: "Disqualified"},
@@ -215,6 +246,16 @@ SAVED_QUERIES = Table(
     columns={"name": str, "returnedtypecode": str},
     writable=False,
 )
+# As dual-write's "Legal entities (cdm_companies)" map creates it; dual-write owns it, so the Web
+# API only reads it. Filled through the admin surface (`seed_companies`), as the map would at setup.
+CDM_COMPANIES = Table(
+    "cdm_companies",
+    "cdm_company",
+    "cdm_companyid",
+    columns={"cdm_companycode": str, "cdm_name": str},
+    alternate_key=("cdm_companycode",),  # dual-write's integration key for the table
+    writable=False,
+)
 TABLES = {
     table.entity_set: table
     for table in (
@@ -225,6 +266,7 @@ TABLES = {
         OPPORTUNITY_CLOSES,
         SYSTEM_USERS,
         SAVED_QUERIES,
+        CDM_COMPANIES,
     )
 }
 _KEPT_ON_RESET = {SYSTEM_USERS.entity_set, SAVED_QUERIES.entity_set}
@@ -241,12 +283,32 @@ def saved_view_id(name: str) -> str:
     return str(uuid.uuid5(_IDS, f"savedquery/{name}"))
 
 
+def company_id(code: str) -> str:
+    """The cdm_companyid of legal entity `code` (any case): fixed, so that tests and the admin
+    surface can name a company without reading it first."""
+    return str(uuid.uuid5(_IDS, "cdm_company:" + code.lower()))
+
+
 _VIEW_FILTERS = {saved_view_id(name): (entity, text) for name, entity, text in SAVED_VIEWS}
 
 
 class RowKey(NamedTuple):
-    column: str  # the primary key or the alternate key column
-    value: str
+    """A row named by its primary key (one column, the id) or by its alternate key (every column
+    of it, in the table's order; a lookup part is a lowercase id, or None for an empty lookup)."""
+
+    columns: tuple[str, ...]
+    values: tuple[str | None, ...]
+
+    def is_id(self, table: "Table") -> bool:
+        return self.columns == (table.primary_key,)
+
+    def folded(self) -> tuple[str | None, ...]:
+        """The values as the database collation compares them: case-insensitively."""
+        return tuple([value.casefold() if type(value) is str else value for value in self.values])
+
+
+def _id_key_of(table: Table, row_id: str) -> RowKey:
+    return RowKey((table.primary_key,), (row_id,))
 
 
 class Page(NamedTuple):
@@ -305,7 +367,7 @@ class DataverseState:
         self._ordered_rows: dict[str, list[dict]] = {name: [] for name in TABLES}
         self._added: dict[str, dict[str, dict]] = {name: {} for name in TABLES}
         # Per alternate key: its values, casefolded as the database collation compares them, to ids.
-        self._keys: dict[str, dict[str, str]] = {
+        self._keys: dict[str, dict[tuple[str | None, ...], str]] = {
             table.entity_set: {} for table in TABLES.values() if table.alternate_key
         }
         self._tombstones: dict[str, list[DeletedRow]] = {name: [] for name in TABLES}
@@ -320,9 +382,10 @@ class DataverseState:
         self._store(SYSTEM_USERS, system, {"fullname": "SYSTEM"})
 
     def reset(self) -> None:
-        """Empty the data tables, their change history, the rejections and the counts; the users
-        and saved queries stay. Delta tokens issued before expire: the rows emptied here left no
-        tombstones to report, so their holders must sync in full."""
+        """Empty the data tables (cdm_companies too: `seed_companies` fills it again), their change
+        history, the rejections and the counts; the users and saved queries stay. Delta tokens
+        issued before expire: the rows emptied here left no tombstones to report, so their holders
+        must sync in full."""
         for name, rows in self._rows.items():
             if name not in _KEPT_ON_RESET:
                 rows.clear()
@@ -349,6 +412,23 @@ class DataverseState:
             values = {"fullname": client.display_name, "applicationid": client.client_id}
             self._store(SYSTEM_USERS, user, values)
             self._app_users[client.client_id] = client.app_user_id
+
+    def seed_companies(self, codes: Any) -> int:
+        """A cdm_companies row per legal entity code, as dual-write's legal-entity map creates them
+        at setup: `cdm_companycode` in capitals as F&O shows company ids, the fixed `company_id`.
+        Codes already there (any case) are skipped. Answers how many were created; ValueError if
+        `codes` is not a list of non-empty strings (then nothing is created)."""
+        if not isinstance(codes, list) or not all(isinstance(code, str) and code for code in codes):
+            raise ValueError('codes must be a list of legal entity codes, e.g. ["usrt", "usmf"]')
+        created = 0
+        for code in codes:
+            if self._lookup(CDM_COMPANIES, RowKey(CDM_COMPANIES.alternate_key, (code,))) is None:
+                row = self._new_row(CDM_COMPANIES, company_id(code))
+                # The fake knows no legal entity names: the name repeats the code.
+                values = {"cdm_companycode": code.upper(), "cdm_name": code.upper()}
+                self._store(CDM_COMPANIES, row, values)
+                created += 1
+        return created
 
     def get(self, table: Table, key: RowKey, params: Mapping[str, str]) -> dict:
         unsupported = sorted(set(params) - {"$select"})
@@ -483,22 +563,20 @@ class DataverseState:
         if_none_match: str | None,
     ) -> dict:
         """PATCH: update the row at `key`, or create it there. `If-Match` makes it update-only (a
-        specific etag must be current); `If-None-Match: *` makes it create-only."""
-        if key.column != table.primary_key and key.column in body:
-            raise DataverseError(
-                400,
-                INVALID_ARGUMENT,
-                f"The alternate key column '{key.column}' is in the URL; "
-                "do not repeat it in the body.",
-            )
+        specific etag must be current); `If-None-Match: *` makes it create-only. A row created at
+        an alternate key gets the key's values; a company in it must exist, as a bind's must."""
+        if not key.is_id(table):
+            _refuse_key_in_body(table, body)
         changes = self._changes_from_body(table, body)
         row = self._lookup(table, key)
         if row is None:
             if if_match is not None:
                 raise _not_found(table, key)
-            row_id = key.value if key.column == table.primary_key else str(uuid.uuid4())
+            row_id = key.values[0] if key.is_id(table) else str(uuid.uuid4())
+            if not key.is_id(table):
+                self._check_key_lookups(table, key)
             row = self._new_row(table, row_id, caller)
-            row[key.column] = key.value
+            row.update(zip(key.columns, key.values))
         elif if_none_match == "*":
             raise DataverseError(
                 412, DUPLICATE_KEY, "A record with matching key values already exists."
@@ -530,7 +608,7 @@ class DataverseState:
             (_target_key(table, index, target, key_required=operation != "create"), target)
             for index, target in enumerate(targets)
         ]
-        seen: dict[tuple[str, str], int] = {}
+        seen: dict[tuple, int] = {}
         for index, (key, target) in enumerate(keyed):
             identity = self._identity(table, key, target)
             if identity in seen:
@@ -672,11 +750,11 @@ class DataverseState:
         self._rejections.clear()
 
     def apply_decisions(self, decisions: Any, as_client_id: Any = None) -> dict[str, Any]:
-        """Sellers' decisions on leads named by prospect id, made through the Web API's own
-        actions (QualifyLead, WinOpportunity, LoseOpportunity, the disqualifying PATCH) as the
-        application user of the registered client `as_client_id`, or as SYSTEM. Each decision is
-        its own transaction: those that fail are reported, the others stay. ValueError if the
-        request itself is malformed (then nothing is applied)."""
+        """Sellers' decisions on leads named by prospect id (and company, see `_decided_lead`),
+        made through the Web API's own actions (QualifyLead, WinOpportunity, LoseOpportunity, the
+        disqualifying PATCH) as the application user of the registered client `as_client_id`, or
+        as SYSTEM. Each decision is its own transaction: those that fail are reported, the others
+        stay. ValueError if the request itself is malformed (then nothing is applied)."""
         if as_client_id is None:
             caller = self.system_user_id
         elif isinstance(as_client_id, str) and as_client_id in self._app_users:
@@ -685,42 +763,61 @@ class DataverseState:
             raise ValueError("as_client_id must be the client_id of a registered client")
         outcomes = " | ".join(f'"{outcome}"' for outcome in DECISION_OUTCOMES)
         shape = f'{{"msdyn_prospectid": "...", "outcome": {outcomes}}}'
+        shape += ', optionally with "company": "<legal entity>"'
         if not isinstance(decisions, list):
             raise ValueError(f"decisions must be a list of {shape}")
         for index, decision in enumerate(decisions):
             if (
                 not isinstance(decision, dict)
-                or set(decision) != {"msdyn_prospectid", "outcome"}
+                or not {"msdyn_prospectid", "outcome"} <= set(decision)
+                or not set(decision) <= {"msdyn_prospectid", "outcome", "company"}
                 or not isinstance(decision["msdyn_prospectid"], str)
                 or decision["outcome"] not in DECISION_OUTCOMES
+                or not isinstance(decision.get("company", "-"), str)
+                or decision.get("company") == ""
             ):
                 raise ValueError(f"decisions[{index}] must be {shape}")
         errors = []
         for index, decision in enumerate(decisions):
-            prospect_id = decision["msdyn_prospectid"]
+            prospect_id, company = decision["msdyn_prospectid"], decision.get("company")
             try:
                 with self._atomic():
-                    key = RowKey(LEADS.alternate_key, prospect_id)
-                    self._decide(key, decision["outcome"], caller)
+                    lead = self._decided_lead(prospect_id, company)
+                    self._decide(lead, decision["outcome"], caller)
             except DataverseError as error:
+                named = {"msdyn_prospectid": prospect_id}
+                named |= {"company": company} if company is not None else {}
                 errors.append(
-                    {
-                        "index": index,
-                        "msdyn_prospectid": prospect_id,
-                        "code": error.code,
-                        "error": error.message,
-                    }
+                    {"index": index, **named, "code": error.code, "error": error.message}
                 )
         return {"applied": len(decisions) - len(errors), "errors": errors}
 
-    def _decide(self, lead_key: RowKey, outcome: str, caller: str) -> None:
+    def _decided_lead(self, prospect_id: str, company: str | None) -> dict:
+        """The lead a decision names. With `company`: the lead keyed (prospect_id, company).
+        Without: the lead keyed `prospect_id` with no company (leads written before the company
+        was part of the key carried `usrt:P-000001`), else, for `usrt:P-000001`, the lead keyed
+        ('P-000001', usrt). Found through the key index, never through a URL key, so a ':' in the
+        value is no obstacle here."""
+        key_columns = LEADS.alternate_key
+        if company is not None:
+            return self._find(LEADS, RowKey(key_columns, (prospect_id, company_id(company))))
+        literal = RowKey(key_columns, (prospect_id, None))
+        lead = self._lookup(LEADS, literal)
+        code, colon, bare = prospect_id.partition(":")
+        if lead is None and colon:
+            lead = self._lookup(LEADS, RowKey(key_columns, (bare, company_id(code))))
+        if lead is None:
+            raise _not_found(LEADS, literal)
+        return lead
+
+    def _decide(self, lead: dict, outcome: str, caller: str) -> None:
         """A seller's decision: won and lost qualify the lead (account, contact, opportunity) and
         close the opportunity; a lead already qualified has its qualifying opportunity closed."""
+        lead_key = _id_key_of(LEADS, lead[LEADS.primary_key])
         if outcome == "disqualified":
             changes = {"statecode": 2, "statuscode": _DISQUALIFIED_STATUS}
             self.upsert(LEADS, lead_key, changes, caller, if_match="*", if_none_match=None)
             return
-        lead = self._find(LEADS, lead_key)
         opportunity_id = lead["_qualifyingopportunityid_value"] if lead["statecode"] == 1 else None
         if outcome == "qualified" or opportunity_id is None:
             everything = {"CreateAccount": True, "CreateContact": True, "CreateOpportunity": True}
@@ -745,21 +842,18 @@ class DataverseState:
         if_match = "*" if operation == "update" else None
         return self.upsert(table, key, target, caller, if_match=if_match, if_none_match=None)
 
-    def _identity(
-        self, table: Table, key: RowKey | None, target: dict
-    ) -> tuple[str, str] | None:
+    def _identity(self, table: Table, key: RowKey | None, target: dict) -> tuple | None:
         """The record a bulk target writes, so that two targets for one record are caught: the
-        existing row's id, else the key the row would be created at; None for a new row
-        named by nothing."""
+        existing row's id, else the key the row would be created at (for a target named by
+        nothing, the alternate key its body gives); None for a new row named by nothing."""
         if key is None:
-            value = target.get(table.alternate_key) if table.alternate_key else None
-            if not isinstance(value, str):
+            key = _key_in_body(table, target)
+            if key is None:
                 return None
-            key = RowKey(table.alternate_key, value)
         row = self._lookup(table, key)
         if row is not None:
             return table.primary_key, row[table.primary_key]
-        return key.column, key.value.casefold()
+        return key.columns, key.folded()
 
     def _view_filter(self, table: Table, view_id: str | None, caller: str) -> str | None:
         if view_id is None:
@@ -777,9 +871,9 @@ class DataverseState:
 
     def _lookup(self, table: Table, key: RowKey) -> dict | None:
         rows = self._rows[table.entity_set]
-        if key.column == table.primary_key:
-            return rows.get(key.value)
-        row_id = self._keys[table.entity_set].get(key.value.casefold())
+        if key.is_id(table):
+            return rows.get(key.values[0])
+        row_id = self._keys[table.entity_set].get(key.folded())
         return None if row_id is None else rows[row_id]
 
     def _find(self, table: Table, key: RowKey) -> dict:
@@ -818,7 +912,14 @@ class DataverseState:
                 f"'{navigation}'.",
             )
         table = TABLES[target]
-        return self._find(table, RowKey(table.primary_key, match["id"].lower()))[table.primary_key]
+        return self._find(table, _id_key_of(table, match["id"].lower()))[table.primary_key]
+
+    def _check_key_lookups(self, table: Table, key: RowKey) -> None:
+        """The rows an alternate key's lookup parts name must exist (404 as for a bind)."""
+        for column, value in zip(key.columns, key.values):
+            if value is not None and column in table.key_lookups:
+                target = TABLES[table.key_lookups[column][1]]
+                self._find(target, _id_key_of(target, value))
 
     def _check_changes(self, table: Table, row: dict, changes: dict[str, Any]) -> None:
         """Refuse state changes a PATCH may not make and duplicate alternate keys. A state change
@@ -850,9 +951,9 @@ class DataverseState:
                     )
                 changes.setdefault("statuscode", model.statuses[target][0])
             _check_status(table, row, target, changes.get("statuscode", row["statuscode"]))
-        key_value = changes.get(table.alternate_key) if table.alternate_key else None
-        if key_value is not None:
-            holder = self._lookup(table, RowKey(table.alternate_key, key_value))
+        if any(column in changes for column in table.alternate_key):
+            key = _row_key({**row, **changes}, table)
+            holder = self._lookup(table, key) if key is not None else None
             if holder is not None and holder is not row:
                 raise DataverseError(
                     412, DUPLICATE_KEY, "A record with matching key values already exists."
@@ -973,15 +1074,15 @@ class DataverseState:
             del ordered[bisect_left(ordered, row_id, key=itemgetter(table.primary_key))]
 
     def _index(self, table: Table, row: dict) -> None:
-        value = row[table.alternate_key] if table.alternate_key else None
-        if value is not None:
-            self._keys[table.entity_set][value.casefold()] = row[table.primary_key]
+        key = _row_key(row, table)
+        if key is not None:
+            self._keys[table.entity_set][key.folded()] = row[table.primary_key]
 
     def _unindex(self, table: Table, row: dict) -> None:
-        value = row[table.alternate_key] if table.alternate_key else None
+        key = _row_key(row, table)
         index = self._keys.get(table.entity_set, {})
-        if value is not None and index.get(value.casefold()) == row[table.primary_key]:
-            del index[value.casefold()]
+        if key is not None and index.get(key.folded()) == row[table.primary_key]:
+            del index[key.folded()]
 
     def _now(self) -> str:
         return datetime.fromtimestamp(self._clock(), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -1053,8 +1154,8 @@ def _etag(row: Mapping[str, Any]) -> str:
 
 
 def _not_found(table: Table, key: RowKey) -> DataverseError:
-    if key.column == table.primary_key:
-        message = f"{table.logical_name} With Id = {key.value} Does Not Exist"
+    if key.is_id(table):
+        message = f"{table.logical_name} With Id = {key.values[0]} Does Not Exist"
     else:
         message = (
             f"A record with the specified key values does not exist in {table.logical_name} entity"
@@ -1071,7 +1172,54 @@ def _id_key(table: Table, value: Any) -> RowKey:
             f"Cannot convert the literal '{value}' to the expected type 'Edm.Guid' of "
             f"'{table.primary_key}'.",
         )
-    return RowKey(table.primary_key, value.lower())
+    return _id_key_of(table, value.lower())
+
+
+def _row_key(row: Mapping[str, Any], table: Table) -> RowKey | None:
+    """A row's alternate key; None if the table has none or a column of it that is not a lookup
+    is empty (such rows are not in the key's index: many leads may have no msdyn_prospectid).
+    An empty lookup part is a value: two leads with the same msdyn_prospectid and no company
+    collide."""
+    if not table.alternate_key:
+        return None
+    values = tuple([row[column] for column in table.alternate_key])
+    if None in values:
+        lookups = table.key_lookups
+        for column, value in zip(table.alternate_key, values):
+            if value is None and column not in lookups:
+                return None
+    return RowKey(table.alternate_key, values)
+
+
+def _key_in_body(table: Table, body: Mapping[str, Any]) -> RowKey | None:
+    """The alternate key a create body gives its row (the columns, the lookups as binds), to
+    tell two bulk targets for one record apart before anything is written; None if it gives
+    none, or a bind the write itself will refuse."""
+    values = []
+    for column in table.alternate_key:
+        if column in table.key_lookups:
+            reference = body.get(f"{table.key_lookups[column][0]}@odata.bind")
+            match = _BIND.fullmatch(reference) if isinstance(reference, str) else None
+            if reference is not None and match is None:
+                return None
+            values.append(match["id"].lower() if match else None)
+        else:
+            values.append(body.get(column))
+    return _row_key(dict(zip(table.alternate_key, values)), table)
+
+
+def _refuse_key_in_body(table: Table, body: Mapping[str, Any]) -> None:
+    """A write addressed by alternate key must not name key values in its body (a part the URL
+    left out, the company of an older lead, is part of the key all the same)."""
+    for column in table.alternate_key:
+        navigation = table.key_lookups[column][0] if column in table.key_lookups else column
+        if navigation in body or f"{navigation}@odata.bind" in body:
+            raise DataverseError(
+                400,
+                INVALID_ARGUMENT,
+                f"The alternate key column '{navigation}' is in the URL; "
+                "do not repeat it in the body.",
+            )
 
 
 def _target_key(table: Table, index: int, target: Any, key_required: bool) -> RowKey | None:
@@ -1087,9 +1235,7 @@ def _target_key(table: Table, index: int, target: Any, key_required: bool) -> Ro
             f'{where} must be annotated "@odata.type": "{table.type_name}": the entity set '
             f"'{table.entity_set}' holds {table.logical_name} records.",
         )
-    forms = f"{table.entity_set}(<{table.primary_key}>)"
-    if table.alternate_key:
-        forms += f" or {table.entity_set}({table.alternate_key}='<value>')"
+    forms = table.key_forms
     reference, row_id = target.get("@odata.id"), target.get(table.primary_key)
     if reference is not None and row_id is not None:
         raise DataverseError(
@@ -1112,7 +1258,8 @@ def _target_key(table: Table, index: int, target: Any, key_required: bool) -> Ro
 
 def _referenced_key(table: Table, where: str, reference: Any, forms: str) -> RowKey:
     """An `@odata.id`, read as the request URL is read: percent-decoded once, then the key
-    literal (quotes doubled); relative to the service root, or absolute."""
+    literal (quotes doubled); relative to the service root, or absolute. A key value that cannot
+    be used in a URL is refused as in the request URL."""
     text = unquote(reference) if isinstance(reference, str) else ""
     if text.startswith(("https://", "http://")):
         text = text.partition(API_ROOT + "/")[2]
@@ -1127,6 +1274,7 @@ def _referenced_key(table: Table, where: str, reference: Any, forms: str) -> Row
             f"{where}: the @odata.id '{reference}' is not a reference to a {table.logical_name} "
             f"record: {forms}.",
         )
+    _check_usable_in_url(table, resource.key, f"{where}: ")
     return resource.key
 
 
@@ -1141,14 +1289,20 @@ def _unknown_property(table: Table, name: str) -> DataverseError:
 # --- HTTP -----------------------------------------------------------------------------------------
 
 
-# `<set>`, `<set>(<guid>)` or `<set>(<alternate key>='<value>')`, then an optional `/<action>`. A
-# quote inside the value is doubled, so the literal ends at the first lone quote, and `)`, `/`,
-# `#`, `?` or newlines inside it are data.
+# `<set>`, `<set>(<guid>)` or `<set>(<column>='<value>',<lookup column>=<guid>,...)` (an
+# alternate key, its parts in any order), then an optional `/<action>`. A quote inside a value is
+# doubled, so the literal ends at the first lone quote, and `)`, `,`, `=`, `#`, `?` or newlines
+# inside it are data (some of them then refused: _URL_KEY_UNUSABLE).
+_KEY_VALUE = r"'(?:[^']|'')*'|[^',()=]*"  # a quoted literal, or an unquoted one (a GUID)
 _RESOURCE = re.compile(
     r"(?P<set>\w+)"
-    r"(?:\((?:(?P<id>[^'()]*)|(?P<key_name>\w+)=(?P<key_literal>'(?:[^']|'')*'))\))?"
+    rf"(?:\((?:(?P<id>[^'(),=]*)|(?P<key>\w+=(?:{_KEY_VALUE})(?:,\w+=(?:{_KEY_VALUE}))*))\))?"
     r"(?:/(?P<action>[\w.]+))?"
 )
+_KEY_PARTS = re.compile(rf"(?P<name>\w+)=(?P<value>{_KEY_VALUE})(?:,|$)")
+# Characters a key value cannot hold in a URL (Power Apps, "Define alternate keys"): the web
+# front end refuses them in a path before Dataverse reads the key.
+_URL_KEY_UNUSABLE = re.compile(r"[/<>*%&:\\?+]")
 _QUALIFY_LEAD = "Microsoft.Dynamics.CRM.QualifyLead"
 _BULK_OPERATIONS = {  # bound to a collection; the operation each target gets
     "Microsoft.Dynamics.CRM.CreateMultiple": "create",
@@ -1164,7 +1318,10 @@ class _Resource(NamedTuple):
 
 
 def _parse_resource(request: Request) -> _Resource:
-    return _parse_resource_path(_resource_path(request))
+    resource = _parse_resource_path(_resource_path(request))
+    if resource.key is not None:
+        _check_usable_in_url(resource.table, resource.key)
+    return resource
 
 
 def _parse_resource_path(resource: str) -> _Resource:
@@ -1178,19 +1335,76 @@ def _parse_resource_path(resource: str) -> _Resource:
             404, UNKNOWN_NAME, f"Resource not found for the segment '{match['set']}'."
         )
     key = None
-    if match["key_name"] is not None:
-        if match["key_name"] != table.alternate_key:
-            raise DataverseError(
-                400, BAD_QUERY, f"'{match['key_name']}' is not a key of {table.logical_name}."
-            )
-        key = RowKey(table.alternate_key, unquote_string_literal(match["key_literal"]))
+    if match["key"] is not None:
+        key = _alternate_key(table, match["key"])
     elif match["id"] is not None:
         if not re.fullmatch(_GUID, match["id"]):
             raise DataverseError(
                 400, BAD_QUERY, f"Bad Request - Error in query syntax: '{match['id']}' is not a GUID."
             )
-        key = RowKey(table.primary_key, match["id"].lower())
+        key = _id_key_of(table, match["id"].lower())
     return _Resource(table, key, match["action"])
+
+
+def _alternate_key(table: Table, text: str) -> RowKey:
+    """The key parts of a URL, `name='literal'` or `lookup=<guid>`, in any order. Every column of
+    the key is named, but a lookup part may be left out: then it addresses the row whose lookup
+    is empty (`leads(msdyn_prospectid='...')` is a lead without a company)."""
+    given: dict[str, str] = {}
+    for part in _KEY_PARTS.finditer(text):
+        name, literal = part["name"], part["value"]
+        if name not in table.alternate_key:
+            raise DataverseError(400, BAD_QUERY, f"'{name}' is not a key of {table.logical_name}.")
+        if name in given:
+            raise DataverseError(400, BAD_QUERY, f"The key part '{name}' is given twice.")
+        given[name] = _key_part(table, name, literal)
+    for column in table.alternate_key:
+        if column not in given and column not in table.key_lookups:
+            raise DataverseError(
+                400,
+                BAD_QUERY,
+                f"The key of {table.logical_name} needs {column}: {table.key_forms}.",
+            )
+    return RowKey(table.alternate_key, tuple(given.get(column) for column in table.alternate_key))
+
+
+def _key_part(table: Table, name: str, literal: str) -> str:
+    """One key part's value: a lookup's id unquoted (lowercased), any other a quoted literal."""
+    if name in table.key_lookups:
+        if not re.fullmatch(_GUID, literal):
+            raise DataverseError(
+                400,
+                BAD_QUERY,
+                f"Cannot convert the literal '{literal}' to the expected type 'Edm.Guid' of "
+                f"'{name}'.",
+            )
+        return literal.lower()
+    if not literal.startswith("'"):
+        raise DataverseError(
+            400,
+            BAD_QUERY,
+            f"Cannot convert the literal '{literal}' to the expected type 'Edm.String' of "
+            f"'{name}': write it in single quotes.",
+        )
+    return unquote_string_literal(literal)
+
+
+def _check_usable_in_url(table: Table, key: RowKey, where: str = "") -> None:
+    """An alternate key value holding a character of _URL_KEY_UNUSABLE cannot address a row in a
+    URL (it still may be stored, written by POST, found by $filter and addressed by id)."""
+    if key.is_id(table):
+        return
+    for column, value in zip(key.columns, key.values):
+        unusable = _URL_KEY_UNUSABLE.search(value) if value is not None else None
+        if unusable is not None:
+            raise DataverseError(
+                400,
+                INVALID_ARGUMENT,
+                f"{where}The key value '{value}' of '{column}' holds the character "
+                f"'{unusable[0]}', which cannot be used in an alternate key in a URL (none of "
+                f"/ < > * % & : \\ ? + can): address the {table.logical_name} by its id, or by a "
+                "key without them.",
+            )
 
 
 def _resource_path(request: Request) -> str:

@@ -119,6 +119,12 @@ class FakeAdmin:
             "created"
         ]
 
+    def seed_companies(self, codes: list[str]) -> int:
+        """cdm_companies rows for the legal entities `codes` ("usrt", ...), as dual-write's
+        legal-entity map creates them (seed_prospects does it for its prospects' companies); codes
+        already there, in any case, are skipped. Answers how many were created."""
+        return self._checked(self._http.post("/dataverse/companies", json={"codes": codes}))["created"]
+
     def outbox(self) -> list[dict[str, Any]]:
         return self._checked(self._http.get("/commerce/outbox"))["emails"]
 

@@ -78,6 +78,7 @@ PLANNED_WRITE_TABLES = {
     "create Organization customer": ("commerce", "CustomersV3"), "create Person customer": ("commerce", "CustomersV3"),
     "create customer hierarchy": ("commerce", "CustomerHiearchies"),
     "add Admin node to customer hierarchy": ("commerce", "CustomerHierarchyNodes"),
+    "add User node to customer hierarchy": ("commerce", "CustomerHierarchyNodes"), "update leads": ("dataverse", "leads"),
     "approve prospect": ("commerce", "Prospects"), "reject prospect": ("commerce", "Prospects"),
 }  # fmt: skip
 
@@ -114,11 +115,12 @@ def prospects(count: int = 50, legal_entities: tuple[str, ...] = ("usrt", "usmf"
     return rows, plan
 
 
-def play_sellers(seller: Seller, plan: dict) -> Counter:
-    """Each seller works the leads in "All Commerce B2B leads" as the plan says."""
+def play_sellers(seller: Seller, plan: dict, leave: frozenset[str] = frozenset()) -> Counter:
+    """Each seller works the leads in "All Commerce B2B leads" as the plan says; leads whose email is
+    in `leave` are worked by their own story (`stories`)."""
     done: Counter = Counter()
     for lead in seller.view("All Commerce B2B leads"):
-        if lead["statecode"] != 0:
+        if lead["statecode"] != 0 or lead["emailaddress1"] in leave:
             continue
         decision = plan[lead["emailaddress1"]]
         if decision in ("won", "lost", "qualified"):

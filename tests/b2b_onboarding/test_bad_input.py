@@ -160,16 +160,21 @@ def test_a_bad_record_stays_tracked_is_validated_on_every_pull_and_becomes_valid
     assert list(store.history(legal_entity, "P-000001")["to_stage"]) == ["invalid", "pulled"]
 
 
-def test_a_prospect_with_a_lead_is_never_validated_again_or_changed_by_a_pull(store):
+def test_an_invalid_correction_of_a_prospect_with_a_lead_keeps_the_last_valid_record_and_names_the_fields(store):
     pull(store, request())
     store.update("usrt", "P-000001", RUN, lead_id="00000000-0000-0000-0000-000000000001", lead_state="open")
 
     counts = pull(store, request(CompanyName="", PrimaryEmailAddress="broken"))
 
     row = tracked(store, "usrt", "P-000001")
-    assert counts["unchanged"] == 1
-    assert row["stage"] == "lead_open" and row["last_error"] is None
+    assert counts["corrected"] == 1
+    assert row["stage"] == "lead_open" and row["lead_outdated"] is None  # nothing to carry to the lead
     assert row["prospect"]["CompanyName"] == "Analytical Engines"
+    assert "prospect usrt/P-000001" in row["last_error"]
+    assert "CompanyName" in row["last_error"] and "PrimaryEmailAddress" in row["last_error"]
+    assert pull(store, request(CompanyName="", PrimaryEmailAddress="broken"))["unchanged"] == 1  # said once
+    assert pull(store, request())["corrected"] == 1
+    assert tracked(store, "usrt", "P-000001")["last_error"] is None
 
 
 # --- The same email on two prospects ---------------------------------------------------------------

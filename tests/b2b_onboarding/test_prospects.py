@@ -27,7 +27,7 @@ def test_each_bad_field_is_named_with_the_prospect():
 
 
 def test_missing_fields_and_over_long_ids_are_refused():
-    _, error = prospects.validate({"dataAreaId": "usrt", "ProspectId": "P" * 17})
+    _, error = prospects.validate({"dataAreaId": "usrt", "ProspectId": "P" * (prospects.MAX_PROSPECT_ID_LENGTH + 1)})
     assert "ProspectId" in error and "ProspectName" in error and "PrimaryEmailAddress" in error
 
 
@@ -80,8 +80,10 @@ def test_single_word_names_become_the_last_name():
 
 def test_identity_of_a_prospect_across_legal_entities():
     assert prospects.prospect_key("usrt", "P-1") != prospects.prospect_key("usmf", "P-1")
-    org, person = prospects.customer_accounts("P-000123")
-    assert org != person and len(org) <= 20 and len(person) <= 20
+    assert prospects.key_fold(" USMF:P-000008 ") == prospects.key_fold("usmf:p-000008")
+    org, person = (prospects.customer_account("{legal_entity}-{prospect_id}-{role}", "usrt", "P-000123", role)
+                   for role in ("ORG", "ADM"))  # fmt: skip
+    assert (org, person) == ("USRT-P-000123-ORG", "USRT-P-000123-ADM")
 
 
 # --- One email per legal entity (pure: the holders come in as a mapping) ---------------------------

@@ -44,18 +44,77 @@ def test_lead_outcomes_report_only_changes_of_undecided_prospects():
     ]  # fmt: skip
 
 
-def test_opportunity_outcomes_map_state_codes():
+def opportunity_rows(*rows: tuple[str, int, str | None]) -> pd.DataFrame:
+    return pd.DataFrame([{"opportunityid": oid, "statecode": state, "_originatingleadid_value": origin}
+                         for oid, state, origin in rows],
+                        columns=["opportunityid", "statecode", "_originatingleadid_value"])  # fmt: skip
+
+
+def test_every_opportunity_of_a_lead_counts_any_won_wins_any_open_waits_all_lost_rejects():
     frame = tracked(
-        {"prospect_id": "P-1", "lead_id": "a", "opportunity_id": "o1", "opportunity_state": None},
-        {"prospect_id": "P-2", "lead_id": "b", "opportunity_id": "o2", "opportunity_state": None},
-        {"prospect_id": "P-3", "lead_id": "c", "opportunity_id": "o3", "opportunity_state": None},
+        {"prospect_id": "won-late", "lead_id": "a", "lead_state": "qualified", "opportunity_id": "q1"},
+        {"prospect_id": "one-open", "lead_id": "b", "lead_state": "qualified", "opportunity_id": "q2"},
+        {"prospect_id": "all-lost", "lead_id": "c", "lead_state": "qualified", "opportunity_id": "q3"},
+        {"prospect_id": "no-qualifying", "lead_id": "d", "lead_state": "qualified"},
+        {"prospect_id": "untracked-lead", "lead_id": "e", "lead_state": "open"},
     )
-    opportunities = pd.DataFrame([
-        {"opportunityid": "o1", "statecode": 1}, {"opportunityid": "o2", "statecode": 2},
-        {"opportunityid": "o3", "statecode": 0},
-    ])  # fmt: skip
-    changes = rules.opportunity_outcomes(frame, opportunities).set_index("prospect_id")["opportunity_state"]
-    assert changes.to_dict() == {"P-1": "won", "P-2": "lost", "P-3": "open"}
+    seen = rules.opportunities_of_leads(frame, opportunity_rows(
+        ("Q1", 2, "A"), ("late1", 1, "a"),            # the qualifying one lost, one made later won
+        ("q2", 2, "b"), ("late2", 0, "b"),            # one lost, one still open: wait
+        ("q3", 2, None), ("late3", 2, "c"),           # the qualifying one (no origin) and a later one, both lost
+        ("late4", 0, "d"),                            # qualified with none, then one made later
+        ("stranger", 1, "z"),                         # another lead's: not ours
+    ))  # fmt: skip
+    assert sorted(seen["opportunity_id"]) == ["late1", "late2", "late3", "late4", "q1", "q2", "q3"]
+    states = rules.opportunity_states(frame, seen).set_index("prospect_id")
+    assert states["opportunity_state"].to_dict() == {"won-late": "won", "one-open": "open", "all-lost": "lost",
+                                                     "no-qualifying": "open"}  # fmt: skip
+    assert states.loc["won-late", "opportunity_id"] == "late1"
+    assert states.loc["all-lost", "opportunity_id"] == "q3"  # the qualifying one stands for a lost prospect
+    changes = rules.opportunity_outcomes(frame, rules.opportunity_states(frame, seen)).set_index("prospect_id")
+    assert changes["opportunity_state"].to_dict() == {"won-late": "won", "one-open": "open", "all-lost": "lost",
+                                                      "no-qualifying": "open"}  # fmt: skip
+    assert set(rules.to_approve(frame.assign(person_party_number="9").set_index("prospect_id").assign(
+        opportunity_state=changes["opportunity_state"]).reset_index())["prospect_id"]) == {"won-late"}  # fmt: skip
+
+
+def test_a_decided_prospects_opportunities_moving_again_are_reported_not_applied():
+    frame = tracked(
+        {"prospect_id": "P-1", "lead_id": "a", "opportunity_id": "o1", "opportunity_state": "lost", "decision": "rejected"},
+        {"prospect_id": "P-2", "lead_id": "b", "opportunity_id": "o2", "opportunity_state": "won", "decision": "approved"},
+    )
+    seen = rules.opportunities_of_leads(frame, opportunity_rows(("o1", 2, "a"), ("new", 0, "a"), ("o2", 1, "b")))
+    states = rules.opportunity_states(frame, seen)
+    assert rules.opportunity_outcomes(frame, states).empty
+    moved = rules.opportunities_changed_after_decision(frame, states)
+    assert moved.to_dict("records") == [{"legal_entity": "usrt", "prospect_id": "P-1", "decision": "rejected",
+                                         "was": "lost", "now": "open"}]  # fmt: skip
+
+
+def test_a_lead_qualified_without_opportunity_for_longer_than_the_limit_is_flagged():
+    from datetime import UTC, datetime
+
+    frame = tracked(
+        {"prospect_id": "old", "lead_id": "a", "lead_state": "qualified", "qualified_at": "2026-12-01T00:00:00+00:00"},
+        {"prospect_id": "recent", "lead_id": "b", "lead_state": "qualified", "qualified_at": "2026-12-05T12:00:00+00:00"},
+        {"prospect_id": "has-one", "lead_id": "c", "lead_state": "qualified", "opportunity_state": "open",
+         "qualified_at": "2026-12-01T00:00:00+00:00"},
+        {"prospect_id": "decided", "lead_id": "d", "lead_state": "qualified", "decision": "rejected",
+         "qualified_at": "2026-12-01T00:00:00+00:00"},
+    )
+    late = rules.qualified_without_opportunity(frame, datetime(2026, 12, 6, tzinfo=UTC), 2)
+    assert list(late["prospect_id"]) == ["old"]
+    assert list(rules.qualified_without_opportunity(frame, datetime(2026, 12, 6, tzinfo=UTC), 0.25)["prospect_id"]) == [
+        "old", "recent"]  # fmt: skip
+
+
+def test_only_open_leads_whose_prospect_was_corrected_are_corrected():
+    frame = tracked(
+        {"prospect_id": "fix", "lead_id": "a", "lead_state": "open", "lead_outdated": "yes"},
+        {"prospect_id": "qualified", "lead_id": "b", "lead_state": "qualified", "lead_outdated": "yes"},
+        {"prospect_id": "same", "lead_id": "c", "lead_state": "open"},
+    )
+    assert list(rules.to_correct(frame)["prospect_id"]) == ["fix"]
 
 
 def test_work_lists_select_what_each_step_must_do():

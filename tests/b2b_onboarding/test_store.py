@@ -10,8 +10,10 @@ def pulled(*rows):
 
 
 def test_pulled_prospects_are_tracked_once(store):
-    assert store.record_pulled(pulled({"prospect_id": "P-1"}), "run-1") == {"new": 1, "refreshed": 0, "unchanged": 0}
-    assert store.record_pulled(pulled({"prospect_id": "P-1"}), "run-2") == {"new": 0, "refreshed": 0, "unchanged": 1}
+    assert store.record_pulled(pulled({"prospect_id": "P-1"}), "run-1") == {"new": 1, "refreshed": 0, "corrected": 0,
+                                                                            "unchanged": 0}  # fmt: skip
+    assert store.record_pulled(pulled({"prospect_id": "P-1"}), "run-2") == {"new": 0, "refreshed": 0, "corrected": 0,
+                                                                            "unchanged": 1}  # fmt: skip
     frame = store.frame()
     assert len(frame) == 1 and frame.loc[0, "stage"] == "pulled" and frame.loc[0, "last_run_id"] == "run-1"
 
@@ -28,12 +30,68 @@ def test_a_fixed_bad_record_becomes_valid_and_its_history_shows_both(store):
     assert history.loc[0, "error"] == "P-1: email bad"
 
 
-def test_a_prospect_with_a_lead_is_never_refreshed_from_commerce(store):
+def test_a_correction_in_commerce_of_a_prospect_with_a_lead_is_taken_flagged_and_in_its_history(store):
     store.record_pulled(pulled({"prospect_id": "P-1"}), "run-1")
     store.update("usrt", "P-1", "run-1", lead_id="l-1", lead_state="open")
-    counts = store.record_pulled(pulled({"prospect_id": "P-1", "prospect": {"CompanyName": "Changed"}}), "run-2")
-    assert counts["unchanged"] == 1
-    assert store.frame().loc[0, "prospect"] == {"CompanyName": "Contoso"}
+    assert store.record_pulled(pulled({"prospect_id": "P-1"}), "run-2")["unchanged"] == 1
+    counts = store.record_pulled(pulled({"prospect_id": "P-1", "prospect": {"CompanyName": "Changed"}}), "run-3")
+    assert counts["corrected"] == 1
+    row = store.frame().loc[0]
+    assert row["prospect"] == {"CompanyName": "Changed"} and row["lead_outdated"] == "yes" and row["stage"] == "lead_open"
+    assert store.history("usrt", "P-1")["detail"].iloc[-1] == "corrected in Commerce: CompanyName"
+    # An invalid correction keeps the last valid record, and says why.
+    store.record_pulled(pulled({"prospect_id": "P-1", "prospect": None, "error": "P-1: email bad"}), "run-4")
+    row = store.frame().loc[0]
+    assert row["prospect"] == {"CompanyName": "Changed"} and row["last_error"] == "P-1: email bad"
+    # A decided prospect is never changed again.
+    store.update("usrt", "P-1", "run-5", lead_state="disqualified", decision="rejected")
+    assert store.record_pulled(pulled({"prospect_id": "P-1", "prospect": {"CompanyName": "Late"}}), "run-6")["unchanged"] == 1
+
+
+def test_a_store_made_by_an_older_version_gets_the_new_columns_and_keeps_its_rows(tmp_path):
+    import sqlalchemy as sa
+
+    from b2b_onboarding.store import StateStore
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE b2b_prospects (legal_entity VARCHAR(16) NOT NULL, prospect_id "
+                                   "VARCHAR(255) NOT NULL, stage VARCHAR(32) NOT NULL, prospect JSON, lead_id VARCHAR(64), "
+                                   "decision VARCHAR(64), created_at DATETIME NOT NULL, updated_at DATETIME NOT NULL, "
+                                   "PRIMARY KEY (legal_entity, prospect_id))")  # fmt: skip
+        connection.exec_driver_sql("INSERT INTO b2b_prospects VALUES ('usrt', 'P-1', 'lead_open', '{}', 'l-1', NULL, "
+                                   "'2026-01-01 00:00:00', '2026-01-01 00:00:00')")  # fmt: skip
+    engine.dispose()
+    store = StateStore(url)
+    row = store.frame().loc[0]
+    assert row["lead_id"] == "l-1" and row["lead_fields"] is None and row["qualified_at"] is None
+    store.update("usrt", "P-1", "run", lead_state="open", lead_fields={"telephone1": "1"})
+    assert store.frame().loc[0, "lead_fields"] == {"telephone1": "1"}
+
+
+def test_prospects_decided_before_the_store_saw_them_are_recorded_as_decided_once(store):
+    store.record_pulled(pulled({"prospect_id": "P-1"}), "run-1")
+    decided = pd.DataFrame([{"legal_entity": "usrt", "prospect_id": "P-1", "decision": "approved", "lead_id": None},
+                            {"legal_entity": "usrt", "prospect_id": "P-2", "decision": "approved", "lead_id": "l-2"},
+                            {"legal_entity": "usmf", "prospect_id": "P-3", "decision": "rejected", "lead_id": None}])  # fmt: skip
+    assert store.track_decided(decided, "run-2") == 2
+    assert store.track_decided(decided, "run-3") == 0
+    frame = store.frame().set_index("prospect_id")
+    assert frame.loc["P-1", "stage"] == "pulled"  # tracked already: left to the flow
+    assert (frame.loc["P-2", "stage"], frame.loc["P-2", "lead_id"]) == ("approved", "l-2")
+    assert frame.loc["P-3", "stage"] == "rejected"
+
+
+def test_opportunities_are_kept_per_prospect_and_forgotten_when_deleted(store):
+    seen = pd.DataFrame([{"opportunity_id": "o1", "legal_entity": "usrt", "prospect_id": "P-1", "state": "lost"},
+                         {"opportunity_id": "o2", "legal_entity": "usrt", "prospect_id": "P-1", "state": "open"}])  # fmt: skip
+    store.record_opportunities(seen, "run-1")
+    store.record_opportunities(seen.iloc[[1]].assign(state="won"), "run-2")
+    kept = store.tracked_opportunities(keys=[("usrt", "P-1")]).set_index("opportunity_id")["state"].to_dict()
+    assert kept == {"o1": "lost", "o2": "won"}
+    store.record_opportunities(seen.iloc[0:0], "run-3", gone=["o1"])
+    assert list(store.tracked_opportunities()["opportunity_id"]) == ["o2"]
 
 
 def test_updates_derive_the_stage_and_append_only_real_transitions(store):

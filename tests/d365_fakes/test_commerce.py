@@ -478,3 +478,184 @@ def test_the_indexed_rules_hold_on_large_tables(state):
     with pytest.raises(ODataError, match="already the primary contact email of customer C020000"):
         state.create(CUSTOMERS, {"PartyType": "Person", "PersonLastName": "Lee", "PrimaryContactEmail": "P19999@x.test"},
                      "usrt")
+
+
+# --- companies of writes, per-company number sequences -------------------------------------------
+
+
+def customer_in(api, company=None, party_type="Organization", **fields):
+    """A customer created in `company` (None: the payload names none, so the caller's default company)."""
+    names = {"OrganizationName": "Contoso"} if party_type == "Organization" else {"PersonLastName": "Lee"}
+    where = {} if company is None else {"dataAreaId": company}
+    response = api.post("/data/CustomersV3", json={**where, "PartyType": party_type, **names, **fields})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_customer_accounts_come_from_a_sequence_per_company(api, make_client):
+    """F&O's customer account sequence is company-scoped; the party number (global address book) is not."""
+    first_usrt = customer_in(api, "usrt")
+    first_usmf = customer_in(api, "USMF")
+    assert (first_usrt["dataAreaId"], first_usrt["CustomerAccount"], first_usrt["PartyNumber"]) == ("usrt", "C000001", "000000001")
+    assert (first_usmf["dataAreaId"], first_usmf["CustomerAccount"], first_usmf["PartyNumber"]) == ("usmf", "C000001", "000000002")
+    # A value a caller chose in a company is skipped by that company's sequence only.
+    assert customer_in(api, "usrt", CustomerAccount="c000002")["CustomerAccount"] == "c000002"
+    assert customer_in(api, "usrt")["CustomerAccount"] == "C000003"
+    assert customer_in(make_client(OTHER))["CustomerAccount"] == "C000002"  # usmf, the caller's default company
+    assert customer_in(api, "usrt", "Person", PrimaryContactEmail="a@b.test")["PartyNumber"] == "000000006"
+    duplicate = api.post("/data/CustomersV3", json={"dataAreaId": "usmf", "CustomerAccount": "C000001",
+                                                    "PartyType": "Organization", "OrganizationName": "Again"})
+    assert duplicate.status_code == 400 and "The record already exists" in inner_message(duplicate)
+
+
+def test_a_sequence_skips_many_chosen_values_once(state):
+    for n in range(1, 2001):
+        state.create(CUSTOMERS, {"CustomerAccount": f"C{n:06d}", "PartyType": "Organization", "OrganizationName": "X"}, "usrt")
+    drawn = [state.create(CUSTOMERS, {"PartyType": "Organization", "OrganizationName": "Y"}, "usrt")["CustomerAccount"]
+             for _ in range(3)]
+    assert drawn == ["C002001", "C002002", "C002003"]
+    assert state.create(CUSTOMERS, {"PartyType": "Organization", "OrganizationName": "Z"}, "usmf")["CustomerAccount"] == "C000001"
+
+
+def test_a_hierarchy_is_created_in_the_company_its_payload_names(api, make_client):
+    org_usmf = customer_in(api, "usmf")
+    org_usrt = customer_in(api, "usrt")
+    named = api.post("/data/CustomerHiearchies", json={"dataAreaId": "USMF", "OrganizationPartyNumber": org_usmf["PartyNumber"]})
+    assert named.status_code == 201, named.text
+    assert named.json()["dataAreaId"] == "usmf"
+    defaulted = api.post("/data/CustomerHiearchies", json={"OrganizationPartyNumber": org_usrt["PartyNumber"]})
+    assert defaulted.status_code == 201, defaulted.text
+    assert defaulted.json()["dataAreaId"] == "usrt"  # the caller's default company
+    # Without cross-company only the caller's company is visible, by key as in a collection.
+    assert [row["dataAreaId"] for row in api.get("/data/CustomerHiearchies").json()["value"]] == ["usrt"]
+    usmf_url = named.headers["Location"]
+    assert api.get(usmf_url).status_code == 404
+    assert api.get(usmf_url + "?cross-company=true").json()["dataAreaId"] == "usmf"
+    assert make_client(OTHER).get(usmf_url).status_code == 200
+    moved = api.patch(usmf_url + "?cross-company=true", json={"dataAreaId": "usrt"})
+    assert moved.status_code == 400 and "'dataAreaId' of CustomerHiearchies cannot be changed" in inner_message(moved)
+
+
+def test_a_hierarchy_organization_must_be_a_customer_of_its_company(api):
+    org_usmf = customer_in(api, "usmf")
+    org_usrt = customer_in(api, "usrt")
+    wrong = api.post("/data/CustomerHiearchies", json={"OrganizationPartyNumber": org_usmf["PartyNumber"]})
+    assert wrong.status_code == 400
+    assert wrong.json()["error"]["innererror"]["type"].endswith("AxODataWriteException")
+    assert inner_message(wrong) == (
+        f"OrganizationPartyNumber '{org_usmf['PartyNumber']}' is the party of customer C000001 in company usmf, "
+        "not of a customer in company usrt, the company of customer hierarchy CH-000001."
+    )
+    hierarchy = api.post("/data/CustomerHiearchies", json={"OrganizationPartyNumber": org_usrt["PartyNumber"]}).json()
+    url = key_url("CustomerHiearchies", CustomerHierarchyId=hierarchy["CustomerHierarchyId"])
+    repointed = api.patch(url, json={"OrganizationPartyNumber": org_usmf["PartyNumber"]})
+    assert repointed.status_code == 400 and "in company usmf" in inner_message(repointed)
+    assert api.patch(url, json={"Name": "Contoso B2B"}).status_code == 204
+
+
+def test_a_node_takes_its_hierarchy_company_and_a_customer_of_it(api):
+    org = customer_in(api, "usmf")
+    admin_usmf = customer_in(api, "usmf", "Person", PrimaryContactEmail="ann@contoso.test")
+    person_usrt = customer_in(api, "usrt", "Person", PrimaryContactEmail="ann@contoso.test")
+    hierarchy_id = api.post("/data/CustomerHiearchies", json={"dataAreaId": "usmf",
+                                                             "OrganizationPartyNumber": org["PartyNumber"]}).json()["CustomerHierarchyId"]
+
+    def node(party, **fields):
+        return api.post("/data/CustomerHierarchyNodes", json={"CustomerHierarchyId": hierarchy_id, "NodePartyNumber": party,
+                                                              "Role": "Admin", **fields})
+
+    other_company = node(person_usrt["PartyNumber"])
+    assert other_company.status_code == 400
+    assert inner_message(other_company) == (
+        f"NodePartyNumber '{person_usrt['PartyNumber']}' is the party of customer {person_usrt['CustomerAccount']} in "
+        f"company usrt, not of a customer in company usmf, the company of customer hierarchy {hierarchy_id}."
+    )
+    named_elsewhere = node(admin_usmf["PartyNumber"], dataAreaId="usrt")
+    assert named_elsewhere.status_code == 400
+    assert inner_message(named_elsewhere) == (
+        f"Customer hierarchy {hierarchy_id} belongs to company usmf; its nodes cannot be created in company usrt."
+    )
+    created = node(admin_usmf["PartyNumber"])  # the caller's default company is usrt: the node goes to usmf
+    assert created.status_code == 201, created.text
+    assert created.json()["dataAreaId"] == "usmf"
+    assert node(org["PartyNumber"], Role="User", dataAreaId="USMF").status_code == 201
+
+
+# --- the reads the product makes -----------------------------------------------------------------
+
+
+def values(response):
+    assert response.status_code == 200, response.text
+    return response.json()["value"]
+
+
+def test_customers_by_company_and_email_across_companies(api):
+    mine = customer_in(api, "usrt", "Person", PrimaryContactEmail="A@B.com")
+    customer_in(api, "usmf", "Person", PrimaryContactEmail="a@b.com")
+    customer_in(api, "usrt", "Person", PrimaryContactEmail="c@b.com")
+    query = {"cross-company": "true", "$filter": "dataAreaId eq 'usrt' and PrimaryContactEmail eq 'a@b.com'"}
+    assert [(row["dataAreaId"], row["CustomerAccount"]) for row in values(api.get("/data/CustomersV3", params=query))] == [
+        ("usrt", mine["CustomerAccount"])]
+
+
+def test_customer_account_across_companies(api):
+    customer_in(api, "usrt")
+    customer_in(api, "usmf")
+    customer_in(api, "usmf")
+    query = {"cross-company": "true", "$filter": "CustomerAccount eq 'c000001'"}
+    assert [(row["dataAreaId"], row["CustomerAccount"]) for row in values(api.get("/data/CustomersV3", params=query))] == [
+        ("usmf", "C000001"), ("usrt", "C000001")]
+    assert [row["dataAreaId"] for row in values(api.get("/data/CustomersV3", params={"$filter": "CustomerAccount eq 'C000001'"}))] == ["usrt"]
+
+
+def test_hierarchies_by_organization_and_purpose_and_nodes_by_party_across_companies(api, make_client):
+    org = customer_in(api, "usmf")
+    other = customer_in(api, "usmf", OrganizationName="Fabrikam")
+    person_ = customer_in(api, "usmf", "Person", PrimaryContactEmail="ann@contoso.test")
+    ours = api.post("/data/CustomerHiearchies", json={"dataAreaId": "usmf", "OrganizationPartyNumber": org["PartyNumber"],
+                                                     "Name": "Contoso"}).json()
+    api.post("/data/CustomerHiearchies", json={"dataAreaId": "usmf", "OrganizationPartyNumber": other["PartyNumber"]})
+    api.post("/data/CustomerHierarchyNodes", json={"CustomerHierarchyId": ours["CustomerHierarchyId"],
+                                                   "NodePartyNumber": person_["PartyNumber"], "Role": "Admin"})
+    purpose = f"{ENUM}CustHierarchyPurpose'B2BOrganization'"
+    query = {"cross-company": "true",
+             "$filter": f"OrganizationPartyNumber eq '{org['PartyNumber']}' and Purpose eq {purpose}"}
+    found = values(api.get("/data/CustomerHiearchies", params=query))
+    assert [(row["CustomerHierarchyId"], row["dataAreaId"], row["Name"]) for row in found] == [
+        (ours["CustomerHierarchyId"], "usmf", "Contoso")]
+    assert values(api.get("/data/CustomerHiearchies", params={"$filter": query["$filter"]})) == []  # usrt, the default
+    nodes = values(api.get("/data/CustomerHierarchyNodes", params={
+        "cross-company": "true", "$filter": f"NodePartyNumber eq '{person_['PartyNumber']}'"}))
+    assert [(row["CustomerHierarchyId"], row["Role"], row["dataAreaId"]) for row in nodes] == [
+        (ours["CustomerHierarchyId"], "Admin", "usmf")]
+    assert values(api.get("/data/CustomerHierarchyNodes", params={
+        "cross-company": "true", "$filter": "NodePartyNumber eq '000000999'"})) == []
+
+
+# --- a clerk corrects a prospect -----------------------------------------------------------------
+
+
+def test_correcting_a_pending_prospect_changes_its_etag(api, state):
+    state.seed_prospects([prospect("P-1")])
+    url = key_url("Prospects", dataAreaId="usrt", ProspectId="P-1")
+    before = api.get(url).json()
+    corrected = {"PrimaryEmailAddress": "ann.obrien@contoso.test", "PrimaryPhoneNumber": "+1 425 555 0100",
+                 "AddressCity": "Redmond", "CompanyName": "Contoso Ltd"}
+    response = api.patch(url, json=corrected, headers={"If-Match": before["@odata.etag"]})
+    assert response.status_code == 204, response.text
+    after = api.get(url).json()
+    assert {name: after[name] for name in corrected} == corrected
+    assert after["B2BProspectStatus"] == "Pending"
+    assert after["@odata.etag"] != before["@odata.etag"]
+    assert api.patch(url, json={"Note": "late"}, headers={"If-Match": before["@odata.etag"]}).status_code == 412
+    assert state.outbox == []
+
+
+def test_a_rolled_back_write_frees_its_company_numbers(state):
+    with pytest.raises(ODataError):
+        with state.transaction():
+            state.create(CUSTOMERS, {"dataAreaId": "usmf", "CustomerAccount": "C000001", "PartyType": "Organization",
+                                     "OrganizationName": "X"}, "usrt")
+            state.create(CUSTOMERS, {"PartyType": "Robot"}, "usrt")
+    assert state.visible_rows(CUSTOMERS, "usrt", True) == []
+    assert state.create(CUSTOMERS, {"PartyType": "Organization", "OrganizationName": "Y"}, "usmf")["CustomerAccount"] == "C000001"

@@ -8,7 +8,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from d365_fakes.clients import ClientRegistration
-from d365_fakes.dataverse import API_ROOT, DataverseState, create_app
+from d365_fakes.dataverse import API_ROOT, DataverseState, company_id, create_app
 from d365_fakes.tokens import TokenIssuer
 
 ORG_URL = "https://contoso.crm.example"
@@ -50,10 +50,12 @@ def create(api: TestClient, entity_set: str, body: dict) -> str:
     return created_id(api.post(entity_set, json=body))
 
 
-def by_prospect_id(value: str) -> str:
+def by_prospect_id(value: str, company: str | None = None) -> str:
     """The alternate-key URL segment, as a careful client writes it: quotes doubled, then the
-    value percent-encoded (so `/ # ? % '` and newlines travel as data)."""
-    return "leads(msdyn_prospectid='" + quote(value.replace("'", "''"), safe="") + "')"
+    value percent-encoded (so `# '` and newlines travel as data); with `company` (a legal entity
+    code) the key's company part too, else the key of a lead without a company."""
+    company_part = f",_msdyn_company_value={company_id(company)}" if company else ""
+    return "leads(msdyn_prospectid='" + quote(value.replace("'", "''"), safe="") + "'" + company_part + ")"
 
 
 def error_of(response: httpx.Response, status: int) -> dict:
@@ -452,20 +454,33 @@ def test_my_open_leads_depends_on_the_caller(api: TestClient, issuer: TokenIssue
     assert leads_in_view(**as_seller) == []
 
 
-HOSTILE_KEYS = [
+HOSTILE_KEYS = [  # hostile to a URL parser, yet usable in a URL key
     "O'Brien",
     "' or 1 eq 1",
     "x') or (1 eq 1",
+    "x',_msdyn_company_value=00000000-0000-0000-0000-0000000000aa",
     "''",
-    "%27",
-    "%2F",
-    "a/b",
     "a#b",
-    "a?b=c&d=e",
+    "a=b, c",
     "two\nlines",
     "Zoë ✓ 東京",
-    "P-1')/Microsoft.Dynamics.CRM.QualifyLead",
 ]
+# Each holds a character of / < > * % & : \ ? + : stored, but never usable in a URL key.
+UNUSABLE_IN_URL_KEYS = {
+    "%27": "%",
+    "%2F": "%",
+    "a/b": "/",
+    "a?b=c&d=e": "?",
+    "P-1')/Microsoft.Dynamics.CRM.QualifyLead": "/",
+    "usrt:P-000001": ":",
+    "<b>": "<",
+    "a>b": ">",
+    "a*": "*",
+    "R&D": "&",
+    "C:\\temp": ":",
+    "back\\slash": "\\",
+    "1+1": "+",
+}
 
 
 def test_hostile_alternate_key_values_address_exactly_one_row(api: TestClient) -> None:
@@ -481,6 +496,32 @@ def test_hostile_alternate_key_values_address_exactly_one_row(api: TestClient) -
         assert (lead["leadid"], lead["msdyn_prospectid"], lead["lastname"]) == (lead_id, value, value)
     assert len(api.get("leads").json()["value"]) == len(HOSTILE_KEYS) + 1
     assert api.get(f"leads({decoy})").json()["lastname"] == "Decoy"
+
+
+def test_key_values_with_characters_unusable_in_a_url_are_refused_there_but_stored(
+    api: TestClient, state: DataverseState
+) -> None:
+    for value, character in UNUSABLE_IN_URL_KEYS.items():
+        lead_id = create(api, "leads", {"msdyn_prospectid": value, "lastname": "Stored"})  # a body may hold it
+        writes = state.counts()["writes"]["leads"]
+        for response in (
+            api.get(by_prospect_id(value)),
+            api.patch(by_prospect_id(value), json={"lastname": "Changed"}),
+            api.delete(by_prospect_id(value)),
+            api.post(by_prospect_id(value) + "/Microsoft.Dynamics.CRM.QualifyLead", json={}),
+        ):
+            refused = error_of(response, 400)
+            assert refused["code"] == "0x80040203", value
+            assert f"holds the character '{character}'" in refused["message"], value
+            assert "cannot be used in an alternate key in a URL" in refused["message"]
+        assert state.counts()["writes"]["leads"] == writes
+        lead = api.get(f"leads({lead_id})").json()  # by id it is an ordinary row
+        assert (lead["msdyn_prospectid"], lead["lastname"]) == (value, "Stored")
+        escaped = value.replace("'", "''")
+        [found] = api.get("leads", params={"$filter": f"msdyn_prospectid eq '{escaped}'"}).json()["value"]
+        assert found["leadid"] == lead_id
+    refused = error_of(api.get("leads(msdyn_prospectid='usrt%3AP-000001')"), 400)  # decoded first
+    assert refused["message"].startswith("The key value 'usrt:P-000001' of 'msdyn_prospectid' holds the character ':'")
 
 
 def test_counts_requests_and_writes_and_reset_keeps_views_and_users(

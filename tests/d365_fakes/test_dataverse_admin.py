@@ -21,7 +21,7 @@ from test_dataverse import (  # noqa: F401 (issuer and state are fixtures)
 
 from d365_fakes.admin import create_admin_router
 from d365_fakes.commerce import CommerceState
-from d365_fakes.dataverse import DataverseState, create_app
+from d365_fakes.dataverse import DataverseState, company_id, create_app
 from d365_fakes.faults import FaultPlan
 from d365_fakes.tokens import TokenIssuer
 
@@ -48,25 +48,29 @@ def decide(api: TestClient, *decisions: tuple[str, str], **options: object) -> h
     return api.post(f"{ADMIN}/dataverse/decisions", json={"decisions": items, **options})
 
 
-def test_a_rejection_fails_every_write_of_that_record_as_a_plugin_would(api: TestClient) -> None:
-    blocked = "usrt:P-000007"
-    existing = create(api, "leads", {"msdyn_prospectid": blocked, "lastname": "A", "companyname": "A"})
+def test_a_rejection_fails_every_write_of_that_record_as_a_plugin_would(
+    api: TestClient, state: DataverseState
+) -> None:
+    state.seed_companies(["usrt"])
+    blocked = "P-000007"
+    usrt = {"msdyn_company@odata.bind": f"/cdm_companies({company_id('usrt')})"}
+    existing = create(api, "leads", {"msdyn_prospectid": blocked, **usrt, "lastname": "A", "companyname": "A"})
     rejection = {"entity_set": "leads", "column": "msdyn_prospectid", "value": blocked}
     assert reject(api, **rejection, message="Prospect is under review").status_code == 204
     aborted = {"code": "0x80040265", "message": "ISV code aborted the operation: Prospect is under review"}
-    assert error_of(api.patch(by_prospect_id(blocked), json={"lastname": "B"}), 400) == aborted
+    assert error_of(api.patch(by_prospect_id(blocked, "usrt"), json={"lastname": "B"}), 400) == aborted
     assert error_of(api.patch(f"leads({existing})", json={"statecode": 2}), 400) == aborted
     assert error_of(qualify(api, existing), 400) == aborted
     assert api.get("accounts").json()["value"] == []  # the action rolled back whole
     assert api.get(f"leads({existing})").json()["lastname"] == "A"
-    assert reject(api, **{**rejection, "value": "usrt:P-000009"}, message="No").status_code == 204
-    created = api.patch(by_prospect_id("usrt:P-000009"), json={"lastname": "New"})
+    assert reject(api, **{**rejection, "value": "P-000009"}, message="No").status_code == 204
+    created = api.patch(by_prospect_id("P-000009", "usrt"), json={"lastname": "New"})
     assert error_of(created, 400)["message"] == "ISV code aborted the operation: No"
-    assert api.patch(by_prospect_id("usrt:P-000008"), json={"lastname": "Fine"}).status_code == 204
+    assert api.patch(by_prospect_id("P-000008", "usrt"), json={"lastname": "Fine"}).status_code == 204
     assert len(api.get("leads").json()["value"]) == 2
 
     assert api.delete(f"{ADMIN}/dataverse/rejections").status_code == 204
-    assert api.patch(by_prospect_id(blocked), json={"lastname": "B"}).status_code == 204
+    assert api.patch(by_prospect_id(blocked, "usrt"), json={"lastname": "B"}).status_code == 204
 
 
 def test_a_rejection_without_a_message_and_reset_clears_rejections(api: TestClient) -> None:

@@ -6,6 +6,7 @@ from starlette.testclient import TestClient
 from test_dataverse import (  # noqa: F401 (api, issuer and state are fixtures)
     API_ROOT,
     HOSTILE_KEYS,
+    UNUSABLE_IN_URL_KEYS,
     INTEGRATION,
     MISSING_ID,
     ORG_URL,
@@ -18,7 +19,7 @@ from test_dataverse import (  # noqa: F401 (api, issuer and state are fixtures)
     state,
 )
 
-from d365_fakes.dataverse import LEADS, DataverseState
+from d365_fakes.dataverse import LEADS, DataverseState, company_id
 
 CREATE = "leads/Microsoft.Dynamics.CRM.CreateMultiple"
 UPDATE = "leads/Microsoft.Dynamics.CRM.UpdateMultiple"
@@ -199,6 +200,11 @@ def test_odata_id_forms_and_hostile_key_values(api: TestClient) -> None:
     for value in HOSTILE_KEYS:
         assert rows[value]["lastname"] == value
         assert api.get(by_prospect_id(value)).json()["leadid"] == rows[value]["leadid"]
+    for value, character in UNUSABLE_IN_URL_KEYS.items():  # as in the request URL
+        refused = error_of(bulk(api, UPSERT, lead("P-1", lastname="Fine"), lead(value)), 400)
+        assert refused["code"] == "0x80040203"
+        assert refused["message"].startswith(f"Targets[1]: The key value '{value}' of 'msdyn_prospectid' holds the character '{character}'")
+    assert leads_by_key(api)["P-1"]["lastname"] == "Absolute"  # nothing was written
     for reference in (
         "accounts(00000000-0000-0000-0000-0000000000aa)",
         "leads",
@@ -251,15 +257,19 @@ def test_upsert_multiple_into_a_large_table_uses_the_key_index(
     (in process this takes about 20 ms; a scan per target would take many seconds)."""
 
     def prospect_id(number: int) -> str:
-        return f"usrt:P-{number:06d}"
+        return f"P-{number:06d}"
 
+    state.seed_companies(["usrt"])
+    usrt = {"msdyn_company@odata.bind": f"cdm_companies({company_id('usrt')})"}
     for first in range(0, 50_000, 5_000):
-        seed = [lead(msdyn_prospectid=prospect_id(n), lastname="Seeded") for n in range(first, first + 5_000)]
+        seed = [lead(msdyn_prospectid=prospect_id(n), **usrt, lastname="Seeded") for n in range(first, first + 5_000)]
         state.write_multiple(LEADS, "create", seed, INTEGRATION.app_user_id)
-    targets = [lead(prospect_id(n), lastname=f"L{n}") for n in range(49_500, 50_500)]
+    targets = [
+        {**lead(lastname=f"L{n}"), "@odata.id": by_prospect_id(prospect_id(n), "usrt")} for n in range(49_500, 50_500)
+    ]
     assert api.post(UPSERT, json={"Targets": targets}).status_code == 204
-    assert api.get(by_prospect_id(prospect_id(49_999))).json()["lastname"] == "L49999"
-    assert api.get(by_prospect_id(prospect_id(50_499))).json()["lastname"] == "L50499"
-    assert api.get(by_prospect_id(prospect_id(7))).json()["lastname"] == "Seeded"
+    assert api.get(by_prospect_id(prospect_id(49_999), "usrt")).json()["lastname"] == "L49999"
+    assert api.get(by_prospect_id(prospect_id(50_499), "usrt")).json()["lastname"] == "L50499"
+    assert api.get(by_prospect_id(prospect_id(7), "usrt")).json()["lastname"] == "Seeded"
     count = api.get("leads?$count=true&$select=leadid", headers={"Prefer": "odata.maxpagesize=1"})
     assert count.json()["@odata.count"] == 50_500
