@@ -448,7 +448,10 @@ class CommerceState:
 
     def _create_customer(self, row: dict[str, Any], company: str) -> None:
         if not row["CustomerAccount"]:
-            row["CustomerAccount"] = self._next_number("CustomerAccount", "C{:06d}", row["dataAreaId"])
+            # Each company's sequence has its own format, as tenants set them up (demo data: US-001,
+            # DE-001): the company's id, upper case, before the number.
+            prefix = row["dataAreaId"].upper().replace("{", "{{").replace("}", "}}")
+            row["CustomerAccount"] = self._next_number("CustomerAccount", prefix + "-{:06d}", row["dataAreaId"])
         row["PartyNumber"] = self._next_number("PartyNumber", "{:09d}")
         self._check_customer(row)
 

@@ -16,7 +16,8 @@ ONBOARDED = "Contoso Ltd"  # a company whose B2B customer hierarchy exists befor
 HIERARCHY = "CONTOSO-B2B"
 
 
-def _prospect(number: int, name: str, company: str, email: str) -> dict:
+def request(number: int, name: str, company: str, email: str) -> dict:
+    """A Pending B2B request of the stories' legal entity, `S-<number>`."""
     return {"dataAreaId": LEGAL_ENTITY, "ProspectId": f"S-{number:06d}", "ProspectName": name, "CompanyName": company,
             "PrimaryEmailAddress": email, "PrimaryPhoneNumber": "+1 555 0100", "AddressCity": "Seattle",
             "AddressZipCode": "98052", "AddressCountryRegionISOCode": "USA", "CurrencyCode": "USD",
@@ -45,10 +46,10 @@ def seed(admin, seller: Seller, clerk: Clerk) -> Stories:
     (Organization, its Admin, its hierarchy; its account in Sales carries the customer account), and
     dual-write wrote the lead of one Pending prospect. Then four requests wait in HQ."""
     prospects = [
-        _prospect(1, "Mary Second", ONBOARDED, "mary@contoso.example"),
-        _prospect(2, "Linus Later", "Northwind Traders", "linus@northwind.example"),
-        _prospect(3, "Grace Hoper", "Fabrikam Inc", "grace@fabrikam.example"),  # a typo the clerk fixes
-        _prospect(4, "Dale Dualwrite", "Adventure Works", "dale@adventure.example"),
+        request(1, "Mary Second", ONBOARDED, "mary@contoso.example"),
+        request(2, "Linus Later", "Northwind Traders", "linus@northwind.example"),
+        request(3, "Grace Hoper", "Fabrikam Inc", "grace@fabrikam.example"),  # a typo the clerk fixes
+        request(4, "Dale Dualwrite", "Adventure Works", "dale@adventure.example"),
     ]
     admin.seed_prospects(prospects)
     stories = Stories(prospects, {"mary@contoso.example": "won", "linus@northwind.example": "won",

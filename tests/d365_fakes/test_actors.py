@@ -194,8 +194,8 @@ def test_clerk_creates_and_lists_customers_per_legal_entity(clerk: Clerk) -> Non
     usrt = clerk.create_customer({"dataAreaId": "usrt", "PartyType": "Organization", "OrganizationName": "Contoso"})
     default = clerk.create_customer({"PartyType": "Person", "PersonFirstName": "Ann", "PersonLastName": "Lee",
                                      "PrimaryContactEmail": "ann@contoso.test"})  # fmt: skip
-    assert (usrt["dataAreaId"], usrt["CustomerAccount"]) == ("usrt", "C000001")
-    assert (default["dataAreaId"], default["CustomerAccount"]) == ("usmf", "C000001")  # the clerk's default company
+    assert (usrt["dataAreaId"], usrt["CustomerAccount"]) == ("usrt", "USRT-000001")
+    assert (default["dataAreaId"], default["CustomerAccount"]) == ("usmf", "USMF-000001")  # the clerk's default company
     assert [row["PartyNumber"] for row in clerk.customers("usrt")] == [usrt["PartyNumber"]]
     assert [row["PersonLastName"] for row in clerk.customers("usmf")] == ["Lee"]
     assert clerk.customers("o'brien") == []

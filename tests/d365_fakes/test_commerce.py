@@ -339,8 +339,8 @@ def person(api, email="ann@contoso.test", **fields):
 def test_customers_get_accounts_and_party_numbers(api):
     first = organization(api)
     second = person(api, PartyNumber="999").json()
-    assert (first["dataAreaId"], first["CustomerAccount"], first["PartyNumber"]) == ("usrt", "C000001", "000000001")
-    assert (second["CustomerAccount"], second["PartyNumber"]) == ("C000002", "000000002")
+    assert (first["dataAreaId"], first["CustomerAccount"], first["PartyNumber"]) == ("usrt", "USRT-000001", "000000001")
+    assert (second["CustomerAccount"], second["PartyNumber"]) == ("USRT-000002", "000000002")
     chosen = api.post("/data/CustomersV3", json={"CustomerAccount": "US-042", "PartyType": "Organization",
                                                  "OrganizationName": "Fabrikam"}).json()
     assert chosen["CustomerAccount"] == "US-042"
@@ -475,7 +475,7 @@ def test_the_indexed_rules_hold_on_large_tables(state):
     for n in range(20_000):
         state.create(CUSTOMERS, {"PartyType": "Person", "PersonLastName": "Lee", "PrimaryContactEmail": f"p{n}@x.test"},
                      "usrt")
-    with pytest.raises(ODataError, match="already the primary contact email of customer C020000"):
+    with pytest.raises(ODataError, match="already the primary contact email of customer USRT-020000"):
         state.create(CUSTOMERS, {"PartyType": "Person", "PersonLastName": "Lee", "PrimaryContactEmail": "P19999@x.test"},
                      "usrt")
 
@@ -496,25 +496,25 @@ def test_customer_accounts_come_from_a_sequence_per_company(api, make_client):
     """F&O's customer account sequence is company-scoped; the party number (global address book) is not."""
     first_usrt = customer_in(api, "usrt")
     first_usmf = customer_in(api, "USMF")
-    assert (first_usrt["dataAreaId"], first_usrt["CustomerAccount"], first_usrt["PartyNumber"]) == ("usrt", "C000001", "000000001")
-    assert (first_usmf["dataAreaId"], first_usmf["CustomerAccount"], first_usmf["PartyNumber"]) == ("usmf", "C000001", "000000002")
+    assert (first_usrt["dataAreaId"], first_usrt["CustomerAccount"], first_usrt["PartyNumber"]) == ("usrt", "USRT-000001", "000000001")
+    assert (first_usmf["dataAreaId"], first_usmf["CustomerAccount"], first_usmf["PartyNumber"]) == ("usmf", "USMF-000001", "000000002")
     # A value a caller chose in a company is skipped by that company's sequence only.
-    assert customer_in(api, "usrt", CustomerAccount="c000002")["CustomerAccount"] == "c000002"
-    assert customer_in(api, "usrt")["CustomerAccount"] == "C000003"
-    assert customer_in(make_client(OTHER))["CustomerAccount"] == "C000002"  # usmf, the caller's default company
+    assert customer_in(api, "usrt", CustomerAccount="usrt-000002")["CustomerAccount"] == "usrt-000002"
+    assert customer_in(api, "usrt")["CustomerAccount"] == "USRT-000003"
+    assert customer_in(make_client(OTHER))["CustomerAccount"] == "USMF-000002"  # usmf, the caller's default company
     assert customer_in(api, "usrt", "Person", PrimaryContactEmail="a@b.test")["PartyNumber"] == "000000006"
-    duplicate = api.post("/data/CustomersV3", json={"dataAreaId": "usmf", "CustomerAccount": "C000001",
+    duplicate = api.post("/data/CustomersV3", json={"dataAreaId": "usmf", "CustomerAccount": "USMF-000001",
                                                     "PartyType": "Organization", "OrganizationName": "Again"})
     assert duplicate.status_code == 400 and "The record already exists" in inner_message(duplicate)
 
 
 def test_a_sequence_skips_many_chosen_values_once(state):
     for n in range(1, 2001):
-        state.create(CUSTOMERS, {"CustomerAccount": f"C{n:06d}", "PartyType": "Organization", "OrganizationName": "X"}, "usrt")
+        state.create(CUSTOMERS, {"CustomerAccount": f"USRT-{n:06d}", "PartyType": "Organization", "OrganizationName": "X"}, "usrt")
     drawn = [state.create(CUSTOMERS, {"PartyType": "Organization", "OrganizationName": "Y"}, "usrt")["CustomerAccount"]
              for _ in range(3)]
-    assert drawn == ["C002001", "C002002", "C002003"]
-    assert state.create(CUSTOMERS, {"PartyType": "Organization", "OrganizationName": "Z"}, "usmf")["CustomerAccount"] == "C000001"
+    assert drawn == ["USRT-002001", "USRT-002002", "USRT-002003"]
+    assert state.create(CUSTOMERS, {"PartyType": "Organization", "OrganizationName": "Z"}, "usmf")["CustomerAccount"] == "USMF-000001"
 
 
 def test_a_hierarchy_is_created_in_the_company_its_payload_names(api, make_client):
@@ -543,7 +543,7 @@ def test_a_hierarchy_organization_must_be_a_customer_of_its_company(api):
     assert wrong.status_code == 400
     assert wrong.json()["error"]["innererror"]["type"].endswith("AxODataWriteException")
     assert inner_message(wrong) == (
-        f"OrganizationPartyNumber '{org_usmf['PartyNumber']}' is the party of customer C000001 in company usmf, "
+        f"OrganizationPartyNumber '{org_usmf['PartyNumber']}' is the party of customer USMF-000001 in company usmf, "
         "not of a customer in company usrt, the company of customer hierarchy CH-000001."
     )
     hierarchy = api.post("/data/CustomerHiearchies", json={"OrganizationPartyNumber": org_usrt["PartyNumber"]}).json()
@@ -599,8 +599,9 @@ def test_customers_by_company_and_email_across_companies(api):
 
 
 def test_customer_account_across_companies(api):
-    customer_in(api, "usrt")
-    customer_in(api, "usmf")
+    """Two companies may hold the same account (chosen by the caller here): the key is dataAreaId + CustomerAccount."""
+    customer_in(api, "usrt", CustomerAccount="C000001")
+    customer_in(api, "usmf", CustomerAccount="C000001")
     customer_in(api, "usmf")
     query = {"cross-company": "true", "$filter": "CustomerAccount eq 'c000001'"}
     assert [(row["dataAreaId"], row["CustomerAccount"]) for row in values(api.get("/data/CustomersV3", params=query))] == [
@@ -654,8 +655,8 @@ def test_correcting_a_pending_prospect_changes_its_etag(api, state):
 def test_a_rolled_back_write_frees_its_company_numbers(state):
     with pytest.raises(ODataError):
         with state.transaction():
-            state.create(CUSTOMERS, {"dataAreaId": "usmf", "CustomerAccount": "C000001", "PartyType": "Organization",
+            state.create(CUSTOMERS, {"dataAreaId": "usmf", "CustomerAccount": "USMF-000001", "PartyType": "Organization",
                                      "OrganizationName": "X"}, "usrt")
             state.create(CUSTOMERS, {"PartyType": "Robot"}, "usrt")
     assert state.visible_rows(CUSTOMERS, "usrt", True) == []
-    assert state.create(CUSTOMERS, {"PartyType": "Organization", "OrganizationName": "Y"}, "usmf")["CustomerAccount"] == "C000001"
+    assert state.create(CUSTOMERS, {"PartyType": "Organization", "OrganizationName": "Y"}, "usmf")["CustomerAccount"] == "USMF-000001"

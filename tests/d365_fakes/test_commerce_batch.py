@@ -130,7 +130,7 @@ def test_reads_and_a_changeset_in_one_batch(api, state):
     assert read[0] == 200 and [row["ProspectId"] for row in read[2]["value"]] == ["P-1", "P-3"]
     status, headers, body = created
     assert (status, headers["Part-Content-ID"], body["OrganizationName"]) == (201, "1", "Contoso")
-    assert headers["Location"] == f"{COMMERCE}/data/CustomersV3(dataAreaId='usrt',CustomerAccount='C000001')"
+    assert headers["Location"] == f"{COMMERCE}/data/CustomersV3(dataAreaId='usrt',CustomerAccount='USRT-000001')"
     assert headers["ETag"] == body["@odata.etag"] and headers["OData-Version"] == "4.0"
     assert approved[:2] == (204, {"OData-Version": "4.0", "Part-Content-ID": "2"})
     assert response.headers["OData-Version"] == "4.0" and "Preference-Applied" not in response.headers
