@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from d365_fakes.actors import Clerk, Seller
+from d365_fakes.dataverse import company_id
 from d365_fakes.running import Endpoints, FakeAdmin, running_fakes
 from d365_fakes.scenario import OUTCOMES, Cast, airflow_connections, prospects, total_writes
 
@@ -111,10 +112,15 @@ def key_of(legal_entity: str, prospect_id: str) -> Key:
     return (str(legal_entity).lower(), str(prospect_id))
 
 
-def lead_key(msdyn_prospectid: str) -> Key:
-    """The prospect a lead belongs to: its `msdyn_prospectid` is `<legal entity>:<prospect id>`
-    (the id may hold a colon itself; the legal entity never does)."""
-    legal_entity, _, prospect_id = msdyn_prospectid.partition(":")
+def lead_key(lead: Mapping, legal_entities: Iterable[str] = ()) -> Key:
+    """The prospect a lead belongs to: keyed by its prospect id and company (`_msdyn_company_value`,
+    one of `legal_entities`), or, as earlier versions keyed it, `<legal entity>:<prospect id>` (the id
+    may hold a colon itself; the legal entity never does)."""
+    company = lead.get("_msdyn_company_value")
+    if company:
+        codes = {company_id(code): code for code in legal_entities}
+        return key_of(codes.get(str(company).lower(), f"company {company}"), lead["msdyn_prospectid"])
+    legal_entity, _, prospect_id = lead["msdyn_prospectid"].partition(":")
     return key_of(legal_entity, prospect_id)
 
 
@@ -137,7 +143,7 @@ def check_one_lead_per_prospect(leads: Iterable[Mapping], plan: Mapping[Key, str
         if not prospect_id:
             violations.append(f"lead {lead.get('leadid')} names no prospect (msdyn_prospectid empty)")
             continue
-        counts[lead_key(prospect_id)] += 1
+        counts[lead_key(lead, {key[0] for key in plan})] += 1
     for key in sorted(plan):
         n = counts.get(key, 0)
         if key in bad and n:
@@ -195,7 +201,7 @@ def check_bad_records_kept(store_rows: Iterable[Mapping], leads: Iterable[Mappin
     """Every bad record is in the state store with a non-empty error (its validation error or its
     last error) that names it, and has no lead, neither in the store nor in Sales."""
     rows = {key_of(row["legal_entity"], row["prospect_id"]): row for row in store_rows}
-    with_leads = {lead_key(lead["msdyn_prospectid"]) for lead in leads if lead.get("msdyn_prospectid")}
+    with_leads = {lead_key(lead, {key[0] for key in rows}) for lead in leads if lead.get("msdyn_prospectid")}
     violations = []
     for key in sorted(bad):
         row = rows.get(key)
@@ -740,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
         seller = Seller(endpoints, cast.seller["client_id"], cast.seller["client_secret"])
         try:
             hq_prospects = clerk.all("Prospects")
-            leads = seller.rows("leads", {"$select": "leadid,msdyn_prospectid,statecode"})
+            leads = seller.rows("leads", {"$select": "leadid,msdyn_prospectid,_msdyn_company_value,statecode"})
         finally:
             clerk.close()
             seller.close()

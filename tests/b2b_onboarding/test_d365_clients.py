@@ -17,6 +17,7 @@ from b2b_onboarding.auth import TokenProvider, token_provider
 from b2b_onboarding.commerce import CommerceClient
 from b2b_onboarding.errors import AuthenticationError, D365Error
 from b2b_onboarding.settings import DEFAULT_MAX_ATTEMPTS
+from d365_fakes.dataverse import company_id
 from d365_fakes.running import FakeAdmin
 from d365_fakes.tls import ensure_tls
 
@@ -177,22 +178,50 @@ def test_a_prospect_that_is_no_longer_pending_cannot_be_moved(commerce, admin):
 # --- SalesClient ---------------------------------------------------------------------------------
 
 
-def test_create_lead_creates_once_then_adopts_without_overwriting_the_sellers_change(sales_client, seller):
-    lead_id, created = sales_client.create_lead("usrt:P-000001", lead("Analytical Engines"))
-    assert created
+def test_create_lead_creates_once_then_adopts_without_overwriting_the_sellers_change(sales_client, admin, seller):
+    admin.seed_companies(["usrt"])
+    lead_id, existing = sales_client.create_lead("usrt", "P-000001", lead("Analytical Engines"))
+    assert existing is None
     seller.call("PATCH", f"leads({lead_id})", json={"companyname": "Analytical Engines Ltd"},
                 headers={"If-Match": "*"})  # fmt: skip
 
-    again_id, created_again = sales_client.create_lead("usrt:P-000001", lead("Babbage & Co", lastname="Byron"))
+    again_id, existing = sales_client.create_lead("usrt", "P-000001", lead("Babbage & Co", lastname="Byron"))
 
-    assert (again_id, created_again) == (lead_id, False)
-    row = seller.call("GET", f"leads({lead_id})", params={"$select": "companyname,lastname"}).json()
+    assert again_id == lead_id and existing["leadid"] == lead_id
+    assert (existing["companyname"], existing["lastname"]) == ("Analytical Engines Ltd", "Lovelace")
+    row = seller.call("GET", f"leads({lead_id})", params={
+        "$select": "msdyn_prospectid,_msdyn_company_value,companyname,lastname"}).json()  # fmt: skip
+    assert (row["msdyn_prospectid"], row["_msdyn_company_value"]) == ("P-000001", company_id("usrt"))
     assert (row["companyname"], row["lastname"]) == ("Analytical Engines Ltd", "Lovelace")
+    assert admin.counts()["dataverse"]["writes"]["leads"] == 2  # the create and the seller's change
+
+
+def test_create_lead_adopts_the_lead_an_earlier_version_or_dual_write_wrote(sales_client, admin, seller):
+    admin.seed_companies(["usrt", "usmf"])
+    # Earlier versions keyed a lead `usrt:P-000002`, with no company, at the id derived from the prospect.
+    older = sales.lead_id_of("usrt", "P-000002")
+    seller.call("PATCH", f"leads({older})", json={"msdyn_prospectid": "usrt:P-000002", **lead("Older")},
+                headers={"If-None-Match": "*"})  # fmt: skip
+    dual_write = seller.create_dual_write_lead({"ProspectId": "p-000003", "ProspectName": "Ada Lovelace",
+                                                "CompanyName": "Dual"}, company_id("usrt"))  # fmt: skip
+    other_company = sales_client.create_lead("usmf", "P-000002", lead("Other company"))[0]
+    writes = admin.counts()["dataverse"]["writes"]["leads"]
+
+    adopted = {prospect_id: sales_client.create_lead("usrt", prospect_id, lead("Ours?"))
+               for prospect_id in ("P-000002", "P-000003")}  # fmt: skip
+
+    assert {prospect_id: (lead_id, row["leadid"], row["companyname"]) for prospect_id, (lead_id, row) in adopted.items()} == {
+        "P-000002": (older, older, "Older"), "P-000003": (dual_write, dual_write, "Dual"),
+    }  # fmt: skip
+    assert [row["leadid"] for row in sales_client.get_leads("usmf", "P-000002")] == [other_company]
+    assert [row["leadid"] for row in sales_client.get_leads("USRT", "p-000002")] == [older]
+    assert admin.counts()["dataverse"]["writes"]["leads"] == writes  # nothing overwritten, nothing doubled
 
 
 def test_get_by_ids_splits_many_ids_into_bounded_queries(sales_client, admin, monkeypatch):
     monkeypatch.setattr(sales, "IDS_PER_QUERY", 2)
-    ids = [sales_client.create_lead(f"usrt:P-{n:06d}", lead(f"Company {n}"))[0] for n in range(5)]
+    admin.seed_companies(["usrt"])
+    ids = [sales_client.create_lead("usrt", f"P-{n:06d}", lead(f"Company {n}"))[0] for n in range(5)]
     before = requests_to(admin, "dataverse")
 
     rows = sales_client.get_by_ids("leads", "leadid", ids + [ids[0].upper()], ["leadid", "companyname"])
@@ -201,8 +230,9 @@ def test_get_by_ids_splits_many_ids_into_bounded_queries(sales_client, admin, mo
     assert requests_to(admin, "dataverse") - before == 3  # 5 distinct ids, 2 per query
 
 
-def test_decided_leads_are_read_in_pages_of_the_connections_page_size(sales_client, seller):
-    ids = [sales_client.create_lead(f"usrt:P-{n:06d}", lead(f"Company {n}"))[0] for n in range(6)]
+def test_decided_leads_are_read_in_pages_of_the_connections_page_size(sales_client, admin, seller):
+    admin.seed_companies(["usrt"])
+    ids = [sales_client.create_lead("usrt", f"P-{n:06d}", lead(f"Company {n}"))[0] for n in range(6)]
     for lead_id in ids[:5]:
         seller.disqualify(lead_id)  # the sixth stays open
 

@@ -18,9 +18,10 @@ from b2b_onboarding import reconcile, sync
 from b2b_onboarding.commerce import CommerceClient
 from b2b_onboarding.errors import D365Error
 from b2b_onboarding.odata import MAX_URL_VALUE_LENGTH, key_segment, literal
-from b2b_onboarding.prospects import prospect_hierarchy_id, prospect_key
-from b2b_onboarding.sales import SalesClient
+from b2b_onboarding.prospects import key_fold, prospect_hierarchy_id, prospect_key
+from b2b_onboarding.sales import SalesClient, lead_id_of
 from d365_fakes.actors import Clerk
+from d365_fakes.dataverse import company_id
 from d365_fakes.running import FakeAdmin
 from hostile_strings import HOSTILE_STRINGS, HOSTILE_VALID_PROSPECT_IDS
 
@@ -28,9 +29,14 @@ COMMERCE_PAGE_SIZE = 4
 RUN = "manual__hostile"
 WITHIN_BOUND = [value for value in HOSTILE_STRINGS if len(value) <= MAX_URL_VALUE_LENGTH]
 BEYOND_BOUND = [value for value in HOSTILE_STRINGS if len(value) > MAX_URL_VALUE_LENGTH]
+# Sales reads a prospect's leads under both forms of key, so the older one (`usrt:<id>`) must fit in a URL too.
+SALES_WITHIN_BOUND = [value for value in WITHIN_BOUND if len(prospect_key("usrt", value)) <= MAX_URL_VALUE_LENGTH]
+OLDER_KEY_BEYOND_BOUND = [value for value in WITHIN_BOUND if value not in SALES_WITHIN_BOUND]
 # The rows every test starts with, which no hostile value may read or change.
 BYSTANDERS = [("usrt", "P-1"), ("usrt", "P-2"), ("usmf", "P-1")]
-BYSTANDER_LEADS = ["usrt:P-1", "usrt:P-2"]
+# Leads keyed as dual-write keys them: the bare prospect id and the company (usmf's P-1 shares usrt's id).
+BYSTANDER_LEADS = [("usrt", "P-1"), ("usrt", "P-2"), ("usmf", "P-1")]
+LEAD_COLUMNS = ["leadid", "msdyn_prospectid", "_msdyn_company_value", "lastname"]
 
 
 def shown(value: str) -> str:
@@ -107,8 +113,8 @@ def test_a_hostile_key_writes_exactly_its_own_row_in_commerce(commerce, admin, c
                                              "PartyType": "Organization", "OrganizationName": "Engines Ltd"})  # fmt: skip
     person = commerce.create_customer({"dataAreaId": "usrt", "CustomerAccount": "C-PERSON", "PartyType": "Person",
                                        "PersonLastName": "Lovelace", "PrimaryContactEmail": "ada@engines.example"})  # fmt: skip
-    commerce.create_hierarchy({"CustomerHierarchyId": value, "Name": "Engines Ltd", "Purpose": "B2BOrganization",
-                               "OrganizationPartyNumber": organization["PartyNumber"]})  # fmt: skip
+    commerce.create_hierarchy({"dataAreaId": "usrt", "CustomerHierarchyId": value, "Name": "Engines Ltd",
+                               "Purpose": "B2BOrganization", "OrganizationPartyNumber": organization["PartyNumber"]})  # fmt: skip
     commerce.create_hierarchy_node({"CustomerHierarchyId": value, "NodePartyNumber": person["PartyNumber"],
                                     "Role": "Admin", "NodeType": "Customer"})  # fmt: skip
 
@@ -132,30 +138,34 @@ def test_a_hostile_key_writes_exactly_its_own_row_in_commerce(commerce, admin, c
 # --- Dataverse (Sales) -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("value", WITHIN_BOUND, ids=shown)
+@pytest.mark.parametrize("value", SALES_WITHIN_BOUND, ids=shown)
 def test_a_hostile_prospect_key_reads_and_writes_exactly_its_own_lead(sales_client, admin, value):
-    bystander_ids = [sales_client.create_lead(key, lead("Lovelace"))[0] for key in BYSTANDER_LEADS]
-    bystanders = sales_client.get_by_ids("leads", "leadid", bystander_ids, ["leadid", "msdyn_prospectid", "lastname"])
-    assert sales_client.get_lead(value) is None
-    assert sales_client.leads_between(value, value) == {}
+    admin.seed_companies(["usrt", "usmf"])
+    bystander_ids = [sales_client.create_lead(*key, lead("Lovelace"))[0] for key in BYSTANDER_LEADS]
+    bystanders = sales_client.get_by_ids("leads", "leadid", bystander_ids, LEAD_COLUMNS)
+    assert sales_client.get_leads("usrt", value) == []
+    assert sales_client.leads_between("usrt", value, value) == {}
 
-    lead_id, created = sales_client.create_lead(value, lead("Hostile"))
-    again = sales_client.create_lead(value, lead("Overwritten?"))
+    lead_id, existing = sales_client.create_lead("usrt", value, lead("Hostile"))
+    again_id, found = sales_client.create_lead("usrt", value, lead("Overwritten?"))
 
-    assert created and again == (lead_id, False)
-    assert sales_client.get_lead(value)["leadid"] == lead_id
-    assert sales_client.leads_between(value, value) == {value: lead_id}
-    [row] = sales_client.get_by_ids("leads", "leadid", [lead_id], ["msdyn_prospectid", "lastname"])
-    assert (row["msdyn_prospectid"], row["lastname"]) == (value, "Hostile")
-    assert sales_client.get_by_ids("leads", "leadid", bystander_ids, ["leadid", "msdyn_prospectid", "lastname"]) == (
-        bystanders
-    )
+    assert existing is None
+    assert again_id == lead_id == lead_id_of("usrt", value)
+    assert (found["leadid"], found["msdyn_prospectid"], found["lastname"]) == (lead_id, value, "Hostile")
+    assert [row["leadid"] for row in sales_client.get_leads("usrt", value)] == [lead_id]
+    assert sales_client.get_leads("usmf", value) == []
+    between = sales_client.leads_between("usrt", value, value)
+    assert {key: [row["leadid"] for row in rows] for key, rows in between.items()} == {key_fold(value): [lead_id]}
+    [row] = sales_client.get_by_ids("leads", "leadid", [lead_id], LEAD_COLUMNS)
+    assert (row["msdyn_prospectid"], row["_msdyn_company_value"], row["lastname"]) == (value, company_id("usrt"), "Hostile")
+    assert sales_client.get_by_ids("leads", "leadid", bystander_ids, LEAD_COLUMNS) == bystanders
     assert admin.counts()["dataverse"]["writes"]["leads"] == len(BYSTANDER_LEADS) + 1
 
 
 @pytest.mark.parametrize("value", HOSTILE_STRINGS, ids=shown)
 def test_reading_by_ids_refuses_anything_but_guids_before_any_request(sales_client, admin, value):
-    real_id = sales_client.create_lead("usrt:P-1", lead("Lovelace"))[0]
+    admin.seed_companies(["usrt"])
+    real_id = sales_client.create_lead("usrt", "P-1", lead("Lovelace"))[0]
     before = admin.counts()["dataverse"]["requests"]
 
     with pytest.raises(ValueError, match="leads: .* is not a GUID"):
@@ -169,7 +179,8 @@ def test_reading_by_ids_refuses_anything_but_guids_before_any_request(sales_clie
 
 @pytest.mark.parametrize("value", BEYOND_BOUND, ids=shown)
 def test_a_value_too_long_for_a_url_is_refused_before_any_request(commerce, sales_client, admin, value):
-    admin.seed_prospects([prospect(*key) for key in BYSTANDERS])
+    admin.seed_prospects([prospect(*key) for key in BYSTANDERS])  # and their companies in Dataverse
+    sales_client.company_codes()  # the client reads the companies once; no request of it carries a value
     before = admin.counts()
     refused = [
         lambda: commerce.iter_prospect_pages(value),
@@ -181,9 +192,10 @@ def test_a_value_too_long_for_a_url_is_refused_before_any_request(commerce, sale
         lambda: commerce.get_hierarchy_node(value, value),
         lambda: commerce.set_prospect_status("usrt", value, "Approved", "*"),
         lambda: commerce.status_request("usrt", value, "Approved", "*"),
-        lambda: sales_client.get_lead(value),
-        lambda: sales_client.leads_between(value, value),
-    ]  # create_lead carries the key in its body only, never in its URL
+        lambda: sales_client.get_leads("usrt", value),
+        lambda: sales_client.leads_between("usrt", value, value),
+        lambda: sales_client.leads_between("usrt", "P-1", value),
+    ]  # create_lead and upsert_leads carry the key in their bodies only, never in a URL
 
     for call in refused:
         with pytest.raises(ValueError, match=f"is {len(value)} characters long; .* at most {MAX_URL_VALUE_LENGTH}"):
@@ -193,6 +205,20 @@ def test_a_value_too_long_for_a_url_is_refused_before_any_request(commerce, sale
     assert (after["commerce"]["requests"], after["dataverse"]["requests"]) == (
         before["commerce"]["requests"], before["dataverse"]["requests"]
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("value", OLDER_KEY_BEYOND_BOUND, ids=shown)
+def test_a_prospect_id_whose_older_key_is_too_long_for_a_url_is_refused_before_any_request(sales_client, admin, value):
+    admin.seed_companies(["usrt"])
+    sales_client.company_codes()
+    before = admin.counts()["dataverse"]["requests"]
+    older = len(prospect_key("usrt", value))
+
+    for call in (lambda: sales_client.get_leads("usrt", value), lambda: sales_client.leads_between("usrt", value, value)):
+        with pytest.raises(ValueError, match=f"is {older} characters long; .* at most {MAX_URL_VALUE_LENGTH}"):
+            call()
+
+    assert admin.counts()["dataverse"]["requests"] == before
 
 
 @pytest.mark.parametrize("value", [None, 7, b"P-1"], ids=ascii)
@@ -242,7 +268,10 @@ def test_prospects_with_hostile_ids_names_and_companies_go_through_the_flow(worl
 
     assert (pulled["pulled"], pulled["invalid"], pushed["created"]) == (len(ids), 0, len(ids))
     assert decided == {"applied": len(ids), "errors": []}
-    assert Counter(row["msdyn_prospectid"] for row in leads) == Counter(prospect_key("usrt", pid) for pid in ids)
+    # One lead per prospect, keyed as dual-write keys it: the prospect id exactly as sent, and the company.
+    assert Counter((row["msdyn_prospectid"], row["_msdyn_company_value"]) for row in leads) == Counter(
+        (pid, company_id("usrt")) for pid in ids
+    )
     statuses = {prospect_id: row["B2BProspectStatus"] for (_, prospect_id), row in all_prospects(clerk).items()}
     assert statuses == {prospect_id: STATUS_AFTER[outcome] for prospect_id, outcome in outcome_of.items()}
     tracked = store.frame().set_index("prospect_id")

@@ -16,6 +16,7 @@ from d365_fakes.chaos import (
     lead_key,
     retries_from_results,
 )
+from d365_fakes.dataverse import company_id
 
 APPROVED, REJECTED = "B2B prospect approved", "B2B prospect rejected"
 PLAN = {
@@ -30,7 +31,7 @@ BAD = {("usrt", "P-9"): "invalid email"}
 
 
 def lead(key: tuple[str, str], leadid: str | None = None) -> dict:
-    return {"leadid": leadid or f"id-{key[0]}-{key[1]}", "msdyn_prospectid": f"{key[0]}:{key[1]}"}
+    return {"leadid": leadid or f"id-{key[0]}-{key[1]}", "msdyn_prospectid": key[1], "_msdyn_company_value": company_id(key[0])}
 
 
 def good_state() -> dict:
@@ -62,7 +63,9 @@ def test_a_correct_end_state_passes_every_invariant():
 
 
 def test_the_lead_key_keeps_colons_and_quotes_of_the_prospect_id():
-    assert lead_key("USRT:P'1:a") == ("usrt", "P'1:a")
+    assert lead_key({"msdyn_prospectid": "USRT:P'1:a"}) == ("usrt", "P'1:a")  # as earlier versions keyed leads
+    assert lead_key({"msdyn_prospectid": "P'1:a", "_msdyn_company_value": company_id("usrt")}, ["usmf", "usrt"]) == (
+        "usrt", "P'1:a")
 
 
 def test_a_second_lead_for_a_prospect_fails():
@@ -75,8 +78,8 @@ def test_a_second_lead_for_a_prospect_fails():
 
 def test_a_missing_lead_a_lead_of_a_bad_record_and_a_stray_lead_fail():
     state = good_state()
-    leads = [row for row in state["leads"] if row["msdyn_prospectid"] != "usmf:P-4"]
-    leads += [lead(("usrt", "P-9")), lead(("frrt", "P-1")), {"leadid": "x", "msdyn_prospectid": None}]
+    leads = [row for row in state["leads"] if lead_key(row, ["usmf", "usrt"]) != ("usmf", "P-4")]
+    leads += [lead(("usrt", "P-9")), {"leadid": "y", "msdyn_prospectid": "frrt:P-1"}, {"leadid": "x", "msdyn_prospectid": None}]
     violations = check_one_lead_per_prospect(leads, PLAN, BAD).violations
     assert "usmf/P-4: 0 leads" in violations
     assert "usrt/P-9: a bad record has 1 lead(s)" in violations
