@@ -219,10 +219,15 @@ def check_named_drift(
 
 def _record_deleted(store: StateStore, what: str, id_column: str, deleted: list[str], run_id: str) -> int:
     """A lead or opportunity deleted before its prospect was decided: an anomaly, kept and shown."""
-    tracked = store.frame(columns=rules.RULE_COLUMNS, **{id_column: deleted})
+    return _report_deleted(store, store.frame(columns=rules.RULE_COLUMNS, **{id_column: deleted}), what, f"the {what}",
+                           run_id)  # fmt: skip
+
+
+def _report_deleted(store: StateStore, tracked: pd.DataFrame, what: str, subject: str, run_id: str) -> int:
+    """Anomalies `<what>_deleted` for the undecided ones among `tracked`; each keeps it as its error."""
     undecided = tracked[tracked["decision"].isna()]
     found = [((row["legal_entity"], row["prospect_id"]), f"{what}_deleted",
-              f"the {what} of prospect {row['legal_entity']}/{row['prospect_id']} was deleted in Sales before a "
+              f"{subject} of prospect {row['legal_entity']}/{row['prospect_id']} was deleted in Sales before a "
               "decision; recreate it, or decide the prospect in Commerce by hand")
              for row in undecided.to_dict("records")]  # fmt: skip
     store.update_many([(key, {}, keep({"legal_entity": key[0], "prospect_id": key[1]}, f"conflict: {detail}"))
@@ -254,17 +259,8 @@ def _record_deleted_opportunities(store: StateStore, deleted: list[str], run_id:
     store.record_opportunities(kept.iloc[0:0], run_id, gone=deleted)
     named = store.frame(columns=rules.RULE_COLUMNS, opportunity_ids=deleted)
     keys = sorted(set(zip(kept["legal_entity"], kept["prospect_id"])) | set(zip(named["legal_entity"], named["prospect_id"])))
-    tracked = store.frame(columns=rules.RULE_COLUMNS, keys=keys)
-    undecided = tracked[tracked["decision"].isna()]
-    found = [((row["legal_entity"], row["prospect_id"]), "opportunity_deleted",
-              f"an opportunity of prospect {row['legal_entity']}/{row['prospect_id']} was deleted in Sales before a "
-              "decision; recreate it, or decide the prospect in Commerce by hand")
-             for row in undecided.to_dict("records")]  # fmt: skip
-    store.update_many([(key, {}, keep({"legal_entity": key[0], "prospect_id": key[1]}, f"conflict: {detail}"))
-                       for key, _, detail in found], run_id)  # fmt: skip
-    if found:
-        store.record_anomalies(found, run_id)
-    return len(found)
+    return _report_deleted(store, store.frame(columns=rules.RULE_COLUMNS, keys=keys), "opportunity", "an opportunity",
+                           run_id)  # fmt: skip
 
 
 def _read_all_outcomes(sales: SalesClient, store: StateStore, run_id: str) -> Counter[str]:

@@ -261,22 +261,21 @@ class StateStore:
         query = sa.select(*(prospects.c[name] for name in columns))
         if legal_entity is not None:
             query = query.where(prospects.c.legal_entity == legal_entity)
-        selections = [
-            (sa.tuple_(prospects.c.legal_entity, prospects.c.prospect_id), None if keys is None else list(keys)),
-            (prospects.c.lead_id, None if lead_ids is None else list(lead_ids)),
-            (prospects.c.opportunity_id, None if opportunity_ids is None else list(opportunity_ids)),
-        ]
-        rows: list[dict] = []
-        with self.engine.connect() as connection:
-            chosen = [(column, values) for column, values in selections if values is not None]
-            if not chosen:
-                rows = [dict(row) for row in connection.execute(query).mappings()]
-            for column, values in chosen:
-                for start in range(0, len(values), _KEYS_PER_QUERY):
-                    chunk = query.where(column.in_(values[start : start + _KEYS_PER_QUERY]))
-                    rows.extend(dict(row) for row in connection.execute(chunk).mappings())
+        rows = self._selected(query, [(sa.tuple_(prospects.c.legal_entity, prospects.c.prospect_id), keys),
+                                      (prospects.c.lead_id, lead_ids), (prospects.c.opportunity_id, opportunity_ids)])  # fmt: skip
         # dtype=object keeps None as None (pandas would turn it into NaN in string columns).
         return pd.DataFrame(rows, columns=columns, dtype=object)
+
+    def _selected(self, query: sa.Select, selections: list[tuple[Any, Iterable | None]]) -> list[dict]:
+        """The rows of `query` whose column is among the values of any selection given (all rows when
+        none is), a bounded IN clause a statement."""
+        chosen = [(column, list(values)) for column, values in selections if values is not None]
+        with self.engine.connect() as connection:
+            if not chosen:
+                return [dict(row) for row in connection.execute(query).mappings()]
+            return [dict(row) for column, values in chosen for start in range(0, len(values), _KEYS_PER_QUERY)
+                    for row in connection.execute(query.where(column.in_(values[start : start + _KEYS_PER_QUERY])))
+                    .mappings()]  # fmt: skip
 
     def work(self, step: str, legal_entity: str, first_id: str | None = None, last_id: str | None = None) -> pd.DataFrame:
         """The full rows of one step's work (see `rules.STEPS`) in a chunk: the rule runs on light
@@ -411,17 +410,8 @@ class StateStore:
     ) -> pd.DataFrame:
         """The opportunities of tracked leads (OPPORTUNITY_ROW_COLUMNS): of some prospects, some ids, or all."""
         query = sa.select(*(opportunities.c[name] for name in OPPORTUNITY_ROW_COLUMNS))
-        selections = [(sa.tuple_(opportunities.c.legal_entity, opportunities.c.prospect_id), keys),
-                      (opportunities.c.opportunity_id, opportunity_ids)]  # fmt: skip
-        chosen = [(column, list(values)) for column, values in selections if values is not None]
-        rows: list[dict] = []
-        with self.engine.connect() as connection:
-            if not chosen:
-                rows = [dict(row) for row in connection.execute(query).mappings()]
-            for column, values in chosen:
-                for start in range(0, len(values), _KEYS_PER_QUERY):
-                    part = query.where(column.in_(values[start : start + _KEYS_PER_QUERY]))
-                    rows.extend(dict(row) for row in connection.execute(part).mappings())
+        rows = self._selected(query, [(sa.tuple_(opportunities.c.legal_entity, opportunities.c.prospect_id), keys),
+                                      (opportunities.c.opportunity_id, opportunity_ids)])  # fmt: skip
         return pd.DataFrame(rows, columns=list(OPPORTUNITY_ROW_COLUMNS), dtype=object).drop_duplicates("opportunity_id")
 
     def record_opportunities(self, seen: pd.DataFrame, run_id: str, gone: Iterable[str] = ()) -> None:

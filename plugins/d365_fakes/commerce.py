@@ -481,12 +481,7 @@ class CommerceState:
         customer = self._indexed("party", party.casefold())
         if customer is None:
             raise _bad_request(f"NodePartyNumber '{party}' is not the party of a customer.")
-        if not _same(customer["dataAreaId"], hierarchy["dataAreaId"]):
-            raise _bad_request(
-                f"NodePartyNumber '{party}' is the party of customer {customer['CustomerAccount']} in company "
-                f"{customer['dataAreaId']}, not of a customer in company {hierarchy['dataAreaId']}, the company of "
-                f"customer hierarchy {hierarchy['CustomerHierarchyId']}."
-            )
+        _check_same_company("NodePartyNumber", party, customer, hierarchy)
         self._check_single_admin(row)
 
     # Update rules: check the row as it would be after the PATCH; may return the email HQ sends.
@@ -536,12 +531,7 @@ class CommerceState:
         customer = self._indexed("party", party.casefold())
         if customer is None or customer["PartyType"] != "Organization":
             raise _bad_request(f"OrganizationPartyNumber '{party}' is not the party of an Organization customer.")
-        if not _same(customer["dataAreaId"], hierarchy["dataAreaId"]):
-            raise _bad_request(
-                f"OrganizationPartyNumber '{party}' is the party of customer {customer['CustomerAccount']} in company "
-                f"{customer['dataAreaId']}, not of a customer in company {hierarchy['dataAreaId']}, the company of "
-                f"customer hierarchy {hierarchy['CustomerHierarchyId']}."
-            )
+        _check_same_company("OrganizationPartyNumber", party, customer, hierarchy)
 
     def _check_single_admin(self, node: dict[str, Any]) -> None:
         entry = _UNIQUE_INDEXES["admin"][1](node)
@@ -551,6 +541,16 @@ class CommerceState:
                 f"Customer hierarchy {node['CustomerHierarchyId']} already has an Admin "
                 f"({other['NodePartyNumber']}); a hierarchy has only one Admin."
             )
+
+
+def _check_same_company(field: str, party: str, customer: Mapping[str, Any], hierarchy: Mapping[str, Any]) -> None:
+    """A hierarchy holds customers of its own company only."""
+    if not _same(customer["dataAreaId"], hierarchy["dataAreaId"]):
+        raise _bad_request(
+            f"{field} '{party}' is the party of customer {customer['CustomerAccount']} in company "
+            f"{customer['dataAreaId']}, not of a customer in company {hierarchy['dataAreaId']}, the company of "
+            f"customer hierarchy {hierarchy['CustomerHierarchyId']}."
+        )
 
 
 _CREATE_RULES = {

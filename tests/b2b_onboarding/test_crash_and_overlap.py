@@ -22,6 +22,7 @@ from b2b_onboarding.commerce import CommerceClient
 from b2b_onboarding.sales import SalesClient
 from b2b_onboarding.store import StateStore
 from d365_fakes.actors import Clerk, Seller
+from d365_fakes.dataverse import company_id
 from d365_fakes.running import FakeAdmin
 from d365_fakes.scenario import OUTCOMES
 
@@ -55,7 +56,7 @@ def seed_and_plan(admin: FakeAdmin) -> dict[str, str]:
 
 
 def decide(admin: FakeAdmin, plan: dict[str, str]) -> None:
-    answer = admin.decide([{"msdyn_prospectid": f"usrt:{pid}", "outcome": outcome}
+    answer = admin.decide([{"msdyn_prospectid": pid, "company": "usrt", "outcome": outcome}
                            for pid, outcome in plan.items() if outcome != "untouched"])  # fmt: skip
     assert answer["errors"] == []
 
@@ -79,25 +80,48 @@ def finished(process: subprocess.Popen) -> None:
     assert process.returncode == 0, stderr.decode()[-3000:]
 
 
-def judge(world, admin: FakeAdmin, plan: dict[str, str]) -> None:
+def judge(world, admin: FakeAdmin, plan: dict[str, str], store: StateStore) -> None:
     """The end state of an uninterrupted run, and nothing twice."""
     clerk = Clerk(world.endpoints, world.cast.clerk["client_id"], world.cast.clerk["client_secret"])
     seller = Seller(world.endpoints, world.cast.seller["client_id"], world.cast.seller["client_secret"])
-    leads = Counter(lead["msdyn_prospectid"] for lead in seller.view("All Commerce B2B leads"))
-    assert leads == Counter(f"usrt:{pid}" for pid in plan), "exactly one lead per prospect"
+    leads = Counter((lead["msdyn_prospectid"], lead["_msdyn_company_value"])
+                    for lead in seller.view("All Commerce B2B leads"))  # fmt: skip
+    assert leads == Counter((pid, company_id("usrt")) for pid in plan), "exactly one lead per prospect"
     statuses = {row["ProspectId"]: row["B2BProspectStatus"] for row in clerk.all("Prospects")}
     assert statuses == {pid: OUTCOMES[outcome][0] for pid, outcome in plan.items()}
     emails = Counter((mail["ProspectId"], mail["template"]) for mail in admin.outbox())
     assert emails == Counter({(pid, OUTCOMES[outcome][1]): 1 for pid, outcome in plan.items() if OUTCOMES[outcome][1]})
     qualified = [pid for pid, outcome in plan.items() if outcome in ("won", "lost", "qualified")]
-    customers = Counter(row["CustomerAccount"] for row in clerk.all("CustomersV3"))
-    assert customers == Counter([f"{pid}-ORG" for pid in qualified] + [f"{pid}-ADM" for pid in qualified])
+    # HQ numbers the customers: one Organization and one Person per qualified prospect (found by its
+    # email), each the one the store recorded, and the account in Sales carries the organization's number.
+    customers = clerk.all("CustomersV3")
+    email = {pid: f"p{int(pid[2:])}@engines.example" for pid in plan}
+    assert Counter((row["dataAreaId"], row["PartyType"], row["PrimaryContactEmail"]) for row in customers) == Counter(
+        [("usrt", "Organization", email[pid]) for pid in qualified] + [("usrt", "Person", email[pid]) for pid in qualified]
+    )  # fmt: skip
+    account_of = {(row["PartyType"], row["PrimaryContactEmail"]): row["CustomerAccount"] for row in customers}
+    tracked = store.frame().set_index("prospect_id")
+    assert {pid: (tracked.at[pid, "org_customer_account"], tracked.at[pid, "person_customer_account"])
+            for pid in qualified} == {pid: (account_of[("Organization", email[pid])], account_of[("Person", email[pid])])
+                                      for pid in qualified}  # fmt: skip
     approved = sorted(pid for pid, outcome in plan.items() if outcome == "won")
     assert sorted(row["CustomerHierarchyId"] for row in clerk.all("CustomerHiearchies")) == [f"USRT-{p}" for p in approved]
     nodes = [row for row in clerk.all("CustomerHierarchyNodes") if row["Role"] == "Admin"]
     assert len(nodes) == len(approved)
     clerk.close()
     seller.close()
+
+
+def unnumbered_accounts(world, plan: dict[str, str], store: StateStore) -> dict[str, str | None]:
+    """Qualified prospects whose account in Sales does not carry its organization's customer account
+    (dual-write's mapping), as an uninterrupted run leaves it: prospect id -> the account's number."""
+    seller = Seller(world.endpoints, world.cast.seller["client_id"], world.cast.seller["client_secret"])
+    numbers = {row["accountid"].lower(): row.get("accountnumber") for row in seller.rows("accounts")}
+    seller.close()
+    tracked = store.frame().set_index("prospect_id")
+    qualified = [pid for pid, outcome in plan.items() if outcome in ("won", "lost", "qualified")]
+    return {pid: numbers.get(tracked.at[pid, "account_id"]) for pid in qualified
+            if numbers.get(tracked.at[pid, "account_id"]) != tracked.at[pid, "org_customer_account"]}  # fmt: skip
 
 
 def run_to_the_end(clients, store: StateStore, run_id: str) -> None:
@@ -157,9 +181,17 @@ def test_a_step_killed_right_after_a_write_ends_as_an_uninterrupted_run(world, a
     run_to_the_end(clients, store, "manual__after_kill")
     run_to_the_end(clients, store, "manual__again")
 
-    judge(world, admin, plan)
+    judge(world, admin, plan, store)
     assert store.anomalies().empty
+    unnumbered = unnumbered_accounts(world, plan, store)
     store.close()
+    if unnumbered and point == "account numbers":
+        pytest.xfail(
+            "product bug: reconcile.write_customers records the customers in the store before it writes the "
+            "accounts' numbers (UpdateMultiple); killed between the two, no later run numbers the remaining "
+            f"accounts (their prospects left the customers stage): {sorted(unnumbered)}"
+        )
+    assert unnumbered == {}, "every account carries its organization's customer account"
 
 
 def test_overlapping_runs_and_a_backfill_end_as_one_run(world, admin, clients, state_url):
@@ -179,8 +211,9 @@ def test_overlapping_runs_and_a_backfill_end_as_one_run(world, admin, clients, s
     store = StateStore(state_url)
     run_to_the_end(clients, store, "manual__settle")  # whatever a loser of a race left for later
 
-    judge(world, admin, plan)
+    judge(world, admin, plan, store)
     assert store.anomalies().empty
+    assert unnumbered_accounts(world, plan, store) == {}, "every account carries its organization's customer account"
     decided = store.frame().set_index("prospect_id")["decision"].to_dict()
     assert decided == {pid: {"Approved": "approved", "Rejected": "rejected"}.get(OUTCOMES[outcome][0])
                        for pid, outcome in plan.items()}  # fmt: skip

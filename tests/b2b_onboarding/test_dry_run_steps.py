@@ -131,8 +131,14 @@ def test_a_dry_run_writes_nothing_and_plans_exactly_the_writes_the_real_run_then
     assert plan.frame().empty
 
 
-def test_a_dry_run_plans_no_create_for_a_customer_an_interrupted_run_already_made(admin, store, systems):
-    """The dry run reads first, as the real run's one-by-one path does: what exists is adopted."""
+TEMPLATE = "{legal_entity}-{prospect_id}-{role}"
+
+
+@pytest.mark.parametrize("template", [None, TEMPLATE], ids=["numbered by HQ", "derived by template"])
+def test_a_dry_run_plans_no_create_for_a_customer_an_interrupted_run_already_made(admin, store, systems, template):
+    """The dry run reads first, as the real run's one-by-one path does: what exists is adopted (the
+    organization an interrupted run made: by the prospect's email and the account's name when HQ
+    numbered it, by its derived account with a template)."""
     seed(admin, 3)
     run_sync(*systems, store, "manual__sync")
     admin.decide([{"msdyn_prospectid": "usrt:P-000001", "outcome": "qualified"}])
@@ -140,17 +146,23 @@ def test_a_dry_run_plans_no_create_for_a_customer_an_interrupted_run_already_mad
     reconcile.read_outcomes(sales, store, "manual__reconcile")
     row = store.work("customers", "usrt").iloc[0].to_dict()
     account = sales.get_by_ids("accounts", "accountid", [row["account_id"]], ["accountid", "name"])[0]
-    commerce.create_customer({"dataAreaId": "usrt", "CustomerAccount": "P-000001-ORG", "PartyType": "Organization",
-                              "OrganizationName": account["name"]})  # fmt: skip
+    derived = {"CustomerAccount": "USRT-P-000001-ORG"} if template else {}
+    made = commerce.create_customer({"dataAreaId": "usrt", "PartyType": "Organization", "OrganizationName": account["name"],
+                                     "PrimaryContactEmail": "p1@engines.example", **derived})  # fmt: skip
 
     plan = Plan()
     dry_commerce, dry_sales = dry_clients(systems, plan)
     before = writes(admin)
-    reconcile.write_customers(dry_commerce, dry_sales, DryRunStore(str(store.engine.url), "manual__dry"), "usrt", "manual__dry")
+    reconcile.write_customers(dry_commerce, dry_sales, DryRunStore(str(store.engine.url), "manual__dry"), "usrt",
+                              "manual__dry", account_template=template)  # fmt: skip
     assert writes(admin) == before
     assert Counter(plan.frame()["operation"]) == {"create Person customer": 1, "set account number": 1}
-    reconcile.write_customers(commerce, sales, store, "usrt", "manual__reconcile")
+    reconcile.write_customers(commerce, sales, store, "usrt", "manual__reconcile", account_template=template)
     assert writes(admin) - before == planned(plan)
+    tracked = store.frame().set_index("prospect_id").loc["P-000001"]
+    assert (tracked["org_customer_account"], tracked["org_party_number"]) == (made["CustomerAccount"], made["PartyNumber"])
+    if template:
+        assert tracked["person_customer_account"] == "USRT-P-000001-ADM"
 
 
 def test_a_dry_run_client_refuses_any_write_it_has_no_plan_for(world, admin, systems):

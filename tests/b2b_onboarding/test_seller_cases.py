@@ -124,3 +124,24 @@ def test_a_customer_account_template_numbers_customers_with_the_legal_entity_and
     assert writes == admin.counts()["commerce"]["writes"]["CustomersV3"] == 4
     assert [result["existing customers reused"] for result in again] == [2, 2]
     assert numbers == ["USMF-P-000001-ORG", "USRT-P-000001-ORG"]  # one Sales column, no collision across companies
+
+
+def test_a_dry_run_of_the_cut_over_lists_what_would_be_adopted_created_and_ambiguous(world, admin, store, seller):
+    from b2b_onboarding.dry_run import DryRunSales, Plan
+    from b2b_onboarding.store import DryRunStore
+
+    admin.seed_prospects([request(1), request(2), request(3)])
+    seller.create_dual_write_lead(request(1), company_id("usrt"))
+    seller.create_dual_write_lead(request(2), company_id("usrt"))
+    seller.call("POST", "leads", json={"msdyn_prospectid": "usrt:P-000002", "lastname": "Twin"})
+    commerce, sales = clients(world)
+    plan = Plan()
+    dry = DryRunStore(str(store.engine.url), "manual__dry")
+    with commerce.odata, sales.odata:
+        sync.pull_prospects(commerce, dry, "usrt", "manual__dry")
+        before = admin.counts()["dataverse"]["writes"]["leads"]
+        pushed = sync.push_leads(DryRunSales(sales, plan, "usrt"), dry, "usrt", "manual__dry")
+    assert (pushed["adopted"], pushed["created"], pushed["conflicts"]) == (1, 1, 1)
+    assert [(row["operation"], row["prospect_id"]) for row in plan.frame().to_dict("records")] == [("create lead", "P-000003")]
+    assert admin.counts()["dataverse"]["writes"]["leads"] == before
+    assert store.frame().empty and store.anomalies().empty  # the store's facts stay as they are

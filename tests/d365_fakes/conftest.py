@@ -6,9 +6,11 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
@@ -47,32 +49,45 @@ def msal_honours_verify(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
 
 
-@pytest.fixture
-def entra_server(tmp_path: Path, msal_honours_verify: None) -> Iterator[EntraUnderTest]:
-    tls = ensure_tls(tmp_path / "state")
-    clients = load_clients([{"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}])
+@contextmanager
+def serving(make_app: Callable[[str], Any], tls: TlsFiles) -> Iterator[str]:
+    """Serves `make_app(url)` over HTTPS (the fakes' TLS files) on a free loopback port, in a thread."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"https://127.0.0.1:{sock.getsockname()[1]}"
-    issuer = TokenIssuer(url, TENANT_ID)
-    config = uvicorn.Config(
-        entra.create_app(issuer, clients),
-        ssl_certfile=str(tls.cert),
-        ssl_keyfile=str(tls.key),
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-    )
+    config = uvicorn.Config(make_app(url), ssl_certfile=str(tls.cert), ssl_keyfile=str(tls.key), log_level="warning",
+                            access_log=False, lifespan="off")  # fmt: skip
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
     while not server.started:
-        assert time.monotonic() < deadline, "the in-process Entra server did not start"
+        assert time.monotonic() < deadline, "an in-process server did not start"
         time.sleep(0.01)
     try:
-        yield EntraUnderTest(url, TENANT_ID, f"{url}/{TENANT_ID}", tls, issuer, clients[CLIENT_ID])
+        yield url
     finally:
         server.should_exit = True
         server.force_exit = True  # do not wait for clients' idle keep-alive connections
         thread.join(timeout=10)
+
+
+@pytest.fixture
+def serve_https() -> Iterator[Callable[[Callable[[str], Any], TlsFiles], str]]:
+    """`serve_https(make_app, tls) -> url`: more in-process HTTPS servers, stopped after the test."""
+    with ExitStack() as stack:
+        yield lambda make_app, tls: stack.enter_context(serving(make_app, tls))
+
+
+@pytest.fixture
+def entra_server(tmp_path: Path, msal_honours_verify: None) -> Iterator[EntraUnderTest]:
+    tls = ensure_tls(tmp_path / "state")
+    clients = load_clients([{"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}])
+    issuers: list[TokenIssuer] = []
+
+    def make_app(url: str) -> Any:
+        issuers.append(TokenIssuer(url, TENANT_ID))
+        return entra.create_app(issuers[0], clients)
+
+    with serving(make_app, tls) as url:
+        yield EntraUnderTest(url, TENANT_ID, f"{url}/{TENANT_ID}", tls, issuers[0], clients[CLIENT_ID])

@@ -4,14 +4,10 @@ served in-process beside it with the same CA and token issuer."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-import uvicorn
 
 from d365_fakes import commerce, dataverse
 from d365_fakes.actors import Clerk, Seller
@@ -38,40 +34,15 @@ class World:
     sales: DataverseState
 
 
-def serve(app, entra) -> Iterator[str]:
-    """Serve `app` over HTTPS on a free loopback port for the duration of the generator."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"https://127.0.0.1:{sock.getsockname()[1]}"
-    config = uvicorn.Config(app(url), ssl_certfile=str(entra.tls.cert), ssl_keyfile=str(entra.tls.key),
-                            log_level="warning", access_log=False, lifespan="off")  # fmt: skip
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "an in-process server did not start"
-        time.sleep(0.01)
-    try:
-        yield url
-    finally:
-        server.should_exit = server.force_exit = True
-        thread.join(timeout=10)
-
-
 @pytest.fixture
-def world(entra_server) -> Iterator[World]:
+def world(entra_server, serve_https) -> World:
     hq, sales = CommerceState(), DataverseState()
     clients = {entra_server.client.client_id: entra_server.client}  # default company usmf
-    hq_server = serve(lambda url: commerce.create_app(hq, entra_server.issuer, url, clients), entra_server)
-    sales_server = serve(lambda url: dataverse.create_app(sales, entra_server.issuer, url, clients), entra_server)
-    endpoints = Endpoints(entra_server.url, entra_server.tenant_id, entra_server.authority, next(hq_server),
-                          next(sales_server), str(entra_server.tls.ca_bundle))  # fmt: skip
-    try:
-        yield World(endpoints, hq, sales)
-    finally:
-        for generator in (hq_server, sales_server):
-            generator.close()
+    hq_url = serve_https(lambda url: commerce.create_app(hq, entra_server.issuer, url, clients), entra_server.tls)
+    sales_url = serve_https(lambda url: dataverse.create_app(sales, entra_server.issuer, url, clients), entra_server.tls)
+    endpoints = Endpoints(entra_server.url, entra_server.tenant_id, entra_server.authority, hq_url, sales_url,
+                          str(entra_server.tls.ca_bundle))  # fmt: skip
+    return World(endpoints, hq, sales)
 
 
 @pytest.fixture
