@@ -235,12 +235,35 @@ def check_no_prospect_lost(seeded: Iterable[Key], hq_prospects: Iterable[Mapping
     return _check("no prospect lost", len(seeded), violations)
 
 
+QUALIFIED_OUTCOMES = ("won", "lost", "qualified")
+
+
+def check_one_customer_pair_per_qualified(customers: Iterable[Mapping], plan: Mapping[Key, str],
+                                          bad: Iterable[Key]) -> Check:  # fmt: skip
+    """Every qualified prospect (won, lost or qualified only) has one Organization and one Person
+    customer in its legal entity, and there are no others: no customer doubled by a retry, a kill
+    or an overlapping run (HQ numbers them, so only a lookup before each create prevents it)."""
+    bad = set(bad)
+    wanted = Counter(key[0] for key, decision in plan.items() if decision in QUALIFIED_OUTCOMES and key not in bad)
+    found: dict[str, Counter[str]] = {}
+    names: Counter[tuple[str, str]] = Counter()
+    for row in customers:
+        found.setdefault(row["dataAreaId"].lower(), Counter())[row["PartyType"]] += 1
+        names[(row["dataAreaId"].lower(), row.get("OrganizationName") or row.get("PrimaryContactEmail") or "")] += 1
+    violations = [f"{legal_entity}: {found.get(legal_entity, Counter())[party]} {party} customers, expected {count}"
+                  for legal_entity in sorted(set(wanted) | set(found)) for party in ("Organization", "Person")
+                  if found.get(legal_entity, Counter())[party] != (count := wanted.get(legal_entity, 0))]  # fmt: skip
+    violations += [f"{legal_entity}: {n} customers named {name!r}" for (legal_entity, name), n in sorted(names.items()) if n > 1]
+    return _check("one Organization and one Person customer per qualified prospect", sum(wanted.values()), violations)
+
+
 def check_invariants(
     plan: Mapping[Key, str], bad: Mapping[Key, str], hq_prospects: list[dict], leads: list[dict],
-    outbox: list[dict], store_rows: list[dict],
+    outbox: list[dict], store_rows: list[dict], customers: list[dict],
 ) -> list[Check]:  # fmt: skip
     return [
         check_one_lead_per_prospect(leads, plan, bad),
+        check_one_customer_pair_per_qualified(customers, plan, bad),
         check_one_email_per_decided(outbox, plan),
         check_decisions(hq_prospects, store_rows, plan, bad),
         check_bad_records_kept(store_rows, leads, bad),
@@ -746,6 +769,7 @@ def main(argv: list[str] | None = None) -> int:
         seller = Seller(endpoints, cast.seller["client_id"], cast.seller["client_secret"])
         try:
             hq_prospects = clerk.all("Prospects")
+            customers = clerk.all("CustomersV3")
             leads = seller.rows("leads", {"$select": "leadid,msdyn_prospectid,_msdyn_company_value,statecode"})
         finally:
             clerk.close()
@@ -753,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
         outbox = admin.outbox()
     store_rows = _store_rows(OUT / "state.db")
 
-    checks = check_invariants(plan, bad, hq_prospects, leads, outbox, store_rows)
+    checks = check_invariants(plan, bad, hq_prospects, leads, outbox, store_rows, customers)
     faulted = fault_figures(fault_report["served"], requests)
     faulted_chaos = fault_figures(fault_report["served"], during_chaos)
     retries = retries_from_results(conductor.results.values())

@@ -10,6 +10,7 @@ from d365_fakes.chaos import (
     check_invariants,
     check_no_prospect_lost,
     check_one_email_per_decided,
+    check_one_customer_pair_per_qualified,
     check_one_lead_per_prospect,
     failure_of,
     fault_figures,
@@ -53,13 +54,27 @@ def good_state() -> dict:
             "last_error": None, "lead_id": None if plan == "invalid" else f"id-{le}-{pid}",
             "decision": {"won": "approved", "lost": "rejected", "disqualified": "rejected"}.get(plan),
         } for (le, pid), plan in PLAN.items()],  # fmt: skip
+        "customers": [{"dataAreaId": le, "PartyType": party, "OrganizationName": f"Org {pid}" if party == "Organization" else None,
+                       "PrimaryContactEmail": f"{pid}@{le}.example"}
+                      for (le, pid), plan in PLAN.items() if plan in ("won", "lost", "qualified")
+                      for party in ("Organization", "Person")],  # fmt: skip
     }
 
 
 def test_a_correct_end_state_passes_every_invariant():
     checks = check_invariants(PLAN, BAD, **good_state())
     assert [(check.name, check.violations) for check in checks if not check.ok] == []
-    assert [check.checked for check in checks] == [6, 6, 6, 1, 6]
+    assert [check.checked for check in checks] == [6, 3, 6, 6, 1, 6]
+
+
+def test_a_doubled_or_missing_customer_fails():
+    state = good_state()
+    doubled = state["customers"] + [dict(state["customers"][0], PrimaryContactEmail="again@usrt.example")]
+    violations = check_one_customer_pair_per_qualified(doubled, PLAN, BAD).violations
+    assert violations == ["usrt: 3 Organization customers, expected 2", "usrt: 2 customers named 'Org P-1'"]
+    missing = [row for row in state["customers"] if row["PartyType"] == "Organization" or row["dataAreaId"] != "usmf"]
+    assert check_one_customer_pair_per_qualified(missing, PLAN, BAD).violations == [
+        "usmf: 0 Person customers, expected 1"]
 
 
 def test_the_lead_key_keeps_colons_and_quotes_of_the_prospect_id():
