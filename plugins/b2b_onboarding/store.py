@@ -781,6 +781,11 @@ class DryRunStore(StateStore):
     def record_opportunities(self, seen: pd.DataFrame, run_id: str, gone: Iterable[str] = ()) -> None:
         log.info("dry run: %d opportunities seen, not kept (the prospects' states are in this run's overlay)", len(seen))
 
+    def resolve_anomalies(self, keys: Iterable[tuple[str, str]], kind: str | None = None) -> int:
+        log.info("dry run: anomalies%s of %d prospects would be closed, not closed", f" {kind}" if kind else "",
+                 len(list(keys)))  # fmt: skip
+        return 0
+
     def set_delta_link(self, entity_set: str, delta_link: str | None, run_id: str) -> None:
         log.info("dry run: the delta link of %s is not advanced (the next real run reads these changes)", entity_set)
 

@@ -164,3 +164,20 @@ def test_drift_findings_are_kept_per_run_and_a_rerun_replaces_its_own(store):
     store.record_drift(findings.iloc[0:0], "run-2")
     assert len(store.drift("run-1")) == 1 and store.drift("run-1").loc[0, "detail"] == "no lead"
     assert store.drift("run-2").empty
+
+
+def test_a_dry_run_keeps_no_opportunity_note_decided_prospect_nor_closes_an_anomaly(store):
+    from b2b_onboarding.store import DryRunStore
+
+    store.record_pulled(pulled({"prospect_id": "P-1"}), "run-1")
+    store.record_anomalies([(("usrt", "P-1"), "qualified_without_opportunity", "waits")], "run-1")
+    dry = DryRunStore(str(store.engine.url), "manual__dry")
+    dry.record_opportunities(pd.DataFrame([{"opportunity_id": "o1", "legal_entity": "usrt", "prospect_id": "P-1",
+                                            "state": "won"}]), "manual__dry")  # fmt: skip
+    dry.note([(("usrt", "P-1"), "adopted")], "manual__dry")
+    assert dry.resolve_anomalies([("usrt", "P-1")], "qualified_without_opportunity") == 0
+    decided = pd.DataFrame([{"legal_entity": "usrt", "prospect_id": "P-9", "decision": "approved", "lead_id": None}])
+    assert dry.track_decided(decided, "manual__dry") == 1
+    assert set(dry.frame()["prospect_id"]) == {"P-1", "P-9"}  # the dry run sees what it would record
+    assert store.tracked_opportunities().empty and list(store.anomalies()["kind"]) == ["qualified_without_opportunity"]
+    assert list(store.frame()["prospect_id"]) == ["P-1"] and len(store.history("usrt", "P-1")) == 1
