@@ -85,3 +85,9 @@ def test_the_one_line_of_a_failed_task_and_the_alert_connection_are_documented(r
     assert "`TASK FAILED <dag_id>.<task_id>[<chunk>] run <run_id> try <n>, no retries left: <ErrorType>: " in runbook
     for part in ("`b2b_alerts`", "conn_type `smtp`", "conn_type `http` or `https`", "SmtpNotifier", "b2b_task_failures"):
         assert part in runbook, part
+
+
+def test_a_duplicate_key_never_says_rerun_and_its_step_is_in_the_runbook(runbook):
+    step = D365Error(system="Dataverse (Sales)", operation="create lead", status=412, code="0x80040237").next_step
+    assert "rerun" not in step.lower() and "case-insensitively" in step
+    assert step in runbook
