@@ -201,7 +201,8 @@ class Queries:
 
     def timeline(self, legal_entity: str, prospect_id: str, page: int = 1, per_page: int = MAX_PER_PAGE) -> Page:
         """Its transitions, oldest first: from and to stage, when, the run that made it (with links to
-        that run and its task in the Airflow UI), the error it kept."""
+        that run and its task in the Airflow UI), the error it kept, what changed without a change of
+        stage (a correction carried to the lead, an adoption)."""
         query = (
             sa.select(transitions)
             .where(transitions.c.legal_entity == legal_entity, transitions.c.prospect_id == prospect_id)
@@ -215,7 +216,8 @@ class Queries:
             dag_id, task_id = row.get("dag_id") or dag_id, row.get("task_id") or task_id  # recorded, when it is
             items.append(_json_ready({
                 "at": row["at"], "from_stage": row["from_stage"], "to_stage": row["to_stage"], "run_id": row["run_id"],
-                "error": row["error"], **links.run_links(self.airflow_base, row["run_id"], dag_id, task_id),
+                "error": row["error"], "detail": row.get("detail"),
+                **links.run_links(self.airflow_base, row["run_id"], dag_id, task_id),
             }))  # fmt: skip
         return replace(found, items=items)
 

@@ -244,3 +244,13 @@ def test_the_json_detail_takes_any_key_as_query_parameters(store):
         assert by_query.status_code == 200 and by_query.json()["prospect"]["prospect_id"] == ".."
         assert client.get("/api/prospect", params={"legal_entity": "usrt", "prospect_id": "P-404"}).status_code == 404
         assert pd.notna(by_query.json()["prospect"]["created_at"])
+
+
+def test_the_timeline_says_what_changed_without_a_change_of_stage(filled):
+    filled.record_pulled(pulled(prospect("usmf", "P-1", "Edsger W. Dijkstra", "Semaphores BV")), NEXT_NIGHT)
+    client = client_for(filled)
+    last = client.get("/api/prospects/usmf/P-1").json()["timeline"]["items"][-1]
+    assert (last["from_stage"], last["to_stage"], last["detail"]) == ("lead_open", "lead_open",
+                                                                      "corrected in Commerce: ProspectName")  # fmt: skip
+    page = client.get("/prospect", params={"legal_entity": "usmf", "prospect_id": "P-1"})
+    assert "corrected in Commerce: ProspectName" in page.text
