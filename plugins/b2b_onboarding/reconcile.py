@@ -174,6 +174,7 @@ def _read_outcomes_of(sales: SalesClient, store: StateStore, keys: Collection[tu
     read by id. A tracked lead or opportunity that Sales no longer has is deleted, as change tracking
     would have said."""
     counts: Counter[str] = Counter()
+    keys = _tracked_keys(store, keys)
     tracked = store.frame(columns=rules.RULE_COLUMNS, keys=keys)
     ids = sorted({value.lower() for value in tracked["lead_id"].dropna()})
     read = pd.DataFrame(sales.get_by_ids("leads", "leadid", ids, LEAD_OUTCOME_COLUMNS), columns=list(LEAD_OUTCOME_COLUMNS))
@@ -200,7 +201,8 @@ def check_named_drift(
 ) -> tuple[dict, pd.DataFrame]:
     """The drift check of a targeted rerun: the named prospects read by key in Commerce and their
     leads in Sales, judged as `drift.check_drift` judges all of them."""
-    keys = sorted(keys)
+    spelled = {(le.casefold(), pid.casefold()): (le, pid) for le, pid in [*keys, *_tracked_keys(store, keys)]}
+    keys = sorted(spelled.values())
     found = [(key, commerce.get_prospect(*key)) for key in keys]
     prospects = pd.DataFrame([{"legal_entity": key[0], "prospect_id": key[1], "status": row["B2BProspectStatus"]}
                               for key, row in found if row is not None and row.get("IsB2BProspect", "Yes") == "Yes"],
@@ -215,6 +217,12 @@ def check_named_drift(
     summary = {"step": "drift check", "legal_entity": "*", "prospects": len(prospects), "leads": len(leads),
                **findings["kind"].value_counts().to_dict(), "anomalies": len(anomalies)}  # fmt: skip
     return summary, findings
+
+
+def _tracked_keys(store: StateStore, keys: Collection[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The named prospects as the store spells them (a run param may name them in another case)."""
+    return list(rules.only(store.frame(columns=["stage"]), keys)[["legal_entity", "prospect_id"]].itertuples(
+        index=False, name=None))  # fmt: skip
 
 
 def _record_deleted(store: StateStore, what: str, id_column: str, deleted: list[str], run_id: str) -> int:

@@ -235,11 +235,12 @@ def in_range(work: pd.DataFrame, first_id: str | None, last_id: str | None) -> p
 
 
 def only(work: pd.DataFrame, keys: Collection[tuple[str, str]] | None) -> pd.DataFrame:
-    """The rows of the named (legal entity, prospect id) keys; all rows when `keys` is None."""
+    """The rows of the named (legal entity, prospect id) keys, in any case (as HQ and Dataverse
+    compare keys); all rows when `keys` is None."""
     if keys is None:
         return work
-    wanted = set(keys)
-    return work[[key in wanted for key in zip(work["legal_entity"], work["prospect_id"])]]
+    wanted = {(legal_entity.casefold(), prospect_id.casefold()) for legal_entity, prospect_id in keys}
+    return work[[(le.casefold(), pid.casefold()) in wanted for le, pid in zip(work["legal_entity"], work["prospect_id"])]]
 
 
 def prospect_keys(values: Iterable[str]) -> frozenset[tuple[str, str]]:

@@ -144,3 +144,8 @@ def test_chunks_cover_each_legal_entitys_work_in_ranges_of_at_most_the_size():
     covered = [rules.in_range(usrt, chunk["first_id"], chunk["last_id"]) for chunk in rules.chunks(usrt, 2)]
     assert sorted(pid for part in covered for pid in part["prospect_id"]) == sorted(usrt["prospect_id"])
     assert rules.chunks(work.iloc[0:0], 2) == []
+
+
+def test_a_targeted_run_names_prospects_in_any_case():
+    frame = tracked({"prospect_id": "P-000123"}, {"prospect_id": "P-000124"})
+    assert list(rules.only(frame, rules.prospect_keys(["USRT/p-000123"]))["prospect_id"]) == ["P-000123"]
