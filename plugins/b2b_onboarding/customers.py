@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .errors import DecisionConflict
-from .prospects import customer_account
+from .prospects import MAX_CUSTOMER_ACCOUNT_LENGTH, customer_account
 
 
 def fold(value: object) -> str:
@@ -117,7 +117,7 @@ def _organization(record: str, legal_entity: str, prospect_id: str, account: dic
     body = {"dataAreaId": legal_entity, "PartyType": "Organization", "OrganizationName": account["name"],
             "PrimaryContactEmail": email, **common}  # fmt: skip
     if template:
-        wanted = customer_account(template, legal_entity, prospect_id, "ORG")
+        wanted = _templated(record, template, legal_entity, prospect_id, "ORG")
         here = [row for row in known.customers_by_account.get(fold(wanted), [])
                 if row["dataAreaId"].lower() == legal_entity.lower()]  # fmt: skip
         return here[0] if here else {**body, "CustomerAccount": wanted}
@@ -141,8 +141,19 @@ def _person(record: str, legal_entity: str, prospect_id: str, contact: dict, ema
              if contact.get(column)}  # fmt: skip
     body = {"dataAreaId": legal_entity, "PartyType": "Person", "PrimaryContactEmail": email, **names, **common}
     if template:
-        wanted = customer_account(template, legal_entity, prospect_id, "ADM")
+        wanted = _templated(record, template, legal_entity, prospect_id, "ADM")
         here = [row for row in known.customers_by_account.get(fold(wanted), [])
                 if row["dataAreaId"].lower() == legal_entity.lower()]  # fmt: skip
         return here[0] if here else {**body, "CustomerAccount": wanted}
     return body
+
+
+def _templated(record: str, template: str, legal_entity: str, prospect_id: str, role: str) -> str:
+    account = customer_account(template, legal_entity, prospect_id, role)
+    if len(account) > MAX_CUSTOMER_ACCOUNT_LENGTH:
+        raise DecisionConflict("customer_account_too_long",
+                               f"{record}: the connection's customer_account_template gives {account!r}, "
+                               f"{len(account)} characters, and a customer account holds {MAX_CUSTOMER_ACCOUNT_LENGTH}; "
+                               "nothing was written. Next step: shorten the template (extra customer_account_template "
+                               "of the Commerce connection), or remove it to let HQ number customers")  # fmt: skip
+    return account

@@ -363,11 +363,21 @@ def write_customers(
         organization = made.get("Organization", choice.organization)
         person = made.get("Person", choice.person)
         counts["existing customers reused"] += choice.reused
-        if not commerce.bulk and not accounts[row["account_id"]].get("accountnumber"):
+        if not accounts[row["account_id"]].get("accountnumber"):  # before the store records the customers
             sales.set_account_number(row["account_id"], organization["CustomerAccount"])
         return "created", facts(organization, person)
 
-    done: list[tuple[dict, dict]] = []
+    def number_accounts(done: list[tuple[dict, dict]]) -> None:
+        """The organization's customer account on every account without a number, in bulk; sent
+        before the store records the customers, so a run killed in between numbers them when rerun."""
+        numbered = [{"accountid": row["account_id"], "accountnumber": fact["org_customer_account"]} for row, fact in done
+                    if row["account_id"] in accounts and not accounts[row["account_id"]].get("accountnumber")]  # fmt: skip
+        for outcome in bulk.write(numbered, sales.targets_per_request,
+                                  lambda rows: sales.update_many("accounts", "accountid", rows)):  # fmt: skip
+            if isinstance(outcome, bulk.Refused):  # kept on the account; the customers stay recorded
+                log.warning("account %s keeps no customer account number: %s", outcome.item["accountid"], outcome.error)
+                counts["account_numbers_failed"] += 1
+
     if not commerce.bulk:
         counts.update({name: value for name, value in
                        for_each_prospect("write customers", legal_entity, todo, store, run_id, create_one).items()
@@ -388,17 +398,9 @@ def write_customers(
             made = {wanted["PartyType"]: answer.body for wanted, answer in zip(choice.to_create, answers)}
             return facts(made.get("Organization", choice.organization), made.get("Person", choice.person))
 
-        done, written = _in_changesets(commerce, "write customers", legal_entity, todo, store, run_id, plan, record,
-                                       create_one, repeatable=bool(account_template))  # fmt: skip
-        counts.update(written)
+        counts.update(_in_changesets(commerce, "write customers", legal_entity, todo, store, run_id, plan, record,
+                                     create_one, repeatable=bool(account_template), before_recording=number_accounts))  # fmt: skip
         counts["existing customers reused"] += sum(choice.reused for choice in choices.values())
-    numbered = [{"accountid": row["account_id"], "accountnumber": fact["org_customer_account"]} for row, fact in done
-                if row["account_id"] in accounts and not accounts[row["account_id"]].get("accountnumber")]  # fmt: skip
-    for outcome in bulk.write(numbered, sales.targets_per_request,
-                              lambda rows: sales.update_many("accounts", "accountid", rows)):  # fmt: skip
-        if isinstance(outcome, bulk.Refused):  # kept on the account; the customers stay recorded
-            log.warning("account %s keeps no customer account number: %s", outcome.item["accountid"], outcome.error)
-            counts["account_numbers_failed"] += 1
     return {"step": "write customers", "legal_entity": legal_entity, **counts}
 
 
@@ -413,10 +415,12 @@ def _in_changesets(
     record: Callable[[dict, list[BatchResponse]], dict],
     one: Action,
     repeatable: bool = True,
-) -> tuple[list[tuple[dict, dict]], Counter[str]]:
+    before_recording: Callable[[list[tuple[dict, dict]]], None] | None = None,
+) -> Counter[str]:
     """One atomic changeset per prospect, many per `$batch`. `plan` gives a prospect's writes (or,
-    when nothing needs writing, its facts); `record` turns the answers into facts. A changeset
-    refused as a whole goes through `one` (reads first, adopts what exists, else keeps the error)."""
+    when nothing needs writing, its facts); `record` turns the answers into facts; `before_recording`
+    gets the (row, facts) of every prospect done before the store records them. A changeset refused
+    as a whole goes through `one` (reads first, adopts what exists, else keeps the error)."""
     counts: Counter[str] = Counter()
     planned, updates, done, conflicts = [], [], [], []
     for row in todo.to_dict("records"):
@@ -444,6 +448,8 @@ def _in_changesets(
             counts["written"] += 1
         else:
             refused.append(row)
+    if before_recording is not None:
+        before_recording(done)
     store.update_many(updates, run_id)
     if conflicts:
         store.record_anomalies(conflicts, run_id)
@@ -452,7 +458,7 @@ def _in_changesets(
         retried = for_each_prospect(step, legal_entity, pd.DataFrame(refused), store, run_id, one)
         counts.update({f"{name} one by one": value for name, value in retried.items()
                        if name not in ("step", "legal_entity")})  # fmt: skip
-    return done, counts
+    return counts
 
 
 def _decide(commerce: CommerceClient, legal_entity: str, prospect_id: str, status: str) -> None:
@@ -565,7 +571,7 @@ def approve_won(
     def record(row: dict, answers: list[BatchResponse]) -> dict:
         return {"hierarchy_id": chosen[row["prospect_id"]], "decision": rules.Stage.APPROVED.value}
 
-    _, written = _in_changesets(commerce, "approve", legal_entity, todo, store, run_id, plan, record, approve_one)
+    written = _in_changesets(commerce, "approve", legal_entity, todo, store, run_id, plan, record, approve_one)
     return {"step": "approve", "legal_entity": legal_entity, **written, **counts}
 
 
@@ -605,6 +611,6 @@ def reject_lost(
             return decided
         return [commerce.status_request(row["legal_entity"], row["prospect_id"], "Rejected", prospect["@odata.etag"])]
 
-    _, counts = _in_changesets(commerce, "reject", legal_entity, todo, store, run_id, plan,
+    counts = _in_changesets(commerce, "reject", legal_entity, todo, store, run_id, plan,
                                lambda row, answers: decided, reject_one)  # fmt: skip
     return {"step": "reject", "legal_entity": legal_entity, **counts}

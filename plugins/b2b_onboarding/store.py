@@ -204,8 +204,8 @@ _WRITE_LOCK_KEY = 0x62326270
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets mapped tasks read while one writes; the busy timeout queues writers instead of failing.
     cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA busy_timeout=60000")  # first: switching to WAL waits for other connections too
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=60000")
     cursor.close()
     dbapi_connection.isolation_level = None  # transactions begin in `_sqlite_begin`, not in the driver
 

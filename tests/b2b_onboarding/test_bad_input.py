@@ -14,11 +14,12 @@ from b2b_onboarding.commerce import CommerceClient
 from b2b_onboarding.prospects import MAX_PROSPECT_ID_LENGTH
 from b2b_onboarding.sales import SalesClient
 from b2b_onboarding.store import PROSPECT_COLUMNS, StateStore
+from d365_fakes.dataverse import company_id
 
 RUN = "manual__bad_input"
 UNUSUAL_NAMES = ["李 小龙", "Zoë Żółć", "Amara 😀 Okafor"]
 
-# Every field with a length limit, and the limit (Dataverse's columns, Commerce's customer accounts).
+# Every field with a length limit, and the limit (Dataverse's columns, HQ's ProspectId).
 FIELD_LIMITS = {
     "dataAreaId": 4, "ProspectId": MAX_PROSPECT_ID_LENGTH, "ProspectName": 100, "CompanyName": 100,
     "PrimaryEmailAddress": 100, "PrimaryPhoneNumber": 50, "AddressStreet": 250, "AddressCity": 80,
@@ -308,10 +309,11 @@ def test_only_valid_prospects_become_leads_and_unusual_names_reach_sales_unchang
         pushed = sync.push_leads(sales, store, "usrt", RUN)
         leads = {row["msdyn_prospectid"]: row for page in sales.iter_commerce_lead_pages() for row in page}
         names = sales.get_by_ids("leads", "leadid", [row["leadid"] for row in leads.values()],
-                                 ["msdyn_prospectid", "fullname", "companyname"])  # fmt: skip
+                                 ["msdyn_prospectid", "_msdyn_company_value", "fullname", "companyname"])  # fmt: skip
 
     assert (pulled["pulled"], pulled["invalid"], pushed["created"]) == (6, 3, 3)
     assert admin.counts()["dataverse"]["writes"]["leads"] == 3
-    assert {row["msdyn_prospectid"]: (row["fullname"], row["companyname"]) for row in names} == {
-        f"usrt:{row['ProspectId']}": (row["ProspectName"], row["CompanyName"]) for row in valid
+    assert {(row["msdyn_prospectid"], row["_msdyn_company_value"]): (row["fullname"], row["companyname"])
+            for row in names} == {
+        (row["ProspectId"], company_id("usrt")): (row["ProspectName"], row["CompanyName"]) for row in valid
     }  # fmt: skip

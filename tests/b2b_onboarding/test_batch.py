@@ -13,14 +13,20 @@ from b2b_onboarding.batch import BatchRequest
 
 
 def test_each_changeset_becomes_a_multipart_part_with_numbered_requests():
+    # A customer HQ numbers (no CustomerAccount sent); the prospect a write is for is never sent.
+    customer = {"dataAreaId": "usrt", "PartyType": "Organization", "OrganizationName": "Contoso"}
     content_type, body = batch.encode([
-        [BatchRequest("POST", "CustomersV3?cross-company=true", {"CustomerAccount": "P-1-ORG"})],
+        [BatchRequest("POST", "CustomersV3?cross-company=true", customer, prospect=("usrt", "P-1"))],
         [BatchRequest("PATCH", "Prospects(dataAreaId='usrt',ProspectId='P-2')?cross-company=true",
-                      {"B2BProspectStatus": "Rejected"}, {"If-Match": 'W/"abc"'})],
+                      {"B2BProspectStatus": "Rejected"}, {"If-Match": 'W/"abc"'}, prospect=("usrt", "P-2"))],
     ])  # fmt: skip
     message = BytesParser(policy=policy.HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
     changesets = list(message.iter_parts())
     assert [part.get_content_type() for part in changesets] == ["multipart/mixed", "multipart/mixed"]
+    created = next(changesets[0].iter_parts()).get_payload(decode=True).decode()
+    assert created.startswith("POST CustomersV3?cross-company=true HTTP/1.1")
+    assert json.loads(created.split("\r\n\r\n", 1)[1]) == customer
+    assert "P-1" not in body.decode()
     request = next(changesets[1].iter_parts())
     assert request.get_content_type() == "application/http" and request["Content-ID"] == "1"
     text = request.get_payload(decode=True).decode()
@@ -42,7 +48,7 @@ def test_answers_are_read_per_changeset_and_a_rolled_back_one_has_one_answer():
         "HTTP/1.1 201 Created",
         "Content-Type: application/json",
         "",
-        '{"CustomerAccount": "P-1-ORG", "PartyNumber": "000000001"}',
+        '{"CustomerAccount": "USRT-000001", "PartyNumber": "000000001"}',
         "--changesetresponse_a",
         "Content-Type: application/http",
         "Content-Transfer-Encoding: binary",
@@ -65,7 +71,8 @@ def test_answers_are_read_per_changeset_and_a_rolled_back_one_has_one_answer():
     ]).encode()  # fmt: skip
     first, second = batch.decode("multipart/mixed; boundary=batchresponse_1", body)
     assert [(part.status, part.ok) for part in first] == [(201, True), (204, True)]
-    assert first[0].body["PartyNumber"] == "000000001" and first[0].content_id == "1" and first[1].body is None
+    assert first[0].body == {"CustomerAccount": "USRT-000001", "PartyNumber": "000000001"}
+    assert first[0].content_id == "1" and first[1].body is None
     assert len(second) == 1 and second[0].status == 400 and not second[0].ok
 
 

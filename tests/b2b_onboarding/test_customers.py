@@ -84,3 +84,9 @@ def test_a_template_numbers_new_customers_with_the_legal_entity_and_finds_them_a
     known = customers.Known.of([customer("usrt", "USRT-P-7-ORG", "Organization", "1"),
                                 customer("usrt", "usrt-p-7-adm", "Person", "2", email="other@contoso.example")], "usrt")  # fmt: skip
     assert choose(known, template=template).to_create == []
+
+
+def test_a_template_giving_an_account_longer_than_hq_holds_is_refused_naming_the_prospect():
+    with pytest.raises(DecisionConflict) as raised:
+        choose(customers.Known.of([], "usrt"), template="{legal_entity}-CUSTOMER-{prospect_id}-{role}")
+    assert raised.value.kind == "customer_account_too_long" and "prospect usrt/P-7" in str(raised.value)

@@ -11,7 +11,8 @@ import sqlalchemy as sa
 
 from b2b_onboarding.store import DryRunStore, StateStore
 
-TABLES = ("b2b_prospects", "b2b_transitions", "b2b_delta_links", "b2b_drift_findings", "b2b_anomalies")
+TABLES = ("b2b_prospects", "b2b_transitions", "b2b_opportunities", "b2b_delta_links", "b2b_drift_findings",
+          "b2b_anomalies")  # fmt: skip
 
 
 def pulled(*rows: dict) -> pd.DataFrame:
@@ -42,7 +43,12 @@ def dry(real: StateStore) -> DryRunStore:
 def test_a_dry_run_sees_its_own_planned_changes_and_the_store_keeps_none_of_them(real, dry):
     before = snapshot(real)
     assert dry.record_pulled(pulled({"prospect_id": "P-2"}, {"prospect_id": "P-3"}), "manual__dry") == {
-        "new": 1, "refreshed": 0, "unchanged": 1}  # fmt: skip
+        "new": 1, "refreshed": 0, "corrected": 0, "unchanged": 1}  # fmt: skip
+    # P-1 has a lead: a correction in HQ is taken (and the lead then outdated), in the overlay only.
+    corrected = pulled({"prospect_id": "P-1", "prospect": {"CompanyName": "Contoso Ltd"}})
+    assert dry.record_pulled(corrected, "manual__dry") == {"new": 0, "refreshed": 0, "corrected": 1, "unchanged": 0}
+    dry.record_opportunities(pd.DataFrame([{"opportunity_id": "o-1", "legal_entity": "usrt", "prospect_id": "P-1",
+                                            "state": "open"}]), "manual__dry")  # fmt: skip
     dry.update("usrt", "P-2", "manual__dry", lead_id="l-2", lead_state="open")
     dry.update_many([(("usrt", "P-1"), {"lead_state": "qualified", "opportunity_id": "o-1"}, None)], "manual__dry")
     dry.set_delta_link("leads", "https://dv/leads?$deltatoken=2", "manual__dry")
@@ -53,6 +59,9 @@ def test_a_dry_run_sees_its_own_planned_changes_and_the_store_keeps_none_of_them
     assert snapshot(real) == before
     seen = dry.frame().set_index("prospect_id")
     assert dict(seen["stage"]) == {"P-1": "qualified", "P-2": "lead_open", "P-3": "pulled"}
+    assert (seen.at["P-1", "prospect"], seen.at["P-1", "lead_outdated"]) == ({"CompanyName": "Contoso Ltd"}, "yes")
+    assert real.frame().set_index("prospect_id").at["P-1", "prospect"] == {"CompanyName": "Contoso"}
+    assert real.tracked_opportunities().empty
     assert list(dry.work("push", "usrt")["prospect_id"]) == ["P-3"]
     assert list(dry.work("customers", "usrt")["prospect_id"]) == ["P-1"]
     assert list(dry.frame(lead_ids=["l-2"])["prospect_id"]) == ["P-2"]

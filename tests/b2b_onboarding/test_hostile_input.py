@@ -241,10 +241,13 @@ def test_text_that_is_not_valid_unicode_is_refused():
 
 OUTCOMES = ("won", "lost", "disqualified")
 STATUS_AFTER = {"won": "Approved", "lost": "Rejected", "disqualified": "Rejected"}
+# Derived customer accounts carry the hostile prospect ids into Commerce's keys (and fit HQ's 20 characters).
+TEMPLATE = "{legal_entity}{prospect_id}{role}"
 
 
+@pytest.mark.parametrize("template", [None, TEMPLATE], ids=["numbered by HQ", "derived accounts"])
 @pytest.mark.parametrize("mode", ["bulk", "one by one"])
-def test_prospects_with_hostile_ids_names_and_companies_go_through_the_flow(world, admin, clerk, store, mode):
+def test_prospects_with_hostile_ids_names_and_companies_go_through_the_flow(world, admin, clerk, store, mode, template):
     extra = {} if mode == "bulk" else {"bulk": False, "change_tracking": False}
     ids = HOSTILE_VALID_PROSPECT_IDS
     outcome_of = {prospect_id: OUTCOMES[index % len(OUTCOMES)] for index, prospect_id in enumerate(ids)}
@@ -259,7 +262,7 @@ def test_prospects_with_hostile_ids_names_and_companies_go_through_the_flow(worl
         decided = admin.decide([{"msdyn_prospectid": prospect_key("usrt", prospect_id), "outcome": outcome}
                                 for prospect_id, outcome in outcome_of.items()])  # fmt: skip
         reconcile.read_outcomes(sales, store, RUN)
-        reconcile.write_customers(commerce, sales, store, "usrt", RUN)
+        reconcile.write_customers(commerce, sales, store, "usrt", RUN, account_template=template)
         reconcile.approve_won(commerce, store, "usrt", RUN)
         reconcile.reject_lost(commerce, store, "usrt", RUN)
         leads = [row for page in sales.iter_commerce_lead_pages() for row in page]
@@ -277,9 +280,17 @@ def test_prospects_with_hostile_ids_names_and_companies_go_through_the_flow(worl
     tracked = store.frame().set_index("prospect_id")
     assert tracked["last_error"].isna().all(), tracked["last_error"].dropna().to_dict()
     assert tracked["decision"].to_dict() == {pid: STATUS_AFTER[outcome].lower() for pid, outcome in outcome_of.items()}
-    assert {pid for pid, hierarchy in hierarchies.items() if hierarchy} == {
-        pid for pid, outcome in outcome_of.items() if outcome == "won"
+    assert {pid: hierarchy["dataAreaId"] for pid, hierarchy in hierarchies.items() if hierarchy} == {
+        pid: "usrt" for pid, outcome in outcome_of.items() if outcome == "won"
     }  # fmt: skip
+    # Two customers per qualified lead (won or lost), the ones the store names; derived from the id as sent.
+    qualified = [pid for pid, outcome in outcome_of.items() if outcome != "disqualified"]
+    customers = Counter((row["PartyType"], row["CustomerAccount"]) for row in clerk.all("CustomersV3"))
+    assert customers == Counter([("Organization", tracked.at[pid, "org_customer_account"]) for pid in qualified]
+                                + [("Person", tracked.at[pid, "person_customer_account"]) for pid in qualified])  # fmt: skip
+    if template:
+        assert {pid: (tracked.at[pid, "org_customer_account"], tracked.at[pid, "person_customer_account"])
+                for pid in qualified} == {pid: (f"USRT{pid}ORG", f"USRT{pid}ADM") for pid in qualified}  # fmt: skip
     assert Counter((mail["ProspectId"], mail["template"]) for mail in admin.outbox()) == Counter(
         (pid, f"B2B prospect {STATUS_AFTER[outcome].lower()}") for pid, outcome in outcome_of.items()
     )

@@ -28,7 +28,7 @@ def context(error: BaseException | str | None, map_index: int = 2, rendered: str
 
 def dataverse_503() -> D365Error:
     return D365Error(system="Dataverse (Sales)", operation="upsert leads", status=503, code="0x80040216",
-                     message="Service Unavailable", record="9 leads (usrt:P-000001 … usrt:P-000009)", attempts=6)  # fmt: skip
+                     message="Service Unavailable", record="9 leads (usrt/P-000001 … usrt/P-000009)", attempts=6)  # fmt: skip
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_a_failed_call_is_one_line_with_the_task_its_chunk_the_record_the_system
     assert "\n" not in line
     assert line.startswith("TASK FAILED b2b_prospect_sync.push_leads[usrt P-000001…P-000009] "
                            "run scheduled__2026-11-21T02:00:00+00:00 try 3, no retries left: D365Error: ")  # fmt: skip
-    for part in ("Dataverse (Sales)", "upsert leads for 9 leads (usrt:P-000001 … usrt:P-000009)", "HTTP 503",
+    for part in ("Dataverse (Sales)", "upsert leads for 9 leads (usrt/P-000001 … usrt/P-000009)", "HTTP 503",
                  "after 6 attempts", "Next step: the service kept failing"):  # fmt: skip
         assert part in line
 

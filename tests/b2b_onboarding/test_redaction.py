@@ -66,8 +66,9 @@ def test_each_credential_shape_is_redacted(text, expected):
 @pytest.mark.parametrize(
     "text",
     [
-        "usrt:P-000123 became a lead (3fa85f64-5717-4562-b306-2c963f66afa6)",
-        "GET https://contoso.crm.dynamics.com/api/data/v9.2/leads?$filter=msdyn_prospectid eq 'usrt:P-000001'",
+        "prospect usrt/P-000123 became a lead (3fa85f64-5717-4562-b306-2c963f66afa6)",
+        "GET https://contoso.crm.dynamics.com/api/data/v9.2/leads?$filter=(msdyn_prospectid eq 'P-000001' and "
+        "_msdyn_company_value eq 0b5c9a4e-2f6d-5a8b-9c3e-1d7f4b2a6e90) or msdyn_prospectid eq 'usrt:P-000001'",
         'HTTP Request: POST https://127.0.0.1:8441/tenant/oauth2/v2.0/token "HTTP/1.1 200 OK"',
         "pull_prospects\n  step  commerce_requests  dataverse_requests\n0 pull  12  0",
         "token_type=Bearer; expires_in=3599",  # a field *named* token is not a token
@@ -103,12 +104,12 @@ def test_message_and_arguments_are_redacted_after_formatting(captured):
 
     logger.info("sending %s with %r", {"Authorization": f"Bearer {JWT}"}, secret)
     logger.debug("token %(token)s for %(client)s", {"token": JWT, "client": "b2b-onboarding-airflow"})
-    logger.info("usrt:P-000001 pulled; %d requests", 12)
+    logger.info("prospect usrt/P-000001 pulled; %d requests", 12)
 
     assert lines == [
         "INFO sending {'Authorization': 'Bearer ***'} with '***'",
         "DEBUG token *** for b2b-onboarding-airflow",
-        "INFO usrt:P-000001 pulled; 12 requests",
+        "INFO prospect usrt/P-000001 pulled; 12 requests",
     ]
 
 
@@ -165,7 +166,7 @@ def test_an_installed_filter_rewrites_a_library_record_for_every_handler(caplog)
 def test_redaction_is_cheap_when_nothing_matches():
     for _ in range(5):
         redaction.register_secret(secrets.token_urlsafe(32))
-    line = "usrt:P-000123 lead 3fa85f64-5717-4562-b306-2c963f66afa6 upserted in 12 ms; 4 of 5000 done " * 4
+    line = "prospect usrt/P-000123 lead 3fa85f64-5717-4562-b306-2c963f66afa6 upserted in 12 ms; 4 of 5000 done " * 4
     started = time.perf_counter()
     for _ in range(2000):
         redaction.redact(line)

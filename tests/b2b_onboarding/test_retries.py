@@ -16,6 +16,7 @@ from b2b_onboarding.errors import ConfigurationError, D365Error
 from b2b_onboarding.odata import RETRY_RATIO, TOKEN_RETRY_MIN_WAIT_S, ODataClient, RetryBudget
 from b2b_onboarding.sales import SalesClient
 from d365_fakes.actors import Clerk, Seller
+from d365_fakes.dataverse import company_id
 from d365_fakes.running import FakeAdmin
 from d365_fakes.tls import ensure_tls
 
@@ -156,7 +157,9 @@ def test_a_reset_after_the_upsert_landed_is_repeated_without_a_second_lead(world
     assert admin.faults()["served"]["dataverse"] == {"reset": 1}
     seller = Seller(world.endpoints, world.cast.seller["client_id"], world.cast.seller["client_secret"])
     leads = seller.view("All Commerce B2B leads")
-    assert sorted(lead["msdyn_prospectid"] for lead in leads) == [f"usrt:P-{n:06d}" for n in range(1, 7)]
+    assert sorted((lead["msdyn_prospectid"], lead["_msdyn_company_value"]) for lead in leads) == [
+        (f"P-{n:06d}", company_id("usrt")) for n in range(1, 7)
+    ]
     assert set(store.frame()["lead_id"]) == {lead["leadid"] for lead in leads}
 
 
@@ -181,6 +184,37 @@ def test_an_approval_answered_too_late_is_repeated_without_a_second_email(world,
     assert sorted(mail["ProspectId"] for mail in admin.outbox()) == ["P-000001", "P-000002"]
     assert len(clerk.all("CustomerHiearchies")) == 2 and len(clerk.all("CustomerHierarchyNodes")) == 2
     assert set(store.frame()["decision"]) == {"approved"}
+
+
+def test_customers_numbered_by_hq_answered_too_late_are_not_sent_again_and_the_rerun_adopts_them(world, admin, store):
+    seed(admin, 2)
+    commerce = connect(world, CommerceClient, world.endpoints.commerce)
+    sales = connect(world, SalesClient, world.endpoints.dataverse)
+    sync.pull_prospects(commerce, store, "usrt", RUN)
+    sync.push_leads(sales, store, "usrt", RUN)
+    admin.decide([{"msdyn_prospectid": f"P-{n:06d}", "company": "usrt", "outcome": "won"} for n in (1, 2)])
+    reconcile.read_outcomes(sales, store, RUN)
+    impatient = connect(world, CommerceClient, world.endpoints.commerce, timeout_s=0.5)
+    admin.add_fault(system="commerce", kind="slow", delay_s=1.5, phase="after", route=r"\$batch", count=1)
+
+    # HQ numbers the customers: a repeat of the changeset would make two more, so it is not repeated.
+    with pytest.raises(D365Error):
+        reconcile.write_customers(impatient, sales, store, "usrt", RUN)
+    assert admin.faults()["served"]["commerce"] == {"slow": 1} and impatient.odata.retried == 0
+    clerk = Clerk(world.endpoints, world.cast.clerk["client_id"], world.cast.clerk["client_secret"])
+    made = {(row["PartyType"], row["PrimaryContactEmail"]): row["CustomerAccount"] for row in clerk.all("CustomersV3")}
+    assert len(made) == 4
+
+    result = reconcile.write_customers(commerce, sales, store, "usrt", "manual__rerun")
+
+    assert result["already done"] == 2 and result["existing customers reused"] == 4 and "written" not in result
+    assert len(clerk.all("CustomersV3")) == 4
+    tracked = store.frame().set_index("prospect_id")
+    assert {pid: (tracked.at[pid, "org_customer_account"], tracked.at[pid, "person_customer_account"])
+            for pid in ("P-000001", "P-000002")} == {
+        f"P-{n:06d}": (made[("Organization", f"p{n}@engines.example")], made[("Person", f"p{n}@engines.example")])
+        for n in (1, 2)
+    }  # fmt: skip
 
 
 def test_a_service_certificate_the_bundle_does_not_trust_fails_at_once_naming_the_bundle(world, admin, tmp_path):

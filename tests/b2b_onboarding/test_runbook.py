@@ -26,6 +26,7 @@ ANOMALY_KINDS = {
 CASE_KINDS = {
     "duplicate_leads", "lead_edited_in_sales", "qualified_without_opportunity", "account_number_not_organization",
     "account_of_other_legal_entity", "account_number_unknown", "organization_ambiguous", "person_of_other_organization",
+    "customer_account_too_long",
 }  # fmt: skip
 # Counters named after an entity set ("leads_deleted": how many), not anomaly kinds.
 COUNTER_SUBJECTS = {"leads", "opportunities"}

@@ -9,9 +9,10 @@ import time
 
 from b2b_onboarding import drift, reconcile, sync
 from b2b_onboarding.commerce import CommerceClient
-from b2b_onboarding.sales import SalesClient
+from b2b_onboarding.sales import SalesClient, lead_id_of
 from b2b_onboarding.store import StateStore
 from d365_fakes.actors import Clerk, Seller
+from d365_fakes.dataverse import company_id
 from d365_fakes.running import FakeAdmin, running_fakes
 from d365_fakes.scenario import Cast
 
@@ -41,7 +42,7 @@ def synced(world, admin: FakeAdmin, store: StateStore, count: int, **sales_extra
 
 
 def test_a_lead_dataverse_refuses_is_isolated_the_rest_are_written_and_it_is_retried(world, admin, store):
-    admin.reject_writes("leads", "msdyn_prospectid", "usrt:P-000007", "the duplicate detection plugin said no")
+    admin.reject_writes("leads", "msdyn_prospectid", "P-000007", "the duplicate detection plugin said no")
     sales = synced(world, admin, store, 25, batch_size=10)
     tracked = store.frame().set_index("prospect_id")
     assert tracked["lead_id"].notna().sum() == 24
@@ -69,6 +70,31 @@ def test_a_rerun_and_a_lost_store_adopt_existing_leads_without_writing(world, ad
     assert result["adopted"] == 12 and admin.counts()["dataverse"]["writes"]["leads"] == writes
     assert dict(zip(rebuilt.frame()["prospect_id"], rebuilt.frame()["lead_id"])) == ids
     rebuilt.close()
+
+
+def test_leads_an_earlier_version_or_dual_write_wrote_are_adopted_in_bulk_whatever_their_case(world, admin, store):
+    seed(admin, 12)
+    seller = Seller(world.endpoints, world.cast.seller["client_id"], world.cast.seller["client_secret"])
+    older = {}
+    for n in (2, 5, 11):  # earlier versions: `usrt:P-…`, no company, at the id derived from the prospect
+        older[f"P-{n:06d}"] = lead_id_of("usrt", f"P-{n:06d}")
+        seller.call("PATCH", f"leads({older[f'P-{n:06d}']})", headers={"If-None-Match": "*"},
+                    json={"msdyn_prospectid": f"usrt:P-{n:06d}", "lastname": "Older", "msdyn_b2bcommerceprospect": True})  # fmt: skip
+    dual_write = {f"P-{n:06d}": seller.create_dual_write_lead({"ProspectId": f"p-{n:06d}", "ProspectName": "Ada Dual",
+                                                               "CompanyName": f"Engines {n}"}, company_id("usrt"))
+                  for n in (3, 8)}  # fmt: skip
+    seller.close()
+    writes = admin.counts()["dataverse"]["writes"]["leads"]
+
+    with connect(world, CommerceClient, world.endpoints.commerce).odata as odata:
+        sync.pull_prospects(CommerceClient(odata), store, "usrt", RUN)
+    result = sync.push_leads(connect(world, SalesClient, world.endpoints.dataverse, batch_size=5), store, "usrt", RUN)
+
+    assert (result["adopted"], result["created"]) == (5, 7)
+    assert admin.counts()["dataverse"]["writes"]["leads"] == writes + 7  # one UpsertMultiple target per new lead
+    lead_ids = store.frame().set_index("prospect_id")["lead_id"].to_dict()
+    assert {pid: lead_ids[pid] for pid in [*older, *dual_write]} == {**older, **dual_write}
+    assert len(set(lead_ids.values())) == 12 and store.anomalies().empty
 
 
 def test_outcomes_are_read_as_changes_and_a_deleted_lead_becomes_an_anomaly(world, admin, store):
