@@ -52,9 +52,13 @@ def test_a_dag_file_parses_in_well_under_a_second_with_the_task_sdk_loaded(dag_f
 def test_sync_runs_every_15_minutes_and_maps_per_legal_entity_then_per_chunk(bag):
     dag = bag.get_dag("b2b_prospect_sync")
     assert dag.schedule == "*/15 * * * *" and dag.catchup is False
-    assert set(dag.task_ids) == {"legal_entities", "pull_prospects", "plan_push", "push_leads", "report"}
+    assert set(dag.task_ids) == {"legal_entities", "pull_prospects", "plan_push", "push_leads", "plan_corrections",
+                                 "correct_leads", "report"}  # fmt: skip
     assert dag.get_task("push_leads").upstream_task_ids == {"plan_push"}
+    assert dag.get_task("correct_leads").upstream_task_ids == {"plan_corrections"}
     assert "pull_prospects" in dag.get_task("plan_push").upstream_task_ids
+    assert "pull_prospects" in dag.get_task("plan_corrections").upstream_task_ids  # corrections are pulled first
+    assert {"push_leads", "correct_leads"} <= dag.get_task("report").upstream_task_ids
     assert dag.params["chunk_size"] == 5000
 
 
@@ -99,7 +103,8 @@ COMMON_PARAMS = {"dry_run": ("boolean", False), "legal_entities": ("array", []),
 @pytest.mark.parametrize("dag_id", ["b2b_prospect_sync", "b2b_outcome_reconciliation"])
 def test_both_dags_take_the_run_params_with_a_title_and_a_description(bag, dag_id):
     params = bag.get_dag(dag_id).params
-    expected = {**COMMON_PARAMS, **({"sla_days": ("integer", 3)} if dag_id == "b2b_outcome_reconciliation" else {})}
+    expected = {**COMMON_PARAMS, **({"sla_days": ("integer", 3), "qualified_without_opportunity_days": ("number", 2)}
+                                    if dag_id == "b2b_outcome_reconciliation" else {})}  # fmt: skip
     assert set(params.keys()) == set(expected)
     for name, (kind, default) in expected.items():
         param = params.get_param(name)
