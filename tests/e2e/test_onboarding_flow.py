@@ -8,6 +8,7 @@ import pytest
 
 from b2b_onboarding.store import StateStore
 from d365_fakes.actors import Seller
+from d365_fakes.dataverse import company_id
 from d365_fakes.running import FakeAdmin
 from d365_fakes.scenario import observe, play_sellers, prospects, total_writes
 
@@ -30,7 +31,7 @@ def test_prospects_become_leads_then_decisions_reach_commerce_exactly_once(world
         valid = [row for row in seeded if plan[row["PrimaryEmailAddress"]] != "invalid"]
         leads = seller.view("All Commerce B2B leads")
         assert len(leads) == len(valid)
-        assert len({lead["msdyn_prospectid"] for lead in leads}) == len(valid)
+        assert len({(lead["_msdyn_company_value"], lead["msdyn_prospectid"]) for lead in leads}) == len(valid)
         assert seller.view("My open leads") == []  # owned by the integration's app user, not the seller
         owners = {lead["_ownerid_value"] for lead in leads}
         integration_user = seller.rows("systemusers", {
@@ -93,7 +94,8 @@ def test_a_prospect_decided_by_hand_in_commerce_is_reported_never_flipped(world,
     seller = Seller(world.endpoints, world.cast.seller["client_id"], world.cast.seller["client_secret"])
     lead = next(lead for lead in seller.view("My open leads") + seller.view("All Commerce B2B leads")
                 if lead["statecode"] == 0)  # fmt: skip
-    legal_entity, prospect_id = lead["msdyn_prospectid"].split(":", 1)
+    legal_entity = next(code for code in ("usrt", "usmf") if company_id(code) == lead["_msdyn_company_value"])
+    prospect_id = lead["msdyn_prospectid"]
     clerk.set_status(legal_entity, prospect_id, "Approved")
     seller.disqualify(lead["leadid"])
     with FakeAdmin(world.endpoints) as admin:
@@ -106,7 +108,7 @@ def test_a_prospect_decided_by_hand_in_commerce_is_reported_never_flipped(world,
     prospect = clerk.call("GET", f"Prospects(dataAreaId='{legal_entity}',ProspectId='{prospect_id}')",
                           params={"cross-company": "true"}).json()  # fmt: skip
     assert prospect["B2BProspectStatus"] == "Approved"
-    row = StateStore(f"sqlite:///{world.state_db}").frame().set_index("prospect_id").loc[prospect_id]
+    row = StateStore(f"sqlite:///{world.state_db}").frame().set_index(["legal_entity", "prospect_id"]).loc[(legal_entity, prospect_id)]
     assert row["last_error"].startswith("conflict: ") and "Rejected" in row["last_error"]
     assert row["decision"] is None
     clerk.close()
