@@ -124,7 +124,7 @@ def _apply_lead_changes(store: StateStore, tracked: pd.DataFrame, leads: pd.Data
     counts: Counter[str] = Counter()
     counts["leads_changes"] += store.apply_changes(changes, run_id)
     counts["leads_changed_after_decision"] += _record_changed_after_decision(
-        store, "lead", rules.changed_after_decision(tracked, leads, "lead"), run_id)  # fmt: skip
+        store, "lead", rules.leads_changed_after_decision(tracked, leads), run_id)  # fmt: skip
     return counts
 
 

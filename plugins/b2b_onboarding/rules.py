@@ -165,16 +165,14 @@ def qualified_without_opportunity(tracked: pd.DataFrame, now: datetime, days: fl
     return waiting[(now - since).dt.total_seconds() > days * 86400]
 
 
-def changed_after_decision(tracked: pd.DataFrame, rows: pd.DataFrame, what: str) -> pd.DataFrame:
-    """Leads or opportunities (`what`) of decided prospects whose state is no longer the one the
-    decision was made on: legal_entity, prospect_id, decision, was, now."""
-    states = LEAD_STATES if what == "lead" else OPPORTUNITY_STATES
-    id_column, tracked_id = f"{what}id", f"{what}_id"
-    decided = tracked[tracked["decision"].notna() & tracked[tracked_id].notna() & tracked[f"{what}_state"].notna()]
-    seen = rows.assign(now=rows["statecode"].map(states), seen_id=rows[id_column].str.lower())
-    merged = decided.merge(seen, left_on=tracked_id, right_on="seen_id", how="inner")
-    moved = merged[merged["now"].notna() & (merged["now"] != merged[f"{what}_state"])]
-    return moved.rename(columns={f"{what}_state": "was"})[["legal_entity", "prospect_id", "decision", "was", "now"]]
+def leads_changed_after_decision(tracked: pd.DataFrame, leads: pd.DataFrame) -> pd.DataFrame:
+    """Leads of decided prospects whose state is no longer the one the decision was made on:
+    legal_entity, prospect_id, decision, was, now."""
+    decided = tracked[tracked["decision"].notna() & tracked["lead_id"].notna() & tracked["lead_state"].notna()]
+    seen = leads.assign(now=leads["statecode"].map(LEAD_STATES), seen_id=leads["leadid"].str.lower())
+    merged = decided.merge(seen, left_on="lead_id", right_on="seen_id", how="inner")
+    moved = merged[merged["now"].notna() & (merged["now"] != merged["lead_state"])]
+    return moved.rename(columns={"lead_state": "was"})[["legal_entity", "prospect_id", "decision", "was", "now"]]
 
 
 def needing_customers(tracked: pd.DataFrame) -> pd.DataFrame:

@@ -160,7 +160,7 @@ def test_a_week_of_backfill_runs_creates_nothing_twice(airflow_services):
     # Nothing twice: one lead per prospect, the very leads of one run, Commerce untouched, the state
     # store of one run. Lead writes beyond one run's are overlapping runs' upserts of those same rows.
     leads = _leads(services)
-    assert len(leads) == len({lead["msdyn_prospectid"] for lead in leads}) == valid
+    assert len(leads) == len({(lead["_msdyn_company_value"], lead["msdyn_prospectid"]) for lead in leads}) == valid
     assert _lead_contents(services) == one_run_leads
     with services.admin() as admin:
         backfill_writes = _writes(admin)
