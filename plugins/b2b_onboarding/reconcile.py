@@ -516,12 +516,15 @@ def approve_won(
     counts: Counter[str] = Counter()
 
     def known_for(rows: list[dict]) -> tuple[list[dict], list[dict]]:
-        hierarchies = commerce.rows_where("CustomerHiearchies", "OrganizationPartyNumber",
-                                          {row["org_party_number"] for row in rows}, HIERARCHY_FIELDS,
-                                          legal_entity=legal_entity)  # fmt: skip
-        nodes = commerce.rows_where("CustomerHierarchyNodes", "NodePartyNumber",
-                                    {row["person_party_number"] for row in rows}, NODE_FIELDS)  # fmt: skip
-        return [row for row in hierarchies if row.get("Purpose") == "B2BOrganization"], nodes
+        """The B2B hierarchies of these prospects' organizations, and the nodes of the requesters whose
+        organization has one (only they may be in it already)."""
+        hierarchies = [row for row in commerce.rows_where("CustomerHiearchies", "OrganizationPartyNumber",
+                                                          {row["org_party_number"] for row in rows}, HIERARCHY_FIELDS,
+                                                          legal_entity=legal_entity)
+                       if row.get("Purpose") == "B2BOrganization"]  # fmt: skip
+        organizations = {customers.fold(row["OrganizationPartyNumber"]) for row in hierarchies}
+        persons = {row["person_party_number"] for row in rows if customers.fold(row["org_party_number"]) in organizations}
+        return hierarchies, commerce.rows_where("CustomerHierarchyNodes", "NodePartyNumber", persons, NODE_FIELDS)
 
     def membership(row: dict, hierarchies: list[dict], nodes: list[dict]) -> tuple[str, list[tuple[str, dict]]]:
         """(hierarchy id, the writes that put the requester in it)."""
