@@ -163,14 +163,20 @@ def test_a_reset_after_the_upsert_landed_is_repeated_without_a_second_lead(world
     assert set(store.frame()["lead_id"]) == {lead["leadid"] for lead in leads}
 
 
-def test_an_approval_answered_too_late_is_repeated_without_a_second_email(world, admin, store):
+def two_won(world, admin, store) -> tuple[CommerceClient, SalesClient]:
+    """Two prospects synced, their leads won and read back: ready for customers."""
     seed(admin, 2)
     commerce = connect(world, CommerceClient, world.endpoints.commerce)
     sales = connect(world, SalesClient, world.endpoints.dataverse)
     sync.pull_prospects(commerce, store, "usrt", RUN)
     sync.push_leads(sales, store, "usrt", RUN)
-    admin.decide([{"msdyn_prospectid": f"usrt:P-{n:06d}", "outcome": "won"} for n in (1, 2)])
+    admin.decide([{"msdyn_prospectid": f"P-{n:06d}", "company": "usrt", "outcome": "won"} for n in (1, 2)])
     reconcile.read_outcomes(sales, store, RUN)
+    return commerce, sales
+
+
+def test_an_approval_answered_too_late_is_repeated_without_a_second_email(world, admin, store):
+    commerce, sales = two_won(world, admin, store)
     reconcile.write_customers(commerce, sales, store, "usrt", RUN)
     impatient = connect(world, CommerceClient, world.endpoints.commerce, timeout_s=0.5)
     admin.add_fault(system="commerce", kind="slow", delay_s=1.5, phase="after", route=r"\$batch", count=1)
@@ -187,13 +193,7 @@ def test_an_approval_answered_too_late_is_repeated_without_a_second_email(world,
 
 
 def test_customers_numbered_by_hq_answered_too_late_are_not_sent_again_and_the_rerun_adopts_them(world, admin, store):
-    seed(admin, 2)
-    commerce = connect(world, CommerceClient, world.endpoints.commerce)
-    sales = connect(world, SalesClient, world.endpoints.dataverse)
-    sync.pull_prospects(commerce, store, "usrt", RUN)
-    sync.push_leads(sales, store, "usrt", RUN)
-    admin.decide([{"msdyn_prospectid": f"P-{n:06d}", "company": "usrt", "outcome": "won"} for n in (1, 2)])
-    reconcile.read_outcomes(sales, store, RUN)
+    commerce, sales = two_won(world, admin, store)
     impatient = connect(world, CommerceClient, world.endpoints.commerce, timeout_s=0.5)
     admin.add_fault(system="commerce", kind="slow", delay_s=1.5, phase="after", route=r"\$batch", count=1)
 
