@@ -110,9 +110,8 @@ class CommerceClient:
         return BatchRequest("POST", _in_url(entity_set), row, prospect=prospect)
 
     def rows_where(
-        self, entity_set: str, field: str, values: Iterable[str], select: Sequence[str], legal_entity: str | None = None,
-        condition: str | None = None,
-    ) -> list[dict]:  # fmt: skip
+        self, entity_set: str, field: str, values: Iterable[str], select: Sequence[str], legal_entity: str | None = None
+    ) -> list[dict]:
         """Rows of any company (or of one) whose `field` equals one of `values` (as HQ compares:
         case-insensitively), a bounded `or` filter a request. A `*` is a wildcard in HQ's `eq` and
         nothing escapes it, so rows are matched again here, exactly but for case."""
@@ -124,8 +123,6 @@ class CommerceClient:
             query = "(" + " or ".join(f"{field} eq {literal(value)}" for value in part) + ")"
             if legal_entity is not None:
                 query = f"dataAreaId eq {literal(legal_entity)} and {query}"
-            if condition:
-                query += f" and {condition}"
             params = {**_CROSS_COMPANY, "$filter": query, "$select": ",".join(select)}
             return [row for page in self.odata.iter_pages(entity_set, operation=f"read {entity_set} by {field}",
                                                           params=params) for row in page

@@ -20,12 +20,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .errors import DecisionConflict
-from .prospects import MAX_CUSTOMER_ACCOUNT_LENGTH, customer_account
+from .prospects import MAX_CUSTOMER_ACCOUNT_LENGTH, customer_account, key_fold
 
 
 def fold(value: object) -> str:
-    """A value as HQ compares it (SQL collation: case-insensitive), trimmed."""
-    return str(value or "").strip().casefold()
+    """A value as HQ compares it (`key_fold`), trimmed; a missing value is empty."""
+    return key_fold(str(value or "").strip())
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,10 @@ def _read_changes(sales: SalesClient, store: StateStore, run_id: str) -> Counter
         counts["leads_read"] += len(changed)
         counts.update(_apply_lead_changes(store, store.frame(columns=rules.RULE_COLUMNS, lead_ids=ids), changed, run_id))
     full_read = feed.expired or link is None
-    deleted = set(feed.deleted) | (_missing(sales, store, "leads", "leadid", seen) if full_read else set())
+    if full_read:
+        tracked = store.frame(columns=rules.RULE_COLUMNS)
+        tracked_ids = set(tracked.loc[tracked["decision"].isna() & tracked["lead_id"].notna(), "lead_id"])
+    deleted = set(feed.deleted) | (_missing(sales, "leads", "leadid", tracked_ids - seen) if full_read else set())
     counts["leads_deleted"] += _record_deleted(store, "lead", "lead_ids", sorted(deleted), run_id)
     counts["leads_full_reads"] += int(full_read)
     store.set_delta_link("leads", feed.delta_link, run_id)
@@ -88,29 +91,26 @@ def _read_changes(sales: SalesClient, store: StateStore, run_id: str) -> Counter
         counts["opportunities_read"] += len(rows)
         counts.update(_apply_opportunities(store, tracked, rows, run_id))
     full_read = feed.expired or link is None
-    deleted = set(feed.deleted) | (_missing(sales, store, "opportunities", "opportunityid", seen) if full_read else set())
+    if full_read:
+        undecided = store.frame(columns=rules.RULE_COLUMNS)
+        undecided = undecided[undecided["decision"].isna()]
+        kept = store.tracked_opportunities(keys=list(zip(undecided["legal_entity"], undecided["prospect_id"])))
+        tracked_ids = set(kept["opportunity_id"])
+    deleted = set(feed.deleted) | (_missing(sales, "opportunities", "opportunityid", tracked_ids - seen)
+                                   if full_read else set())  # fmt: skip
     counts["opportunities_deleted"] += _record_deleted_opportunities(store, sorted(deleted), run_id)
     counts["opportunities_full_reads"] += int(full_read)
     store.set_delta_link("opportunities", feed.delta_link, run_id)
     return counts
 
 
-def _missing(sales: SalesClient, store: StateStore, entity_set: str, id_column: str, seen: set[str]) -> set[str]:
-    """The leads or opportunities of undecided prospects that the store tracks and a full read did not
-    return, read once more by id (one made after the read began is not missing): deleted meanwhile."""
-    if entity_set == "leads":
-        tracked = store.frame(columns=rules.RULE_COLUMNS)
-        ids = set(tracked.loc[tracked["decision"].isna() & tracked["lead_id"].notna(), "lead_id"])
-    else:
-        undecided = store.frame(columns=rules.RULE_COLUMNS)
-        undecided = undecided[undecided["decision"].isna()]
-        kept = store.tracked_opportunities(keys=list(zip(undecided["legal_entity"], undecided["prospect_id"])))
-        ids = set(kept["opportunity_id"])
-    candidates = sorted(ids - seen)
+def _missing(sales: SalesClient, entity_set: str, id_column: str, candidates: set[str]) -> set[str]:
+    """Those of the tracked ids a full read did not return that are still gone when read by id (one
+    made after the read began is not missing): deleted meanwhile."""
     if not candidates:
         return set()
     found = {row[id_column].lower() for row in sales.get_by_ids(entity_set, id_column, candidates, (id_column,))}
-    return set(candidates) - found
+    return candidates - found
 
 
 def _apply_lead_changes(store: StateStore, tracked: pd.DataFrame, leads: pd.DataFrame, run_id: str) -> Counter[str]:
@@ -545,9 +545,10 @@ def approve_won(
 
     def approve_one(row: dict) -> tuple[str, dict]:
         hierarchy_id, writes = membership(row, *known_for([row]))
+        create = {"CustomerHiearchies": commerce.create_hierarchy, "CustomerHierarchyNodes": commerce.create_hierarchy_node}
         for entity_set, body in writes:
             try:
-                commerce.create_hierarchy(body) if entity_set == "CustomerHiearchies" else commerce.create_hierarchy_node(body)
+                create[entity_set](body)
             except D365Error as error:  # made meanwhile (a lost answer, an overlapping run): judged again
                 if not error.is_record_error or membership(row, *known_for([row]))[1] == writes:
                     raise

@@ -78,7 +78,7 @@ def lead_prospect(lead: dict, company_codes: dict[str, str]) -> tuple[str, str] 
         return None
     company = lead.get("_msdyn_company_value")
     if isinstance(company, str) and company:  # a frame's missing value is NaN, not None
-        code = company_codes.get(str(company).lower())
+        code = company_codes.get(company.lower())
         return (key_fold(code), key_fold(prospect_id)) if code else None
     legal_entity, separator, bare = prospect_id.partition(":")
     return (key_fold(legal_entity), key_fold(bare)) if separator and bare else None

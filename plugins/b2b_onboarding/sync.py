@@ -87,11 +87,12 @@ def push_leads(
             try:
                 leads = sales.get_leads(legal_entity, row["prospect_id"])
                 if not leads:
-                    lead_id, existing = sales.create_lead(legal_entity, row["prospect_id"], prospect_rules.lead_of(row["prospect"]))
-                    leads = [existing] if existing else []
-                    if not existing:
+                    lead_id, existing = sales.create_lead(legal_entity, row["prospect_id"],
+                                                          prospect_rules.lead_of(row["prospect"]))  # fmt: skip
+                    if existing is None:
                         result.created(row, lead_id)
                         continue
+                    leads = [existing]
                 result.found(row, leads)
             except D365Error as error:
                 if not error.is_record_error:
@@ -171,22 +172,29 @@ class _LeadOutcomes:
         self.counts["failed"] += 1
 
     def record(self, sales: SalesClient, store: StateStore, run_id: str) -> dict:
+        """Tags the untagged leads adopted (before the store records them: a run killed in between
+        finds them again and tags them), then records every outcome."""
+        tagged = self._tag(sales)
         store.update_many(self.updates, run_id)
         if self.anomalies:
             store.record_anomalies(self.anomalies, run_id)
-        if self.untagged:  # so that "All Commerce B2B leads" and the drift check see them
-            rows = [{"leadid": lead_id, "msdyn_b2bcommerceprospect": True} for _, lead_id in self.untagged]
-            tagged = []
-            for outcome in bulk.write(rows, sales.targets_per_request, lambda part: sales.update_many("leads", "leadid", part)):
-                if isinstance(outcome, bulk.Refused):
-                    log.warning("lead %s adopted but not tagged as a Commerce B2B lead: %s", outcome.item["leadid"], outcome.error)
-                    self.counts["tagging failed"] += 1
-                else:
-                    tagged += [row["leadid"] for row in outcome.items]
-            store.note([(key, "adopted an untagged lead and tagged it as a Commerce B2B lead")
-                        for key, lead_id in self.untagged if lead_id in set(tagged)], run_id)  # fmt: skip
-            self.counts["tagged"] += len(tagged)
+        store.note([(key, "adopted an untagged lead and tagged it as a Commerce B2B lead")
+                    for key, lead_id in self.untagged if lead_id in tagged], run_id)  # fmt: skip
         return {"step": "push", "legal_entity": self.legal_entity, **self.counts}
+
+    def _tag(self, sales: SalesClient) -> set[str]:
+        """Tags the untagged leads adopted, so that "All Commerce B2B leads" and the drift check see
+        them; returns the ids tagged."""
+        rows = [{"leadid": lead_id, "msdyn_b2bcommerceprospect": True} for _, lead_id in self.untagged]
+        tagged: set[str] = set()
+        for outcome in bulk.write(rows, sales.targets_per_request, lambda part: sales.update_many("leads", "leadid", part)):
+            if isinstance(outcome, bulk.Refused):
+                log.warning("lead %s adopted but not tagged as a Commerce B2B lead: %s", outcome.item["leadid"], outcome.error)
+                self.counts["tagging failed"] += 1
+            else:
+                tagged |= {row["leadid"] for row in outcome.items}
+        self.counts["tagged"] += len(tagged)
+        return tagged
 
 
 def _lower(value: object) -> str | None:
