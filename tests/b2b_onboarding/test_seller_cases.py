@@ -7,8 +7,11 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import pytest
+
 from b2b_onboarding import reconcile, sync
 from b2b_onboarding.commerce import CommerceClient
+from b2b_onboarding.errors import ConfigurationError
 from b2b_onboarding.sales import SalesClient
 from d365_fakes.actors import Seller
 from d365_fakes.dataverse import company_id
@@ -145,3 +148,16 @@ def test_a_dry_run_of_the_cut_over_lists_what_would_be_adopted_created_and_ambig
     assert [(row["operation"], row["prospect_id"]) for row in plan.frame().to_dict("records")] == [("create lead", "P-000003")]
     assert admin.counts()["dataverse"]["writes"]["leads"] == before
     assert store.frame().empty and store.anomalies().empty  # the store's facts stay as they are
+
+
+def test_a_legal_entity_without_its_cdm_companies_row_fails_at_once_naming_it_and_what_to_do(world, admin, store):
+    admin.seed_prospects([request(1)])  # creates usrt's row, as dual-write's legal-entity map would
+    commerce, sales = clients(world)
+    with commerce.odata, sales.odata:
+        sync.pull_prospects(commerce, store, "usrt", RUN)
+        assert sales.company_id("USRT") == company_id("usrt")
+        with pytest.raises(ConfigurationError) as raised:
+            sales.company_id("dezz")
+    message = str(raised.value)
+    assert message.startswith("Dataverse (Sales): legal entity 'dezz' has no row in cdm_companies")
+    assert "Next step: add the legal entity to Dataverse" in message
