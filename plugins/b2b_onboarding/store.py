@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -15,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 import sqlalchemy as sa
+import tenacity
 from sqlalchemy import event
 
 from . import rules
@@ -204,10 +206,21 @@ _WRITE_LOCK_KEY = 0x62326270
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets mapped tasks read while one writes; the busy timeout queues writers instead of failing.
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA busy_timeout=60000")  # first: switching to WAL waits for other connections too
-    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=60000")
+    _use_wal(cursor)
     cursor.close()
     dbapi_connection.isolation_level = None  # transactions begin in `_sqlite_begin`, not in the driver
+
+
+@tenacity.retry(retry=tenacity.retry_if_exception(lambda error: isinstance(error, sqlite3.OperationalError)
+                                                  and "locked" in str(error)),
+                wait=tenacity.wait_random(0.05, 0.25), stop=tenacity.stop_after_delay(60), reraise=True)  # fmt: skip
+def _use_wal(cursor: Any) -> None:
+    """Switches a new database file to WAL (it stays so). The switch answers "database is locked" at
+    once, without SQLite's busy handler, while another connection opening the same new file holds a
+    lock: it is tried again until it goes through."""
+    if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+        cursor.execute("PRAGMA journal_mode=WAL")
 
 
 def _sqlite_begin(connection: sa.Connection) -> None:
