@@ -8,12 +8,13 @@ disqualified lead or lost opportunity → the prospect Rejected (HQ emails).
 Outcomes are read with change tracking; Commerce writes go in `$batch` changesets, one atomic
 changeset per prospect. Every write is checked against its target first: reruns, backfills and
 overlapping runs write nothing twice. Then a drift check compares all of Commerce with all of Sales,
-and `check_sla` fails the run while anomalies are open or prospects wait longer than `sla_days`.
+and `check_sla` fails while anomalies are open or prospects wait longer than `sla_days`.
 
 Trigger form: `dry_run` logs every write the run would make and makes none; `legal_entities` and
 `prospect_ids` narrow the run (a targeted rerun restricts every step to the named prospects).
 A task that fails for good is logged in one line, kept in the state store and alerted
-(connection `b2b_alerts`): README, Runbook.
+(connection `b2b_alerts`); the last task, `all_tasks_succeeded`, then turns the run red:
+README, Runbook, "The run is red".
 """
 
 from __future__ import annotations
@@ -38,23 +39,23 @@ def task_failed(context) -> None:
     max_active_runs=1,
     default_args={"retries": 2, "retry_delay": timedelta(minutes=5), "on_failure_callback": task_failed},
     params={
-        "dry_run": Param(False, type="boolean", title="Dry run",
+        "dry_run": Param(False, type=["null", "boolean"], title="Dry run",
                          description="Read Commerce, Sales and the state store, and log every write this run would "
                                      "make (system, operation, legal entity, prospect, what) without making any."),
-        "legal_entities": Param([], type="array", items={"type": "string"}, title="Legal entities",
+        "legal_entities": Param([], type=["null", "array"], items={"type": "string"}, title="Legal entities",
                                 description="Only these legal entities (dataAreaId, e.g. usrt), one per line. "
                                             "Empty: those of the connection d365_commerce."),
-        "prospect_ids": Param([], type="array", items={"type": "string", "pattern": "^[^/]+/.+$"},
+        "prospect_ids": Param([], type=["null", "array"], items={"type": "string", "pattern": "^[^/]+/.+$"},
                               title="Prospects (targeted rerun)",
                               description="Only these prospects, as <legal entity>/<prospect id> (e.g. usrt/P-000123), "
                                           "one per line: every step works on them alone (their leads and "
                                           "opportunities read by id). Empty: every prospect."),
-        "chunk_size": Param(5000, type="integer", minimum=1, title="Chunk size", description="Prospects per mapped task."),
-        "sla_days": Param(3, type="integer", minimum=0, title="SLA (days)",
+        "chunk_size": Param(5000, type=["null", "integer"], minimum=1, title="Chunk size", description="Prospects per mapped task."),
+        "sla_days": Param(3, type=["null", "integer"], minimum=0, title="SLA (days)",
                           description="check_sla fails when a prospect has waited undecided (Pending in Commerce) "
                                       "longer than this many days since it was first pulled, or an anomaly is open."),
         "qualified_without_opportunity_days": Param(
-            2, type="number", minimum=0, title="Qualified without opportunity (days)",
+            2, type=["null", "number"], minimum=0, title="Qualified without opportunity (days)",
             description="A lead qualified this long ago with no opportunity (none created at qualification or "
                         "since) is reported as the anomaly qualified_without_opportunity."),
     },  # fmt: skip
@@ -105,11 +106,12 @@ def b2b_outcome_reconciliation():
 
         return tasks.check_drift(entities)
 
+    # Runs whatever happened before it, and says what is missing.
     @task(trigger_rule="all_done")
-    def report(outcomes, customers, approved, rejected, drift) -> None:
+    def report() -> None:
         from b2b_onboarding import tasks
 
-        tasks.report_run(outcomes, customers[:], approved[:], rejected[:], drift)
+        tasks.report_run()
 
     # Runs whatever happened before it; retrying would not change its answer.
     @task(trigger_rule="all_done", retries=0)
@@ -117,6 +119,13 @@ def b2b_outcome_reconciliation():
         from b2b_onboarding import tasks
 
         return tasks.check_sla()
+
+    # The run's last task: red when any task failed for good (README, Runbook, "The run is red").
+    @task(trigger_rule="all_done", retries=0, on_failure_callback=[])
+    def all_tasks_succeeded() -> None:
+        from b2b_onboarding import tasks
+
+        tasks.all_tasks_succeeded()
 
     entities = legal_entities()
     outcomes = read_outcomes()
@@ -130,7 +139,12 @@ def b2b_outcome_reconciliation():
     rejected = reject_lost.expand_kwargs(reject_chunks)
     drift = check_drift(entities)
     [approved, rejected] >> drift
-    report(outcomes, customers, approved, rejected, drift) >> check_sla()
+    reported = report()
+    [outcomes, customers, approved, rejected, drift] >> reported
+    checked = check_sla()
+    reported >> checked
+    steps = [entities, outcomes, customer_chunks, customers, approve_chunks, reject_chunks, approved, rejected, drift]
+    [*steps, reported, checked] >> all_tasks_succeeded()
 
 
 b2b_outcome_reconciliation()

@@ -13,7 +13,8 @@ whose slots bound what the integration sends to each system at once (README, Per
 Trigger form: `dry_run` logs every write the run would make and makes none; `legal_entities` and
 `prospect_ids` narrow the run (a targeted rerun: a bad record fixed in HQ is pulled again by its key).
 A task that fails for good is logged in one line, kept in the state store and alerted
-(connection `b2b_alerts`): README, Runbook.
+(connection `b2b_alerts`); the last task, `all_tasks_succeeded`, then turns the run red:
+README, Runbook, "The run is red".
 """
 
 from __future__ import annotations
@@ -38,18 +39,18 @@ def task_failed(context) -> None:
     max_active_runs=1,
     default_args={"retries": 2, "retry_delay": timedelta(minutes=1), "on_failure_callback": task_failed},
     params={
-        "dry_run": Param(False, type="boolean", title="Dry run",
+        "dry_run": Param(False, type=["null", "boolean"], title="Dry run",
                          description="Read Commerce, Sales and the state store, and log every write this run would "
                                      "make (system, operation, legal entity, prospect, what) without making any."),
-        "legal_entities": Param([], type="array", items={"type": "string"}, title="Legal entities",
+        "legal_entities": Param([], type=["null", "array"], items={"type": "string"}, title="Legal entities",
                                 description="Only these legal entities (dataAreaId, e.g. usrt), one per line. "
                                             "Empty: those of the connection d365_commerce."),
-        "prospect_ids": Param([], type="array", items={"type": "string", "pattern": "^[^/]+/.+$"},
+        "prospect_ids": Param([], type=["null", "array"], items={"type": "string", "pattern": "^[^/]+/.+$"},
                               title="Prospects (targeted rerun)",
                               description="Only these prospects, as <legal entity>/<prospect id> (e.g. usrt/P-000123), "
                                           "one per line, each read from Commerce by its key (it must be a Pending B2B "
                                           "prospect): rerun a bad record fixed in HQ. Empty: every Pending prospect."),
-        "chunk_size": Param(5000, type="integer", minimum=1, title="Chunk size",
+        "chunk_size": Param(5000, type=["null", "integer"], minimum=1, title="Chunk size",
                             description="Prospects per mapped push or correction task."),
     },  # fmt: skip
     tags=["dynamics365", "b2b-onboarding"],
@@ -92,18 +93,30 @@ def b2b_prospect_sync():
 
         return tasks.correct_leads(legal_entity, first_id, last_id)
 
+    # Runs whatever happened before it, and says what is missing.
     @task(trigger_rule="all_done")
-    def report(pulled, pushed, corrected) -> None:
+    def report() -> None:
         from b2b_onboarding import tasks
 
-        tasks.report_run(pulled[:], pushed[:], corrected[:])
+        tasks.report_run()
+
+    # The run's last task: red when any task failed for good (README, Runbook, "The run is red").
+    @task(trigger_rule="all_done", retries=0, on_failure_callback=[])
+    def all_tasks_succeeded() -> None:
+        from b2b_onboarding import tasks
+
+        tasks.all_tasks_succeeded()
 
     entities = legal_entities()
     pulled = pull_prospects.expand(legal_entity=entities)
     chunks = plan_push(entities)
     corrections = plan_corrections(entities)
     pulled >> [chunks, corrections]
-    report(pulled, push_leads.expand_kwargs(chunks), correct_leads.expand_kwargs(corrections))
+    pushed = push_leads.expand_kwargs(chunks)
+    corrected = correct_leads.expand_kwargs(corrections)
+    reported = report()
+    [pushed, corrected] >> reported
+    [entities, pulled, chunks, corrections, pushed, corrected, reported] >> all_tasks_succeeded()
 
 
 b2b_prospect_sync()

@@ -28,7 +28,8 @@ class TokenProvider:
         redaction.register_secret(client_secret)  # before MSAL, httpx or an error message can see it
         # MSAL's default requests session lets REQUESTS_CA_BUNDLE override `verify=` (psf/requests#3829),
         # so MSAL gets an httpx client: the same TLS trust as the API calls, whatever the environment.
-        self._http = httpx.Client(verify=verify, timeout=30)
+        self._answers = threading.local()  # the HTTP status of this thread's last answer from Entra ID
+        self._http = httpx.Client(verify=verify, timeout=30, event_hooks={"response": [self._remember_status]})
         try:  # MSAL reads the authority's OIDC discovery document here, over the network
             self._app = msal.ConfidentialClientApplication(
                 client_id,
@@ -59,15 +60,20 @@ class TokenProvider:
                 transient=True,
             ) from error
         if "access_token" not in result:
+            status = getattr(self._answers, "status", None)
+            answer = f"HTTP {status} {result.get('error')}" if status else str(result.get("error"))
             raise AuthenticationError(
-                f"Entra ID ({self.authority}) refused a token to client {self.client_id} for {scope}: "
-                f"{result.get('error')}: {result.get('error_description')}. Next step: check the "
-                "connection's client id, secret and authority (tenant).",
+                f"Entra ID ({self.authority}) refused a token to client {self.client_id} for {scope} with {answer}. "
+                "Next step: check the connection's client id (login), secret (password) and tenant (extra "
+                f"tenant_id or authority), then clear the task. Entra ID said: {result.get('error_description')}",
                 transient=result.get("error") in _TRANSIENT_ERRORS,
             )
         self.last_token_source = result.get("token_source")
         redaction.register_secret(result["access_token"])  # a set lookup once known (cache hits)
         return result["access_token"]
+
+    def _remember_status(self, response: httpx.Response) -> None:
+        self._answers.status = response.status_code
 
     def _tls_error(self, reason: str) -> AuthenticationError:
         return AuthenticationError(certificate_failure_message(

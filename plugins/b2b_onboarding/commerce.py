@@ -98,7 +98,7 @@ class CommerceClient:
             if len(answers) != len(group):
                 raise D365Error(
                     system=SYSTEM, operation=operation, status=response.status_code,
-                    message=f"$batch answered {len(answers)} of {len(group)} changesets",
+                    message=f"$batch answered {len(answers)} of {len(group)} changesets", connection=self.odata.connection,
                 )  # fmt: skip
             return answers
 

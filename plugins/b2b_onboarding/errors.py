@@ -26,11 +26,23 @@ _CODE_STEP = {
 }
 
 
+def one_line(text: str) -> str:
+    """A service's message on one line, whole: its line breaks (Entra ID's trace and correlation ids,
+    a stack of inner errors) become spaces, so the first line of a failure is the whole failure."""
+    return " ".join(str(text).split())
+
+
+def via(system: str, connection: str | None) -> str:
+    """The system as a failure names it: with the Airflow connection to fix, when known."""
+    return f"{system} via Airflow connection {connection!r}" if connection else system
+
+
 class D365Error(Exception):
     """A failed call to Commerce headquarters or Dataverse.
 
-    Carries everything a 3 a.m. reader needs: the system, the operation, the record,
-    the HTTP status, the service's own error code and message, and the next step.
+    Carries everything a 3 a.m. reader needs: the Airflow connection, the system, the operation,
+    the record, the HTTP status, the service's own error code and message, and the next step, on
+    one line.
     """
 
     def __init__(
@@ -43,6 +55,7 @@ class D365Error(Exception):
         message: str = "",
         record: str | None = None,
         attempts: int = 1,
+        connection: str | None = None,
     ) -> None:
         self.system = system
         self.operation = operation
@@ -51,6 +64,7 @@ class D365Error(Exception):
         self.message = message
         self.record = record
         self.attempts = attempts
+        self.connection = connection
         super().__init__(str(self))
 
     @property
@@ -67,6 +81,12 @@ class D365Error(Exception):
         return _NEXT_STEP.get(self.status, "read the service's message above and fix the cause")
 
     @property
+    def cures_itself(self) -> bool:
+        """Whether a later try may succeed: not for refused credentials (a 401 stands after a fresh
+        token) or a missing privilege (403)."""
+        return self.status not in (401, 403)
+
+    @property
     def is_record_error(self) -> bool:
         """A failure of this one record (bad data, conflict), not of the integration as a whole."""
         return 400 <= self.status < 500 and self.status not in (401, 403, 408, 429)
@@ -77,8 +97,8 @@ class D365Error(Exception):
         answer = f"HTTP {self.status}{code}" if self.status else "no HTTP answer"
         tries = f" after {self.attempts} attempts" if self.attempts > 1 else ""
         return (
-            f"{self.system}: {self.operation}{subject} failed{tries} with {answer}: "
-            f"{self.message or '(no message)'}. Next step: {self.next_step}."
+            f"{via(self.system, self.connection)}: {self.operation}{subject} failed{tries} with {answer}: "
+            f"{one_line(self.message) or '(no message)'}. Next step: {self.next_step}."
         )
 
     def for_record(self, record: str) -> D365Error:
@@ -91,7 +111,8 @@ class D365Error(Exception):
 
     def _with(self, **changes: object) -> D365Error:
         fields = {"system": self.system, "operation": self.operation, "status": self.status, "code": self.code,
-                  "message": self.message, "record": self.record, "attempts": self.attempts}  # fmt: skip
+                  "message": self.message, "record": self.record, "attempts": self.attempts,
+                  "connection": self.connection}  # fmt: skip
         return type(self)(**{**fields, **changes})
 
 
@@ -100,12 +121,37 @@ class AuthenticationError(Exception):
     unavailable (a later attempt may succeed) rather than refusing the credentials."""
 
     def __init__(self, message: str, transient: bool = False) -> None:
-        super().__init__(message)
+        super().__init__(one_line(message))
         self.transient = transient
+
+    def for_connection(self, system: str, connection: str | None) -> AuthenticationError:
+        """The same failure, led by the system whose token it was and the Airflow connection to fix."""
+        return type(self)(f"{via(system, connection)}: {self}", self.transient)
 
 
 class ConfigurationError(Exception):
     """A connection or setting is missing or malformed."""
+
+
+def cures_itself(error: BaseException) -> bool:
+    """Whether retrying the task may succeed. Refused credentials, configuration, TLS trust (a
+    ConfigurationError) and missing privileges cannot cure themselves: the task fails at once."""
+    if isinstance(error, ConfigurationError):
+        return False
+    if isinstance(error, AuthenticationError):
+        return error.transient
+    if isinstance(error, D365Error):
+        return error.cures_itself
+    return True
+
+
+def first_line(error: BaseException) -> str:
+    """The one line a failure starts with: the product's own errors already are one; anything else
+    is its type and its message's first line."""
+    if isinstance(error, (D365Error, AuthenticationError, ConfigurationError)):
+        return one_line(str(error))
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0].strip()}" if lines else type(error).__name__
 
 
 class DecisionConflict(Exception):

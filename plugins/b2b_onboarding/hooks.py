@@ -11,6 +11,7 @@ from airflow.sdk.log import mask_secret
 
 from . import redaction
 from .commerce import CommerceClient
+from .errors import ConfigurationError
 from .sales import SalesClient
 from .settings import ServiceSettings
 from .store import StateStore
@@ -28,7 +29,13 @@ class _DynamicsHook(BaseHook):
 
     def settings(self) -> ServiceSettings:
         """The connection's settings, with its client secret hidden from every log from here on."""
-        conn = self.get_connection(self.conn_id)
+        try:
+            conn = self.get_connection(self.conn_id)
+        except AirflowNotFoundException:
+            raise ConfigurationError(
+                f"Airflow connection {self.conn_id!r} ({self.hook_name}) is not defined. Next step: add it (README, "
+                "Connections), then clear the task."
+            ) from None
         _hide_from_logs(conn.password)
         return ServiceSettings.from_connection(
             self.conn_id, conn.host, conn.login, conn.password, conn.extra_dejson, port=conn.port

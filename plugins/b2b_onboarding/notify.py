@@ -44,6 +44,10 @@ class TaskFailure:
     error_type: str
     error: str
     log_url: str | None = None
+    # The chunk a mapped step task worked on, from its arguments: which prospects it held up.
+    legal_entity: str | None = None
+    first_id: str | None = None
+    last_id: str | None = None
 
     @property
     def task(self) -> str:
@@ -77,7 +81,10 @@ def failure_of(context: Mapping[str, Any]) -> TaskFailure:
     ti = context.get("ti") or context.get("task_instance")
     error = context.get("exception")
     if isinstance(error, BaseException):
-        error_type, text = type(error).__name__, str(error) or repr(error)
+        # A failure that cannot cure itself reaches Airflow as its fail-without-retry exception: the
+        # product's own error, its cause, names the kind.
+        named = error.__cause__ if type(error).__name__ == "AirflowFailException" and error.__cause__ else error
+        error_type, text = type(named).__name__, str(error) or repr(error)
     elif error:
         error_type, text = "Error", str(error)
     else:
@@ -88,6 +95,9 @@ def failure_of(context: Mapping[str, Any]) -> TaskFailure:
     except Exception:  # the URL needs the API server's base URL in the configuration
         log_url = None
     end_date = getattr(ti, "end_date", None)
+    arguments = getattr(context.get("task") or getattr(ti, "task", None), "op_kwargs", None)
+    chunk = {name: str(arguments[name]) if isinstance(arguments, Mapping) and arguments.get(name) is not None else None
+             for name in ("legal_entity", "first_id", "last_id")}  # fmt: skip
     return TaskFailure(
         dag_id=str(getattr(ti, "dag_id", None) or getattr(dag, "dag_id", "?")),
         run_id=str(getattr(ti, "run_id", None) or context.get("run_id") or "?"),
@@ -99,6 +109,7 @@ def failure_of(context: Mapping[str, Any]) -> TaskFailure:
         error_type=error_type,
         error=redaction.redact(text),
         log_url=log_url if isinstance(log_url, str) else None,
+        **chunk,
     )
 
 
@@ -129,7 +140,8 @@ def record(failure: TaskFailure) -> None:
         store.record_task_failure(
             dag_id=failure.dag_id, run_id=failure.run_id, task_id=failure.task_id, map_index=failure.map_index,
             rendered_map_index=failure.rendered_map_index, try_number=failure.try_number, failed_at=failure.failed_at,
-            error=f"{failure.error_type}: {failure.error}",
+            error=f"{failure.error_type}: {failure.error}", legal_entity=failure.legal_entity,
+            first_id=failure.first_id, last_id=failure.last_id,
         )  # fmt: skip
     finally:
         store.close()

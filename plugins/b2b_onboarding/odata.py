@@ -15,7 +15,8 @@ import httpx
 import tenacity
 
 from .auth import TokenProvider, token_provider
-from .errors import AuthenticationError, ConfigurationError, D365Error, certificate_failure_message, certificate_verify_failure
+from .errors import (AuthenticationError, ConfigurationError, D365Error, certificate_failure_message,
+                     certificate_verify_failure, via)  # fmt: skip
 from .settings import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_BUDGET, ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,8 @@ class _Gate:
             time.sleep(delay)
 
 
-def error_from_response(system: str, operation: str, response: httpx.Response, record: str | None) -> D365Error:
+def error_from_response(system: str, operation: str, response: httpx.Response, record: str | None,
+                        connection: str | None = None) -> D365Error:  # fmt: skip
     """Reads both error dialects: Dataverse's `error.code/message` and F&O's `innererror.message`."""
     code, message = "", response.reason_phrase
     try:
@@ -159,9 +161,8 @@ def error_from_response(system: str, operation: str, response: httpx.Response, r
         code = str(error.get("code") or "")
         inner = error.get("innererror") if isinstance(error.get("innererror"), dict) else {}
         message = inner.get("message") or error.get("message") or message
-    return D365Error(
-        system=system, operation=operation, status=response.status_code, code=code, message=message, record=record
-    )
+    return D365Error(system=system, operation=operation, status=response.status_code, code=code, message=message,
+                     record=record, connection=connection)  # fmt: skip
 
 
 class ODataClient:
@@ -179,8 +180,10 @@ class ODataClient:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         budget: RetryBudget | None = None,
         headers: Mapping[str, str] | None = None,
+        connection: str | None = None,
     ) -> None:
         self.system = system
+        self.connection = connection  # the Airflow connection it came from, named in every failure
         self.service_root = service_root.rstrip("/") + "/"
         self._scope = scope
         self._tokens = tokens
@@ -217,6 +220,7 @@ class ODataClient:
             max_attempts=settings.max_attempts,
             budget=RetryBudget(settings.retry_budget),
             headers=headers,
+            connection=settings.conn_id,
         )
 
     def close(self) -> None:
@@ -259,7 +263,7 @@ class ODataClient:
 
         def failure(status: int, message: str, code: str = "") -> D365Error:
             return D365Error(system=self.system, operation=operation, status=status, code=code, message=message,
-                             record=record)  # fmt: skip
+                             record=record, connection=self.connection)  # fmt: skip
 
         def attempt() -> httpx.Response:
             nonlocal refreshed_token, attempts
@@ -268,9 +272,10 @@ class ODataClient:
             try:
                 token = self._tokens.token(self._scope)
             except AuthenticationError as refused:
+                refused = refused.for_connection(self.system, self.connection)
                 if refused.transient:
                     raise _Transient(refused, TOKEN_RETRY_MIN_WAIT_S) from refused
-                raise
+                raise refused from None
             with self._count_lock:
                 self.requests[operation] += 1
             self.budget.sent()
@@ -281,7 +286,8 @@ class ODataClient:
                 if (reason := certificate_verify_failure(error)) is not None:
                     bundle = self._verify if isinstance(self._verify, str) else None
                     raise ConfigurationError(
-                        certificate_failure_message(self.system, str(self._http.base_url), reason, bundle)
+                        certificate_failure_message(via(self.system, self.connection), str(self._http.base_url), reason,
+                                                    bundle)  # fmt: skip
                     ) from error
                 failed = failure(0, self._transport_failure(error))
                 if not (repeatable or _never_sent(error)):
@@ -289,7 +295,7 @@ class ODataClient:
                 raise _Transient(failed, None) from error
             if response.status_code < 400 or response.status_code in accept:
                 return response
-            failed = error_from_response(self.system, operation, response, record)
+            failed = error_from_response(self.system, operation, response, record, self.connection)
             if response.status_code == 401 and not refreshed_token:
                 refreshed_token = True  # revoked or expired early: one fresh token, then the 401 stands
                 self._tokens.forget()

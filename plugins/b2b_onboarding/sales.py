@@ -167,6 +167,7 @@ class SalesClient:
             raise D365Error(
                 system=SYSTEM, operation="create lead", status=412, code=DUPLICATE_KEY, record=record,
                 message=f"a lead with this key exists, but {len(existing)} leads were found for it",
+                connection=self.odata.connection,
             )  # fmt: skip
         return existing[0]["leadid"].lower(), existing[0]
 

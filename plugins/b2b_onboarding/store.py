@@ -72,6 +72,10 @@ transitions = sa.Table(
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),
     # What changed without a change of stage (a correction in HQ carried to the lead, an adoption).
     sa.Column("detail", sa.Text),
+    # The task instance that wrote it (StateStore.writer), so a timeline links to that very log.
+    sa.Column("dag_id", sa.String(250)),
+    sa.Column("task_id", sa.String(250)),
+    sa.Column("map_index", sa.Integer),
     sa.Index("ix_b2b_transitions_prospect", "legal_entity", "prospect_id"),
 )
 
@@ -144,10 +148,32 @@ task_failures = sa.Table(
     sa.Column("try_number", sa.Integer, nullable=False),
     sa.Column("failed_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("error", sa.Text, nullable=False),
+    # The chunk a mapped step task worked on (its op_kwargs), so the prospects it held up are known.
+    sa.Column("legal_entity", sa.String(16)),
+    sa.Column("first_id", sa.String(255)),
+    sa.Column("last_id", sa.String(255)),
     sa.Index("ix_b2b_task_failures_run", "dag_id", "run_id"),
 )
 TASK_FAILURE_COLUMNS = ("dag_id", "run_id", "task_id", "map_index", "rendered_map_index", "try_number", "failed_at",
-                        "error")  # fmt: skip
+                        "error", "legal_entity", "first_id", "last_id")  # fmt: skip
+
+# What each step task of a run did and cost (its result: counts, requests, 429s, CPU), recorded as
+# the task ends, so a run's history shows its figures also when a later task failed.
+step_results = sa.Table(
+    "b2b_step_results",
+    metadata,
+    sa.Column("dag_id", sa.String(250), primary_key=True),
+    sa.Column("run_id", sa.String(250), primary_key=True),
+    sa.Column("task_id", sa.String(250), primary_key=True),
+    sa.Column("map_index", sa.Integer, primary_key=True),
+    sa.Column("step", sa.String(64), nullable=False),
+    sa.Column("legal_entity", sa.String(16), nullable=False),
+    sa.Column("dry_run", sa.Boolean, nullable=False),
+    sa.Column("result", sa.Text, nullable=False),  # the task's result dict, as JSON
+    sa.Column("recorded_at", sa.DateTime(timezone=True), nullable=False),
+)
+STEP_RESULT_COLUMNS = ("dag_id", "run_id", "task_id", "map_index", "step", "legal_entity", "dry_run", "result",
+                       "recorded_at")  # fmt: skip
 
 # Dry runs (DAG param `dry_run`) never write the tables above. What a dry run would change in the
 # store lives in its overlay, per run and prospect (the whole row, as JSON), so that its later steps
@@ -233,6 +259,8 @@ class StateStore:
     def __init__(self, url: str) -> None:
         # The prospects a targeted run (DAG param `prospect_ids`) works on; None: all of them.
         self.scope: frozenset[tuple[str, str]] | None = None
+        # Who writes: the orchestrator's task instance (dag_id, task_id, map_index), kept on each transition.
+        self.writer: dict[str, Any] = {}
         self.engine = sa.create_engine(url, pool_pre_ping=True)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -570,7 +598,7 @@ class StateStore:
 
     def _insert_history(self, connection: sa.Connection, history: list[dict]) -> None:
         if history:
-            connection.execute(transitions.insert(), history)
+            connection.execute(transitions.insert(), [{**row, **self.writer} for row in history])
 
     def _update_rows(self, connection: sa.Connection, rows: list[dict], history: list[dict]) -> None:
         """Writes whole rows (as `_apply` merged them) and their transitions."""
@@ -606,12 +634,14 @@ class StateStore:
 
     def record_task_failure(
         self, *, dag_id: str, run_id: str, task_id: str, map_index: int, try_number: int, error: str,
-        rendered_map_index: str | None = None, failed_at: datetime | None = None,
+        rendered_map_index: str | None = None, failed_at: datetime | None = None, legal_entity: str | None = None,
+        first_id: str | None = None, last_id: str | None = None,
     ) -> None:  # fmt: skip
         """One failed try of a task; recording the same try again (a callback run twice) replaces it."""
         row = {"dag_id": dag_id, "run_id": run_id, "task_id": task_id, "map_index": map_index,
                "rendered_map_index": rendered_map_index, "try_number": try_number,
-               "failed_at": failed_at or _now(), "error": error}  # fmt: skip
+               "failed_at": failed_at or _now(), "error": error, "legal_entity": legal_entity, "first_id": first_id,
+               "last_id": last_id}  # fmt: skip
         with self._write() as connection:
             same_try = (task_failures.c[name] == row[name] for name in ("dag_id", "run_id", "task_id", "map_index",
                                                                             "try_number"))  # fmt: skip
@@ -627,6 +657,30 @@ class StateStore:
             query = query.where(task_failures.c.run_id == run_id)
         with self.engine.connect() as connection:
             return pd.DataFrame(connection.execute(query).mappings().all(), columns=list(TASK_FAILURE_COLUMNS), dtype=object)
+
+    def record_step_result(self, *, dag_id: str, run_id: str, task_id: str, map_index: int, result: Mapping[str, Any],
+                           dry_run: bool) -> None:  # fmt: skip
+        """What one step task did (its result dict); a retry that succeeds replaces its earlier try's."""
+        row = {"dag_id": dag_id, "run_id": run_id, "task_id": task_id, "map_index": map_index,
+               "step": str(result.get("step", task_id)), "legal_entity": str(result.get("legal_entity", "*")),
+               "dry_run": dry_run, "result": json.dumps(dict(result), default=str), "recorded_at": _now()}  # fmt: skip
+        with self._write() as connection:
+            same = (step_results.c[name] == row[name] for name in ("dag_id", "run_id", "task_id", "map_index"))
+            connection.execute(step_results.delete().where(*same))
+            connection.execute(step_results.insert().values(**row))
+
+    def step_results(self, dag_id: str | None = None, run_ids: Iterable[str] | None = None) -> pd.DataFrame:
+        """Recorded step results (STEP_RESULT_COLUMNS, `result` as a dict), of one DAG and some runs or all."""
+        query = sa.select(*(step_results.c[name] for name in STEP_RESULT_COLUMNS)).order_by(step_results.c.recorded_at)
+        if dag_id is not None:
+            query = query.where(step_results.c.dag_id == dag_id)
+        if run_ids is not None:
+            query = query.where(step_results.c.run_id.in_(list(run_ids)))
+        with self.engine.connect() as connection:
+            rows = [dict(row) for row in connection.execute(query).mappings()]
+        for row in rows:
+            row["result"] = json.loads(row["result"])
+        return pd.DataFrame(rows, columns=list(STEP_RESULT_COLUMNS), dtype=object)
 
     def planned_writes(self, run_id: str) -> pd.DataFrame:
         """What a dry run would have written to Commerce and Sales: PLAN_COLUMNS plus the task that planned it."""

@@ -10,17 +10,21 @@ prospects), `chunk_size`, and in the reconciliation `sla_days`.
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 import resource
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, TypeVar
 
 from airflow.sdk import get_current_context
+from airflow.sdk.exceptions import AirflowFailException
 
-from . import drift, reconcile, report, rules, sync
+from . import drift, errors, reconcile, report, rules, sync
 from .commerce import CommerceClient
 from .dry_run import DryRunCommerce, DryRunSales, Plan
 from .errors import ConfigurationError
@@ -35,6 +39,51 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK_SIZE = 5000
 # Days a prospect may wait undecided before `check_sla` fails, unless the run's `sla_days` says otherwise.
 DEFAULT_SLA_DAYS = 3
+# Task states that leave a task's result missing from a run (skipped means it had nothing to do).
+_FAILED, _NOT_RUN = "failed", "upstream_failed"
+
+Body = TypeVar("Body", bound=Callable[..., Any])
+
+
+class FailedCheck(SystemExit):
+    """A check that failed as designed (the SLA, a run with failed tasks), its table logged once
+    above it: the task fails without a traceback. Airflow's task runner logs every exception with its
+    traceback except SystemExit, which it logs as "Task exited" and then fails (or retries) the task
+    like any other failure, its callbacks included."""
+
+    def __str__(self) -> str:
+        return str(self.code)
+
+
+class SlaBreached(FailedCheck):
+    """`check_sla` found open anomalies or prospects pending longer than the SLA."""
+
+
+class RunFailed(FailedCheck):
+    """A task of the run failed for good, or did not run because one did (`all_tasks_succeeded`)."""
+
+
+def fails_clearly(body: Body) -> Body:
+    """A task body whose failure starts with its one line, logged before Airflow's traceback (so it
+    heads "Recent failed task logs" and the log), naming the connection, system, operation, record,
+    HTTP status and next step. A failure that cannot cure itself (refused credentials,
+    configuration, TLS trust, a missing privilege) fails the task at once, without its retries."""
+
+    @functools.wraps(body)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return body(*args, **kwargs)
+        except (AirflowFailException, FailedCheck):
+            raise
+        except Exception as error:
+            line = errors.first_line(error)
+            if errors.cures_itself(error):
+                log.error("%s", line)
+                raise
+            log.error("%s Not retried: this cannot cure itself.", line)
+            raise AirflowFailException(line) from error
+
+    return run  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -118,11 +167,25 @@ def _run_id() -> str:
     return _context()["run_id"]
 
 
+def _map_index(ti: Any) -> int:
+    index = getattr(ti, "map_index", None)
+    return -1 if index is None else int(index)
+
+
 def _task_label() -> str:
     ti = _context().get("ti")
     if ti is None:
         return "outside_airflow"
-    return ti.task_id + (f"[{ti.map_index}]" if getattr(ti, "map_index", -1) >= 0 else "")
+    return ti.task_id + (f"[{ti.map_index}]" if _map_index(ti) >= 0 else "")
+
+
+def _task_states() -> dict[str, str | None]:
+    """Every task instance of this run and its state (a mapped one as `task_id_mapindex`, as
+    Airflow's execution API answers); empty outside Airflow."""
+    ti = _context().get("ti")
+    if ti is None:
+        return {}
+    return ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id]).get(ti.run_id, {})
 
 
 def _store(options: RunOptions) -> StateStore:
@@ -130,6 +193,9 @@ def _store(options: RunOptions) -> StateStore:
     of the store's facts); in a targeted run scoped to the named prospects."""
     url = StateStoreHook().url()
     store = DryRunStore(url, _run_id()) if options.dry_run else StateStore(url)
+    ti = _context().get("ti")
+    if ti is not None:
+        store.writer = {"dag_id": ti.dag_id, "task_id": ti.task_id, "map_index": _map_index(ti)}
     return store.scoped(options.prospect_keys)
 
 
@@ -170,13 +236,17 @@ class _Step:
             result["planned_writes"] = len(self.plan)
         result["cpu_s"] = round(time.process_time() - started_cpu, 2)
         result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        ti = _context().get("ti")
+        if ti is not None:  # the run's history (report, plugin) reads it, whatever later tasks do
+            self.store.record_step_result(dag_id=ti.dag_id, run_id=self.run_id, task_id=ti.task_id,
+                                          map_index=_map_index(ti), result=result, dry_run=self.options.dry_run)  # fmt: skip
         if self.plan is not None and isinstance(self.store, DryRunStore):
             planned = self.plan.frame()
             self.store.record_planned_writes(_task_label(), planned)
             log.info("DRY RUN: the writes this task would make (%d; none was sent)\n%s", len(planned),
                      report.plan_text(planned))  # fmt: skip
         log.info("%s %s: what this task did\n%s", result["step"], result["legal_entity"],
-                 report.task_table(result).to_string())  # fmt: skip
+                 report.text(report.task_table(result, dry_run=self.plan is not None)))  # fmt: skip
         return result
 
 
@@ -185,6 +255,7 @@ def _step() -> _Step:
     return _Step(options, _run_id(), _store(options), Plan() if options.dry_run else None)
 
 
+@fails_clearly
 def legal_entities() -> list[str]:
     settings = CommerceHook().settings()
     options = _options()
@@ -199,6 +270,7 @@ def legal_entities() -> list[str]:
     return chosen
 
 
+@fails_clearly
 def plan(step: str, entities: Iterable[str]) -> list[dict]:
     """The chunks of one step's work: prospect-id ranges per legal entity, `chunk_size` each."""
     options = _options()
@@ -211,12 +283,14 @@ def plan(step: str, entities: Iterable[str]) -> list[dict]:
     return chunks
 
 
+@fails_clearly
 def pull_prospects(legal_entity: str) -> dict:
     step = _step()
     commerce, ids = step.commerce(legal_entity), step.options.prospect_ids(legal_entity)
     return step.measured(lambda: sync.pull_prospects(commerce, step.store, legal_entity, step.run_id, ids), commerce)
 
 
+@fails_clearly
 def push_leads(legal_entity: str, first_id: str, last_id: str) -> dict:
     step = _step()
     sales = step.sales(legal_entity)
@@ -225,6 +299,7 @@ def push_leads(legal_entity: str, first_id: str, last_id: str) -> dict:
     )
 
 
+@fails_clearly
 def correct_leads(legal_entity: str, first_id: str, last_id: str) -> dict:
     step = _step()
     sales = step.sales(legal_entity)
@@ -233,6 +308,7 @@ def correct_leads(legal_entity: str, first_id: str, last_id: str) -> dict:
     )
 
 
+@fails_clearly
 def read_outcomes() -> dict:
     step = _step()
     sales = step.sales()
@@ -241,6 +317,7 @@ def read_outcomes() -> dict:
                          sales)  # fmt: skip
 
 
+@fails_clearly
 def write_customers(legal_entity: str, first_id: str, last_id: str) -> dict:
     step = _step()
     settings = CommerceHook().settings()  # read once: the client and the customer group both need it
@@ -255,6 +332,7 @@ def write_customers(legal_entity: str, first_id: str, last_id: str) -> dict:
     )
 
 
+@fails_clearly
 def approve_won(legal_entity: str, first_id: str, last_id: str) -> dict:
     step = _step()
     commerce = step.commerce(legal_entity)
@@ -263,6 +341,7 @@ def approve_won(legal_entity: str, first_id: str, last_id: str) -> dict:
     )
 
 
+@fails_clearly
 def reject_lost(legal_entity: str, first_id: str, last_id: str) -> dict:
     step = _step()
     commerce = step.commerce(legal_entity)
@@ -271,6 +350,7 @@ def reject_lost(legal_entity: str, first_id: str, last_id: str) -> dict:
     )
 
 
+@fails_clearly
 def check_drift(entities: Iterable[str]) -> dict:
     step = _step()
     commerce, sales, keys = step.commerce(), step.sales(), step.options.prospect_keys
@@ -288,28 +368,88 @@ def check_drift(entities: Iterable[str]) -> dict:
     return step.measured(check, commerce, sales)
 
 
-def report_run(*step_results: Iterable[dict] | dict) -> None:
-    """Logs what every step of this run did and where every prospect now stands; in a dry run, the
-    whole plan."""
+@fails_clearly
+def report_run() -> None:
+    """Logs what every step of this run did, where every prospect now stands, and in a dry run the
+    whole plan. The steps' figures come from the state store (each step records its own as it
+    ends), so the report works whatever its upstream left, and names what is missing and why."""
     options = _options()
-    results = [item for result in step_results for item in ([result] if isinstance(result, dict) else result)]
     store = _store(options)
-    log.info("This run: what each step did per legal entity, then what it sent and cost\n%s",
-             report.text(report.run_summary(results)))  # fmt: skip
+    ti = _context().get("ti")
+    recorded = store.step_results(ti.dag_id if ti else None, run_ids=[_run_id()])
+    log.info("This run\n%s", report.run_report(recorded["result"].tolist(), dry_run=options.dry_run))
+    missing = missing_results(_task_states(), _task_ids(), store.task_failures(run_id=_run_id()))
+    if missing:
+        log.warning("Missing from this report (%d tasks):\n%s", len(missing), "\n".join(missing))
     tracked = rules.only(store.frame(columns=["stage"]), options.prospect_keys)
     leave = "as this dry run would leave them (nothing was written)" if options.dry_run else "now"
-    log.info("Prospects by stage, %s\n%s", leave, report.stage_counts(tracked).to_string())
+    log.info("Prospects by stage, %s\n%s", leave, report.text(report.stage_counts(tracked)))
     if options.dry_run:
         planned = store.planned_writes(_run_id())
         log.info("DRY RUN: %d writes planned, none sent. Per system, operation and legal entity\n%s", len(planned),
-                 report.plan_summary(planned).to_string())  # fmt: skip
+                 report.text(report.plan_summary(planned)))  # fmt: skip
         log.info("DRY RUN: the plan (also in the state store's b2b_planned_writes, run_id %s)\n%s", _run_id(),
                  report.plan_text(planned))  # fmt: skip
 
 
+def _task_ids() -> list[str]:
+    dag = _context().get("dag")
+    return list(getattr(dag, "task_ids", ()))
+
+
+def missing_results(states: Mapping[str, str | None], task_ids: Iterable[str], failures: Any) -> list[str]:
+    """One line per task of a run whose result is missing: failed (with the one line its failure
+    was recorded with) or not run because an upstream task failed; a mapped task's instances
+    counted together. `states` as Airflow's execution API gives them (`task_id_mapindex` for a
+    mapped instance); `failures` the run's recorded task failures, newest first."""
+    known = set(task_ids)
+    by_task: dict[str, list[str | None]] = {}
+    for key, state in states.items():
+        mapped = re.fullmatch(r"(.+)_(\d+)", key)
+        task_id = mapped[1] if key not in known and mapped and mapped[1] in known else key
+        by_task.setdefault(task_id, []).append(state)
+    first_lines = {}
+    for row in failures.to_dict("records")[::-1] if len(failures) else []:  # the newest try wins
+        first_lines[row["task_id"]] = errors.one_line(str(row["error"]).splitlines()[0]) if row["error"] else ""
+    lines = []
+    for task_id, found in by_task.items():
+        failed, not_run = found.count(_FAILED), found.count(_NOT_RUN)
+        of = f" ({failed + not_run} of {len(found)} mapped)" if len(found) > 1 else ""
+        if failed:
+            cause = first_lines.get(task_id) or "no failure recorded; read the task's log"
+            lines.append(f"{task_id}{of} failed: {cause}")
+        elif not_run:
+            lines.append(f"{task_id}{of} did not run: a task it depends on failed")
+    return lines
+
+
+@fails_clearly
+def all_tasks_succeeded() -> None:
+    """The run's verdict, its last task: fails when any task of the run failed for good (or did not
+    run because one did), naming each with its one line. Airflow sets a run's state from its leaf
+    tasks, and `report` and `check_sla` run whatever happened before them: without this leaf, a run
+    whose tasks failed would be green (Airflow's watcher pattern)."""
+    ti = _context().get("ti")
+    states = {key: state for key, state in _task_states().items() if key != getattr(ti, "task_id", None)}
+    store = StateStoreHook().get_conn()
+    try:
+        missing = missing_results(states, _task_ids(), store.task_failures(run_id=_run_id()))
+    finally:
+        store.close()
+    if not missing:
+        log.info("Every task of this run succeeded or had nothing to do")
+        return
+    failed = sum(" failed: " in line for line in missing)
+    message = (f"This run failed: {failed} tasks failed for good, {len(missing) - failed} did not run because of them. "
+               "Next step: README, Runbook, \"The run is red\".")  # fmt: skip
+    log.error("%s\n%s", message, "\n".join(missing))
+    raise RunFailed(f"{message} {' | '.join(missing)}")
+
+
+@fails_clearly
 def check_sla() -> dict:
     """Fails when anomalies are open or prospects wait undecided longer than `sla_days`, listing
-    them; a dry run lists them and passes."""
+    them once and without a traceback; a dry run lists them and passes."""
     options = _options()
     store = _store(options)
     anomalies = rules.only(store.anomalies(), options.prospect_keys)
@@ -325,4 +465,4 @@ def check_sla() -> dict:
         log.warning("DRY RUN: the SLA check would fail:\n%s", message)
         return summary
     log.error("%s", message)
-    raise report.SlaBreached(message)
+    raise SlaBreached(message.splitlines()[0])

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from airflow.sdk.exceptions import AirflowFailException
 
 from b2b_onboarding.errors import ConfigurationError
 from b2b_onboarding.hooks import CommerceHook, SalesHook, StateStoreHook
@@ -42,5 +43,14 @@ def test_a_commerce_connection_without_legal_entities_says_how_to_fix_it(monkeyp
     monkeypatch.setenv("AIRFLOW_CONN_D365_COMMERCE", json.dumps({
         "conn_type": "generic", "host": "https://contoso.operations.dynamics.com", "login": "app",
         "password": "s", "extra": {"tenant_id": "t-1"}}))  # fmt: skip
-    with pytest.raises(ConfigurationError, match='names no legal entities.*"legal_entities"'):
+    # a task fails at once, without retries, on what no retry can fix
+    with pytest.raises(AirflowFailException, match='names no legal entities.*"legal_entities"') as failed:
         tasks.legal_entities()
+    assert isinstance(failed.value.__cause__, ConfigurationError)
+
+
+def test_a_missing_connection_is_named_with_what_to_do(monkeypatch):
+    monkeypatch.delenv("AIRFLOW_CONN_D365_SALES", raising=False)
+    with pytest.raises(ConfigurationError, match=r"^Airflow connection 'd365_sales' \(Dynamics 365 Sales \(Dataverse\)\) "
+                                                 r"is not defined\. Next step: add it"):  # fmt: skip
+        SalesHook().settings()

@@ -104,7 +104,7 @@ def test_a_storm_of_failures_spends_the_task_budget_and_fails_before_the_attempt
     # Retries stop once they exceed 2 + a fifth of the requests: the fourth attempt is the last.
     assert requests_to(admin, "dataverse") - before == 4
     message = str(failed.value)
-    assert message.startswith("Dataverse (Sales): WhoAmI failed after 4 attempts with HTTP 500")
+    assert message.startswith("Dataverse (Sales) via Airflow connection 'd365_test': WhoAmI failed after 4 attempts with HTTP 500")
     assert "retries are spent" in message and "rerun the task later" in message
 
 

@@ -42,9 +42,10 @@ def runbook() -> str:
 
 def test_every_error_class_of_the_product_is_in_the_runbook(runbook):
     classes = {name for text in CODE.values()
-               for name in re.findall(r"^class (\w+)\((?:\w*Exception|\w*Error)\):", text, re.M)
+               for name in re.findall(r"^class (\w+)\((?:\w*Exception|\w*Error|SystemExit|FailedCheck)\):", text, re.M)
                if not name.startswith("_")}  # fmt: skip
-    assert {"D365Error", "AuthenticationError", "ConfigurationError", "DecisionConflict", "SlaBreached"} <= classes
+    assert {"D365Error", "AuthenticationError", "ConfigurationError", "DecisionConflict", "SlaBreached", "RunFailed",
+            "FailedCheck"} <= classes  # fmt: skip
     assert sorted(name for name in classes if not re.search(rf"\b{name}\b", runbook)) == []
 
 
