@@ -126,7 +126,8 @@ PAGE_COLUMNS = ["legal_entity", "prospect_id", "prospect", "email", "error"]
 
 def validate_page(rows: list[dict], legal_entity: str) -> pd.DataFrame:
     """One row per input of a page of `legal_entity`: legal_entity, prospect_id, and either prospect
-    (the validated fields) and email (its `email_key`), or error."""
+    (the validated fields) and email (its `email_key`), or error and prospect as received (its
+    fields as HQ sent them, so that the bad value can be shown beside the error)."""
     records = []
     for row in rows:
         prospect, error = validate(row, legal_entity)
@@ -134,7 +135,8 @@ def validate_page(rows: list[dict], legal_entity: str) -> pd.DataFrame:
             {
                 "legal_entity": str(row.get("dataAreaId") or "").lower(),
                 "prospect_id": str(row.get("ProspectId") or ""),
-                "prospect": prospect.model_dump(mode="json") if prospect else None,
+                "prospect": prospect.model_dump(mode="json") if prospect else {
+                    name: row[name] for name in Prospect.model_fields if name in row},
                 "email": email_key(prospect.PrimaryEmailAddress) if prospect else None,
                 "error": error,
             }
@@ -156,7 +158,7 @@ def refuse_duplicate_emails(page: pd.DataFrame, legal_entity: str, emails_in_use
     for index, row in mine.sort_values("prospect_id").iterrows():
         holder = holders.setdefault(row["email"], row["prospect_id"])
         if holder != row["prospect_id"]:
-            result.at[index, "prospect"] = result.at[index, "email"] = None
+            result.at[index, "email"] = None
             result.at[index, "error"] = (
                 f"prospect {row['legal_entity']}/{row['prospect_id']}: PrimaryEmailAddress: the same email as "
                 f"prospect {row['legal_entity']}/{holder} (emails must be unique per legal entity)"

@@ -11,7 +11,7 @@ import pytest
 
 from b2b_onboarding import prospects, sync
 from b2b_onboarding.commerce import CommerceClient
-from b2b_onboarding.prospects import MAX_PROSPECT_ID_LENGTH
+from b2b_onboarding.prospects import MAX_PROSPECT_ID_LENGTH, Prospect
 from b2b_onboarding.sales import SalesClient
 from b2b_onboarding.store import PROSPECT_COLUMNS, StateStore
 from d365_fakes.dataverse import company_id
@@ -153,7 +153,9 @@ def test_a_bad_record_stays_tracked_is_validated_on_every_pull_and_becomes_valid
 
     assert (first["invalid"], second["invalid"], third["invalid"]) == (1, 1, 0)
     assert (first["new"], second["unchanged"], third["refreshed"]) == (1, 1, 1)
-    assert refused["stage"] == "invalid" and refused["prospect"] is None and refused["email"] is None
+    assert refused["stage"] == "invalid" and refused["email"] is None
+    # kept as received, so the bad value can be shown beside the error (the plugin's prospect page)
+    assert refused["prospect"] == {name: value for name, value in bad.items() if name in Prospect.model_fields}
     assert refused["last_error"].startswith(f"prospect {legal_entity}/P-000001: {field}: ")
     assert accepted["stage"] == "pulled" and accepted["last_error"] is None
     assert accepted["prospect"]["PrimaryEmailAddress"] == "p-000001@engines.example"

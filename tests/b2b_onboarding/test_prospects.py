@@ -58,7 +58,8 @@ def test_validate_page_keeps_every_row_with_either_fields_or_error():
     frame = prospects.validate_page([GOOD, {**GOOD, "ProspectId": "P-2", "PrimaryEmailAddress": "x"}], "usrt")
     assert list(frame["prospect_id"]) == ["P-000123", "P-2"]
     assert frame.loc[0, "error"] is None and frame.loc[0, "prospect"]["CompanyName"] == "Starfleet Supplies"
-    assert frame.loc[1, "prospect"] is None and "PrimaryEmailAddress" in frame.loc[1, "error"]
+    assert "PrimaryEmailAddress" in frame.loc[1, "error"]
+    assert frame.loc[1, "prospect"]["PrimaryEmailAddress"] == "x"  # as received, beside its error
 
 
 def test_lead_follows_the_dual_write_column_map_and_is_tagged():
@@ -117,7 +118,8 @@ def test_within_a_page_the_lowest_prospect_id_keeps_an_email_and_the_others_are_
                          "(emails must be unique per legal entity)",
     }  # fmt: skip
     refused = checked[checked["error"].notna()]
-    assert refused["prospect"].isna().all() and refused["email"].isna().all()
+    assert refused["email"].isna().all()
+    assert [row["ProspectId"] for row in refused["prospect"]] == ["P-000007", "P-000009"]  # kept, beside the error
     assert page["error"].isna().all()  # the input page is left as it was
 
 

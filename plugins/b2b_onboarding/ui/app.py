@@ -1,10 +1,12 @@
 """The app: server-rendered pages (Jinja2, autoescaped) and the same data as JSON under `/api`.
 
 Pages: `/` (summary), `/prospects?q=&stage=&legal_entity=&page=` (search), `/prospect?legal_entity=
-&prospect_id=` (one prospect and its timeline), `/anomalies` (anomalies and kept records), `/drift`.
+&prospect_id=` (one prospect and its timeline), `/anomalies` (anomalies and kept records), `/drift`,
+`/runs` (each DAG's recent runs and their trend), `/failures?dag_id=&run_id=` (tasks that failed for good).
 JSON: `/api/summary`, `/api/prospects?q=`, `/api/prospects/{legal_entity}/{prospect_id}` (or
-`/api/prospect?legal_entity=&prospect_id=` for any key), `/api/anomalies`, `/api/kept`, `/api/drift`.
-Lists come a page at a time (`page`, `per_page` up to 200). Every route needs an Airflow login (`auth`).
+`/api/prospect?legal_entity=&prospect_id=` for any key), `/api/anomalies`, `/api/kept`, `/api/drift`,
+`/api/runs`, `/api/failures`. Lists come a page at a time (`page`, `per_page` up to 200). Every route
+needs an Airflow login (`auth`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import event
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import auth, links
-from .queries import DEFAULT_PER_PAGE, MAX_PER_PAGE, MAX_QUERY_LENGTH, STAGES, Queries, StoreNotReady, json_value, utc
+from . import auth, health, links
+from .health import DagRuns, PoolNames
+from .queries import (DEFAULT_PER_PAGE, MAX_PER_PAGE, MAX_QUERY_LENGTH, STAGES, TABLES, Page, Queries, StoreNotReady,
+                      json_value, utc)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,8 @@ CONTENT_SECURITY_POLICY = (
     "frame-ancestors 'self'; base-uri 'none'"
 )
 PAGE_PATHS = {"summary": "/", "prospects": "/prospects", "prospect": "/prospect", "anomalies": "/anomalies",
-              "drift": "/drift"}  # fmt: skip
+              "drift": "/drift", "runs": "/runs", "failures": "/failures"}  # fmt: skip
+RECENT_FAILURES = 5  # on the summary
 
 DriftCheck = Callable[[], "dict | None"]
 # Query parameters (Annotated: FastAPI copies the Query for each parameter).
@@ -103,12 +108,26 @@ class _Store:
             if self._engine is None:
                 self._engine = state_store_engine()
             if not self._ready:
-                from b2b_onboarding.store import prospects
-
-                if not sa.inspect(self._engine).has_table(prospects.name):
-                    raise StoreNotReady("The state store has no tables yet: no run of the onboarding DAGs wrote to it.")
+                self._check(sa.inspect(self._engine))
                 self._ready = True
         return Queries(self._engine, airflow_base=request.scope.get("app_root_path", "").rstrip("/"))
+
+    @staticmethod
+    def _check(inspector: sa.Inspector) -> None:
+        """The tables and columns the pages read are there: a store that an older version of the tasks
+        made lacks some until the next task (`StateStore` adds what is missing)."""
+        if not inspector.has_table(TABLES[0].name):
+            raise StoreNotReady("The state store has no tables yet: no run of the onboarding DAGs wrote to it.")
+        missing = []
+        for table in TABLES:
+            if not inspector.has_table(table.name):
+                missing.append(table.name)
+                continue
+            present = {column["name"] for column in inspector.get_columns(table.name)}
+            missing += [f"{table.name}.{name}" for name in table.c.keys() if name not in present]
+        if missing:
+            raise StoreNotReady(f"The state store predates these pages: it lacks {', '.join(missing)}. The next task "
+                                "of an onboarding DAG adds them.")  # fmt: skip
 
 
 class Urls:
@@ -185,14 +204,46 @@ def drift_report(queries: Queries, latest_check: dict | None, run_id: str | None
             "latest_check_found_nothing": run_id is None and found_nothing(latest_check, report)}  # fmt: skip
 
 
-def summary_of(queries: Queries, latest_check: dict | None) -> dict:
+def summary_of(queries: Queries, latest_check: dict | None, dag_runs: DagRuns, pool_names: PoolNames) -> dict:
+    """The store's counts, the latest drift check, each DAG's last run (and what failed in it), the
+    latest failures, and the Airflow pools missing."""
     summary = queries.summary()
     return {**summary, "latest_drift_check": latest_check,
-            "latest_check_found_nothing": found_nothing(latest_check, summary["latest_drift"])}  # fmt: skip
+            "latest_check_found_nothing": found_nothing(latest_check, summary["latest_drift"]),
+            "latest_runs": health.latest_runs(queries, dag_runs),
+            "recent_failures": queries.failures(1, RECENT_FAILURES).items,
+            "missing_pools": health.missing_pools(pool_names),
+            "import_pools": f"airflow pools import {health.POOLS_FILE}"}  # fmt: skip
 
 
-def create_app(engine: sa.Engine | None = None, *, latest_drift_check: DriftCheck = airflow_latest_drift_check) -> FastAPI:
-    """The app on the store of `engine`, or of the `d365_state` connection (read at the first request)."""
+def run_histories(queries: Queries, dag_runs: DagRuns) -> list[dict]:
+    """Each DAG's recent runs (None when Airflow cannot be read) and the figures shown for them."""
+    now = datetime.now(UTC)
+    histories = []
+    for dag_id in links.DAG_IDS:
+        runs = dag_runs(dag_id, health.RUN_HISTORY)
+        histories.append({
+            "dag_id": dag_id,
+            "figures": [{"key": figure.key, "label": figure.label} for figure in health.FIGURES[dag_id]],
+            "runs": None if runs is None else health.run_history(queries, dag_id, runs, now),
+        })  # fmt: skip
+    return histories
+
+
+def with_held_up(queries: Queries, found: Page, dag_runs: DagRuns) -> Page:
+    """The prospects of a page, each with the failure that holds it up (or None)."""
+    latest = health.latest_runs(queries, dag_runs)
+    for item in found.items:
+        item["held_up"] = health.held_up(item, latest)
+    return found
+
+
+def create_app(
+    engine: sa.Engine | None = None, *, latest_drift_check: DriftCheck = airflow_latest_drift_check,
+    dag_runs: DagRuns = health.airflow_dag_runs, pool_names: PoolNames = health.airflow_pool_names,
+) -> FastAPI:  # fmt: skip
+    """The app on the store of `engine`, or of the `d365_state` connection (read at the first request);
+    Airflow's metadata database read by the callables given (a test gives its own)."""
     store = _Store(engine)
     templates = _templates()
     app = FastAPI(
@@ -250,13 +301,14 @@ def create_app(engine: sa.Engine | None = None, *, latest_drift_check: DriftChec
 
     @app.get("/", name="summary")
     def summary_page(request: Request) -> Response:
-        summary = summary_of(store.queries(request), latest_drift_check())
+        summary = summary_of(store.queries(request), latest_drift_check(), dag_runs, pool_names)
         return render(request, "summary.html", summary=summary, dag_ids=links.DAG_IDS)
 
     @app.get("/prospects", name="prospects")
     def prospects_page(request: Request, q: Text = "", stage: Text = "", legal_entity: Text = "",
                        paged: tuple[int, int] = Paging) -> Response:  # fmt: skip
-        found = store.queries(request).prospects(q, stage, legal_entity, *paged)
+        queries = store.queries(request)
+        found = with_held_up(queries, queries.prospects(q, stage, legal_entity, *paged), dag_runs)
         return render(request, "prospects.html", found=found, q=q, stage=stage, legal_entity=legal_entity)
 
     @app.get("/prospect", name="prospect")
@@ -269,8 +321,9 @@ def create_app(engine: sa.Engine | None = None, *, latest_drift_check: DriftChec
                           message=f"No prospect {legal_entity}/{prospect_id} in the state store.")  # fmt: skip
         timeline = queries.timeline(legal_entity, prospect_id, page, MAX_PER_PAGE)
         found = queries.anomalies(1, MAX_PER_PAGE, legal_entity, prospect_id)
+        held_up = health.held_up(prospect, health.latest_runs(queries, dag_runs))
         return render(request, "prospect.html", prospect=prospect, timeline=timeline, anomalies=found,
-                      last_run_dag=links.dag_of_stage(prospect["stage"]))  # fmt: skip
+                      held_up=held_up, last_run_dag=links.dag_of_stage(prospect["stage"]))  # fmt: skip
 
     @app.get("/anomalies", name="anomalies")
     def anomalies_page(request: Request, paged: tuple[int, int] = Paging,
@@ -286,6 +339,18 @@ def create_app(engine: sa.Engine | None = None, *, latest_drift_check: DriftChec
         report = drift_report(queries, latest_drift_check(), run_id, *paged)
         return render(request, "drift.html", report=report, runs=queries.drift_runs())
 
+    @app.get("/runs", name="runs")
+    def runs_page(request: Request) -> Response:
+        histories = run_histories(store.queries(request), dag_runs)
+        charts = {history["dag_id"]: health.chart(history["runs"]) for history in histories if history["runs"]}
+        return render(request, "runs.html", histories=histories, charts=charts)
+
+    @app.get("/failures", name="failures")
+    def failures_page(request: Request, dag_id: Key = "", run_id: Key = "",
+                      paged: tuple[int, int] = Paging) -> Response:  # fmt: skip
+        found = store.queries(request).failures(*paged, dag_id=dag_id, run_id=run_id)
+        return render(request, "failures.html", found=found, dag_id=dag_id, run_id=run_id)
+
     @app.get("/static/{name}", name="static")
     def static(name: str) -> Response:
         if name not in STATIC_FILES:
@@ -296,12 +361,13 @@ def create_app(engine: sa.Engine | None = None, *, latest_drift_check: DriftChec
 
     @app.get("/api/summary")
     def summary_json(request: Request) -> dict:
-        return summary_of(store.queries(request), latest_drift_check())
+        return summary_of(store.queries(request), latest_drift_check(), dag_runs, pool_names)
 
     @app.get("/api/prospects")
     def prospects_json(request: Request, q: Text = "", stage: Text = "", legal_entity: Text = "",
                        paged: tuple[int, int] = Paging) -> dict:  # fmt: skip
-        found = store.queries(request).prospects(q, stage, legal_entity, *paged)
+        queries = store.queries(request)
+        found = with_held_up(queries, queries.prospects(q, stage, legal_entity, *paged), dag_runs)
         urls = Urls(request)
         for item in found.items:
             item["url"] = urls.prospect(item["legal_entity"], item["prospect_id"])
@@ -314,6 +380,7 @@ def create_app(engine: sa.Engine | None = None, *, latest_drift_check: DriftChec
             raise HTTPException(404, f"no prospect {legal_entity}/{prospect_id} in the state store")
         return json_value({
             "prospect": prospect,
+            "held_up": health.held_up(prospect, health.latest_runs(queries, dag_runs)),
             "timeline": queries.timeline(legal_entity, prospect_id, page, MAX_PER_PAGE),
             "anomalies": queries.anomalies(1, MAX_PER_PAGE, legal_entity, prospect_id),
         })  # fmt: skip
@@ -339,6 +406,15 @@ def create_app(engine: sa.Engine | None = None, *, latest_drift_check: DriftChec
     def drift_json(request: Request, run_id: str | None = Query(None, max_length=250), paged: tuple[int, int] = Paging) -> dict:
         queries = store.queries(request)
         return json_value(drift_report(queries, latest_drift_check(), run_id, *paged))
+
+    @app.get("/api/runs")
+    def runs_json(request: Request) -> dict:
+        return {"dags": run_histories(store.queries(request), dag_runs)}
+
+    @app.get("/api/failures")
+    def failures_json(request: Request, dag_id: Key = "", run_id: Key = "",
+                      paged: tuple[int, int] = Paging) -> dict:  # fmt: skip
+        return store.queries(request).failures(*paged, dag_id=dag_id, run_id=run_id).as_json()
 
     return app
 

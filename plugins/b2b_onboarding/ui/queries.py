@@ -7,15 +7,19 @@ it is shown.
 
 from __future__ import annotations
 
+import json
 import math
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
 
+from b2b_onboarding.prospects import Prospect
 from b2b_onboarding.rules import Stage
-from b2b_onboarding.store import anomalies, drift_findings, prospects, transitions
+from b2b_onboarding.store import anomalies, drift_findings, prospects, step_results, task_failures, transitions
 
 from . import links
 
@@ -30,6 +34,8 @@ KEPT = sa.or_(prospects.c.stage == Stage.INVALID.value, prospects.c.last_error.i
 
 # Shown from the prospect's own fields (the validated record from Commerce; none for a bad record).
 PROSPECT_FIELDS = ("ProspectName", "CompanyName", "PrimaryEmailAddress")
+# The tables the pages read, the prospects first.
+TABLES = (prospects, transitions, anomalies, drift_findings, task_failures, step_results)
 LIST_COLUMNS = (
     "legal_entity", "prospect_id", "stage", "lead_id", "lead_state", "opportunity_id", "opportunity_state",
     "decision", "last_error", "last_run_id", "updated_at",
@@ -80,6 +86,26 @@ def like_pattern(text: str) -> str:
 
 def _field(name: str) -> sa.ColumnElement:
     return prospects.c.prospect[name].as_string()
+
+
+def bad_fields(prospect: dict) -> list[dict]:
+    """The fields a prospect's validation error names, in its order, each with the value Commerce sent
+    (`received`) when the store keeps the record as received: a bad record's own (stage invalid),
+    not the last valid record a tracked prospect keeps when a correction in Commerce is invalid."""
+    error = prospect.get("validation_error") or ""
+    # "prospect usrt/P-4: PrimaryEmailAddress: value is not …; CompanyName: …" (prospects.validate)
+    named = sorted((found.start(), name) for name in Prospect.model_fields
+                   if (found := re.search(rf"(?:: |; ){re.escape(name)}: ", error)))  # fmt: skip
+    record = prospect.get("prospect")
+    received = isinstance(record, dict) and prospect.get("stage") == Stage.INVALID.value
+    return [{"field": name, "received": received, "value": record.get(name) if received else None}
+            for _, name in named]  # fmt: skip
+
+
+def first_line(error: str) -> tuple[str, int]:
+    """A recorded failure's one line (its first, whole) and how many more lines its log holds."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()] or [""]
+    return lines[0], len(lines) - 1
 
 
 class Queries:
@@ -155,6 +181,7 @@ class Queries:
                 "oldest": aged(oldest),
                 "oldest_valid": aged(oldest_valid),  # bad records aside: they wait for a fix in Commerce
             },
+            "empty_stages": [stage for stage in stages if not by_stage[stage]],  # folded away on the page
             "kept_with_error": kept,
             "anomalies": anomaly_count,
             "latest_drift": drift,
@@ -193,11 +220,11 @@ class Queries:
         return _json_ready({**row, **names})
 
     def prospect(self, legal_entity: str, prospect_id: str) -> dict | None:
-        """Everything the store knows of one prospect, or None."""
+        """Everything the store knows of one prospect, and the fields its validation error names, or None."""
         query = sa.select(prospects).where(prospects.c.legal_entity == legal_entity, prospects.c.prospect_id == prospect_id)
         with self._connect() as connection:
             row = connection.execute(query).mappings().first()
-        return None if row is None else _json_ready(dict(row))
+        return None if row is None else _json_ready({**row, "bad_fields": bad_fields(dict(row))})
 
     def timeline(self, legal_entity: str, prospect_id: str, page: int = 1, per_page: int = MAX_PER_PAGE) -> Page:
         """Its transitions, oldest first: from and to stage, when, the run that made it (with links to
@@ -217,7 +244,7 @@ class Queries:
             items.append(_json_ready({
                 "at": row["at"], "from_stage": row["from_stage"], "to_stage": row["to_stage"], "run_id": row["run_id"],
                 "error": row["error"], "detail": row.get("detail"),
-                **links.run_links(self.airflow_base, row["run_id"], dag_id, task_id),
+                **links.run_links(self.airflow_base, row["run_id"], dag_id, task_id, row.get("map_index")),
             }))  # fmt: skip
         return replace(found, items=items)
 
@@ -262,6 +289,80 @@ class Queries:
                 "last_run_url": links.run_links(self.airflow_base, row["last_run_id"], dag_id, None)["run_url"],
             }))  # fmt: skip
         return replace(found, items=items)
+
+    # Runs: what their step tasks did, the tasks that failed for good
+
+    def step_results(self, dag_id: str, run_ids: Iterable[str]) -> dict[str, list[dict]]:
+        """The results the step tasks of these runs recorded (task_id, dry_run, result as a dict), per
+        run id, in the order they ended."""
+        query = (
+            sa.select(step_results.c.run_id, step_results.c.task_id, step_results.c.dry_run, step_results.c.result)
+            .where(step_results.c.dag_id == dag_id, step_results.c.run_id.in_(list(run_ids)))
+            .order_by(step_results.c.recorded_at, step_results.c.task_id, step_results.c.map_index)
+        )
+        found: dict[str, list[dict]] = {}
+        with self._connect() as connection:
+            for row in connection.execute(query).mappings():
+                found.setdefault(row["run_id"], []).append({**row, "result": json.loads(row["result"])})
+        return found
+
+    def dry_runs(self, dag_id: str, run_ids: Iterable[str]) -> set[str]:
+        """Which of these runs recorded results of a dry run."""
+        query = sa.select(step_results.c.run_id).distinct().where(
+            step_results.c.dag_id == dag_id, step_results.c.run_id.in_(list(run_ids)), step_results.c.dry_run)
+        with self._connect() as connection:
+            return set(connection.execute(query).scalars())
+
+    def failures(self, page: int = 1, per_page: int = DEFAULT_PER_PAGE, dag_id: str = "", run_id: str = "") -> Page:
+        """Every recorded failure of a task that failed for good (one row per failed try), the latest
+        first; of one DAG, and of one run, if given."""
+        query = sa.select(task_failures).order_by(task_failures.c.failed_at.desc(), task_failures.c.id.desc())
+        if dag_id:
+            query = query.where(task_failures.c.dag_id == dag_id)
+        if run_id:
+            query = query.where(task_failures.c.run_id == run_id)
+        with self._connect() as connection:
+            found = self._page(connection, query, page, per_page)
+        return replace(found, items=[self._failure(row) for row in found.items])
+
+    def run_failures(self, dag_id: str, run_ids: Iterable[str]) -> dict[str, list[dict]]:
+        """The task instances of these runs that failed for good, per run id, in the order they
+        failed: the latest try of each, unless it has recorded its result since (cleared and rerun)."""
+        rerun = sa.exists().where(
+            step_results.c.dag_id == task_failures.c.dag_id, step_results.c.run_id == task_failures.c.run_id,
+            step_results.c.task_id == task_failures.c.task_id, step_results.c.map_index == task_failures.c.map_index,
+            step_results.c.recorded_at > task_failures.c.failed_at,
+        )  # fmt: skip
+        query = (
+            sa.select(task_failures)
+            .where(task_failures.c.dag_id == dag_id, task_failures.c.run_id.in_(list(run_ids)), ~rerun)
+            .order_by(task_failures.c.failed_at, task_failures.c.id)
+        )
+        latest: dict[tuple[str, str, int], dict] = {}
+        with self._connect() as connection:
+            for row in connection.execute(query).mappings():
+                latest.pop((row["run_id"], row["task_id"], row["map_index"]), None)  # a later try: in its place
+                latest[(row["run_id"], row["task_id"], row["map_index"])] = self._failure(dict(row))
+        found: dict[str, list[dict]] = {}
+        for (run_id, _, _), failure in latest.items():
+            found.setdefault(run_id, []).append(failure)
+        return found
+
+    def _failure(self, row: dict) -> dict:
+        """A recorded failure as the pages show it: its one line, the chunk its task worked on, and
+        links to its run and to the log of its try (the UI's own route, right whatever Airflow's
+        `[api] base_url` says)."""
+        message, more_lines = first_line(row["error"])
+        log = links.log_url(self.airflow_base, row["dag_id"], row["run_id"], row["task_id"], row["map_index"],
+                            row["try_number"])  # fmt: skip
+        chunk = row["rendered_map_index"] or (str(row["map_index"]) if row["map_index"] >= 0 else None)
+        return _json_ready({
+            "dag_id": row["dag_id"], "run_id": row["run_id"], "task_id": row["task_id"], "map_index": row["map_index"],
+            "chunk": chunk, "try_number": row["try_number"], "failed_at": row["failed_at"], "message": message,
+            "more_lines": more_lines, "error": row["error"], "legal_entity": row["legal_entity"],
+            "first_id": row["first_id"], "last_id": row["last_id"],
+            "run_url": links.run_url(self.airflow_base, row["dag_id"], row["run_id"]), "log_url": log,
+        })  # fmt: skip
 
     # Drift
 

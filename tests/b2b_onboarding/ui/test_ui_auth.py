@@ -19,10 +19,10 @@ from ui_data import fill
 from b2b_onboarding.store import StateStore
 from b2b_onboarding.ui import HREF, URL_PREFIX, URL_ROUTE
 
-PAGES = ["/", "/prospects?q=ada", "/prospect?legal_entity=usrt&prospect_id=P-1", "/anomalies", "/drift",
-         "/static/style.css", "/static/frame.js"]  # fmt: skip
+PAGES = ["/", "/prospects?q=ada", "/prospect?legal_entity=usrt&prospect_id=P-1", "/anomalies", "/drift", "/runs",
+         "/failures", "/static/style.css", "/static/frame.js"]  # fmt: skip
 API = ["/api/summary", "/api/prospects?q=ada", "/api/prospects/usrt/P-1", "/api/prospect?legal_entity=usrt&prospect_id=P-1",
-       "/api/anomalies", "/api/kept", "/api/drift"]  # fmt: skip
+       "/api/anomalies", "/api/kept", "/api/drift", "/api/runs", "/api/failures"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,10 @@ def test_a_logged_in_user_reads_the_pages_with_the_bearer_header_or_the_ui_cooki
     for path in API:
         response = client.get(URL_PREFIX + path, headers=bearer)
         assert response.status_code == 200, (path, response.text)
-    assert client.get(URL_PREFIX + "/api/summary", headers=bearer).json()["by_stage"]["approved"] == 1
+    summary = client.get(URL_PREFIX + "/api/summary", headers=bearer).json()
+    assert summary["by_stage"]["approved"] == 1
+    # Airflow's own metadata database read by the app's defaults: its pools imported, both DAGs readable.
+    assert summary["missing_pools"] == [] and all(latest["readable"] for latest in summary["latest_runs"])
     # The UI's frame: a same-origin page load carries the session cookie, and no header.
     client.cookies.set("_token", token)
     try:

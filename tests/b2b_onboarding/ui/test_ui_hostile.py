@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import pandas as pd
 import pytest
 from test_ui_pages import Page
-from ui_data import client_for, prospect, pulled
+from ui_data import client_for, dag_run, prospect, pulled, record_failure, runs_of
 
 _spec = importlib.util.spec_from_file_location("hostile_strings", Path(__file__).parent.parent / "hostile_strings.py")
 hostile_strings = importlib.util.module_from_spec(_spec)
@@ -42,7 +42,7 @@ EVIL_RUN = 'manual__"><script>alert(9)</script>'
 ALLOWED_TAGS = {"html", "head", "meta", "title", "link", "script", "body", "header", "nav", "strong", "a", "form",
                 "input", "button", "main", "h1", "h2", "p", "section", "div", "span", "table", "thead", "tbody",
                 "tfoot", "tr", "th", "td", "small", "br", "label", "select", "option", "caption", "code", "ul",
-                "li"}  # fmt: skip
+                "li", "details", "summary", "em", "figure", "figcaption", "svg", "rect", "text"}  # fmt: skip
 
 
 def assert_inert(html: str) -> Page:
@@ -91,6 +91,25 @@ def test_hostile_names_render_as_text_on_every_page(hostile):
         for name in MARKUP:  # searching for markup finds it and echoes the query as text
             found = assert_inert(client.get("/prospects", params={"q": name}).text)
             assert name in "".join(found.text)
+
+
+def test_hostile_failures_runs_and_bad_values_render_as_text(hostile):
+    """A failure's message and chunk, a run id, a bad record's value: text on the summary, the runs,
+    the failures, the prospects held up and the bad record's page."""
+    store, _ = hostile
+    error = "prospect usrt/B-1: CompanyName: String should have at least 1 character"
+    store.record_pulled(pulled({**prospect("usrt", "B-1", error=error), "prospect": {"CompanyName": MARKUP[1]}}), EVIL_RUN)
+    message = "<script>alert(14)</script> refused"
+    record_failure(store, "b2b_prospect_sync", EVIL_RUN, "push_leads", f"{message}\n<b>more</b>", 0,
+                   ("usrt", "<b>", "z</td>"))  # fmt: skip
+    runs = runs_of(b2b_prospect_sync=[dag_run(EVIL_RUN, "failed", "2026-11-21T02:15:00+00:00")])
+    with client_for(store, dag_runs=runs) as client:
+        for path in ["/", "/runs", "/failures", "/prospects?q=N-00"]:
+            page = assert_inert(client.get(path).text)
+            text = "".join(page.text)
+            assert message in text and "[usrt <b>…z</td>]" in text and EVIL_RUN in text, path
+        detail = assert_inert(client.get("/prospect", params={"legal_entity": "usrt", "prospect_id": "B-1"}).text)
+        assert MARKUP[1] in "".join(detail.text)
 
 
 def test_every_hostile_key_links_to_its_own_prospect(hostile):

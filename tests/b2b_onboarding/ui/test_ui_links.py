@@ -9,6 +9,7 @@ import airflow
 import pytest
 
 from b2b_onboarding.ui import links
+from b2b_onboarding.ui.queries import STAGES
 from b2b_onboarding.ui.links import RECONCILIATION_DAG_ID as NIGHT
 from b2b_onboarding.ui.links import SYNC_DAG_ID as SYNC
 
@@ -63,10 +64,40 @@ def test_run_ids_are_one_path_segment():
     assert links.run_links("", None, NIGHT, None)["run_url"] is None
 
 
+def test_the_log_of_a_mapped_task_is_the_log_of_its_instance():
+    base = "/dags/b2b_prospect_sync/runs/r/tasks"
+    assert links.task_url("", SYNC, "r", "push_leads", 2) == f"{base}/push_leads/mapped/2"
+    assert links.task_url("", SYNC, "r", "push_leads") == f"{base}/push_leads/mapped"  # which instance: unknown
+    assert links.log_url("", SYNC, "r", "push_leads", 0, 3) == f"{base}/push_leads/mapped/0?try_number=3"
+    assert links.log_url("", NIGHT, "r", "read_outcomes", -1, 1) == (
+        "/dags/b2b_outcome_reconciliation/runs/r/tasks/read_outcomes?try_number=1")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dags(airflow_db):
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(Path(__file__).resolve().parents[3] / "dags"))
+    return {dag_id: bag.get_dag(dag_id) for dag_id in links.DAG_IDS}
+
+
+def test_each_waiting_stage_names_its_next_step_and_the_tasks_before_it_as_the_dags_wire_them(dags):
+    """A prospect is held up by a failure of its next step, or of a task upstream of it (then the step
+    does not run at all): both as the DAGs are wired."""
+    assert set(links.NEXT_STEP) == set(STAGES) - {"approved", "rejected"}
+    for dag_id, task_id in links.NEXT_STEP.values():
+        upstream = dags[dag_id].get_task(task_id).get_flat_relative_ids(upstream=True)
+        assert links.BEFORE_STEP[task_id] == upstream, task_id
+    mapped = {task.task_id for dag in dags.values() for task in dag.tasks if task.is_mapped}
+    assert mapped == links.MAPPED_TASKS
+
+
 def test_the_routes_linked_to_are_routes_of_the_installed_airflow_ui():
-    """The UI's router (in its bundle) has the run page, the task page and the mapped tasks page."""
+    """The UI's router (in its bundle) has the run page, the task page, the mapped tasks page and the
+    page of one mapped instance."""
     bundle = "".join(path.read_text(errors="ignore")
                      for path in (Path(airflow.__file__).parent / "ui" / "dist" / "assets").glob("index-*.js"))  # fmt: skip
     for route in ("dags/:dagId/runs/:runId", "dags/:dagId/runs/:runId/tasks/:taskId",
-                  "dags/:dagId/runs/:runId/tasks/:taskId/mapped", "dags/:dagId", "plugin/:page/*"):  # fmt: skip
+                  "dags/:dagId/runs/:runId/tasks/:taskId/mapped", "dags/:dagId/runs/:runId/tasks/:taskId/mapped/:mapIndex",
+                  "dags/:dagId", "plugin/:page/*"):  # fmt: skip
         assert f"path:`{route}`" in bundle, route

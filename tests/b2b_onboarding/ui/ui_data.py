@@ -1,7 +1,11 @@
 """A state store filled the way the DAGs fill it (`record_pulled`, `update_many`, `record_anomalies`,
-`record_drift`), and a client of the pages on it, for the tests of the onboarding pages."""
+`record_drift`; the step tasks' `record_step_result`, the failure callback's `record_task_failure`),
+runs as Airflow's metadata database holds them, and a client of the pages on it, for the tests of the
+onboarding pages."""
 
 from __future__ import annotations
+
+from datetime import datetime, timedelta
 
 import pandas as pd
 from fastapi.testclient import TestClient
@@ -76,6 +80,36 @@ def fill(store: StateStore) -> None:
     ]), NEXT_NIGHT)  # fmt: skip
 
 
+def dag_run(run_id: str, state: str, started_at: str, seconds: int | None = 60, dry_run: bool = False) -> dict:
+    """A DAG run as `health.airflow_dag_runs` reads it from Airflow's metadata database (running: no end)."""
+    started = datetime.fromisoformat(started_at)
+    ended = None if seconds is None else (started + timedelta(seconds=seconds)).isoformat()
+    return {"run_id": run_id, "state": state, "started_at": started.isoformat(), "ended_at": ended, "dry_run": dry_run}
+
+
+def runs_of(**runs: list[dict]):
+    """A reader of Airflow's DAG runs (`create_app(dag_runs=…)`) holding these runs, newest first, per DAG id."""
+    return lambda dag_id, limit: runs.get(dag_id, [])[:limit]
+
+
+def record_result(store: StateStore, dag_id: str, run_id: str, task_id: str, map_index: int, step: str,
+                  legal_entity: str = "*", dry_run: bool = False, **counts: int) -> None:  # fmt: skip
+    """What a step task records as it ends (tasks.py: its result dict)."""
+    result = {"step": step, "legal_entity": legal_entity, **counts}
+    store.record_step_result(dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index, result=result,
+                             dry_run=dry_run)  # fmt: skip
+
+
+def record_failure(store: StateStore, dag_id: str, run_id: str, task_id: str, error: str, map_index: int = -1,
+                   chunk: tuple[str, str, str] | None = None, failed_at: datetime | None = None) -> None:  # fmt: skip
+    """What the failure callback records (notify.py), with the chunk a mapped task worked on."""
+    legal_entity, first_id, last_id = chunk or (None, None, None)
+    rendered = f"{legal_entity} {first_id}…{last_id}" if chunk else None
+    store.record_task_failure(dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index, try_number=3,
+                              error=error, rendered_map_index=rendered, failed_at=failed_at, legal_entity=legal_entity,
+                              first_id=first_id, last_id=last_id)  # fmt: skip
+
+
 class Viewer:
     """Stands for the Airflow user the app's `auth.reader` would resolve (tested in test_ui_auth.py)."""
 
@@ -83,8 +117,18 @@ class Viewer:
         return "viewer"
 
 
-def client_for(store: StateStore, latest_drift_check=lambda: None, **kwargs) -> TestClient:
-    app = create_app(store.engine, latest_drift_check=latest_drift_check)
+def no_runs(dag_id: str, limit: int) -> list[dict]:
+    return []
+
+
+def every_pool() -> set[str]:
+    return {"d365_commerce", "d365_sales", "default_pool"}
+
+
+def client_for(store: StateStore, latest_drift_check=lambda: None, dag_runs=no_runs, pool_names=every_pool,
+               **kwargs) -> TestClient:  # fmt: skip
+    """A client of the pages on the store, with Airflow's metadata database as the test says it is."""
+    app = create_app(store.engine, latest_drift_check=latest_drift_check, dag_runs=dag_runs, pool_names=pool_names)
     app.dependency_overrides[auth.reader] = Viewer
     return TestClient(app, **kwargs)
 
