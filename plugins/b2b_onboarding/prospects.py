@@ -166,7 +166,7 @@ def refuse_duplicate_emails(page: pd.DataFrame, legal_entity: str, emails_in_use
     return result
 
 
-# The lead columns dual-write maps from prospect fields (domain.md): corrections in HQ reach these.
+# The lead columns dual-write maps from prospect fields: corrections in HQ reach these.
 MAPPED_LEAD_COLUMNS = (
     "firstname", "lastname", "companyname", "emailaddress1", "telephone1", "address1_line1", "address1_city",
     "address1_postalcode", "address1_country",

@@ -44,7 +44,7 @@ prospects = sa.Table(
     sa.Column("prospect", sa.JSON),
     sa.Column("validation_error", sa.Text),
     # The mapped lead columns as the product last wrote or found them on the lead: a correction in HQ
-    # updates only columns a seller has not changed since (README, Corrections).
+    # updates only columns a seller has not changed since (README, "Sellers, clerks and the cut-over").
     sa.Column("lead_fields", sa.JSON),
     *(sa.Column(name, sa.String(64)) for name in FACT_COLUMNS if name not in (*_JSON_FACTS, "validation_error")),
     # The email of a valid prospect, as prospects.email_key compares it (null otherwise): one

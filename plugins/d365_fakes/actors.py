@@ -15,7 +15,7 @@ import msal
 
 from d365_fakes.running import Endpoints
 
-# Dual-write's "Prospects (leads)" map (domain.md section 3): prospect field -> lead column. The
+# Dual-write's "Prospects (leads)" map (README, "Sellers, clerks and the cut-over"): prospect field -> lead column. The
 # name is split below (Dataverse composes a lead's fullname from firstname and lastname).
 DUAL_WRITE_LEAD_COLUMNS = {
     "CompanyName": "companyname",

@@ -5,7 +5,7 @@ sends when a prospect is approved or rejected, and request/write counts. `create
 the way F&O does: bearer-token auth per request, companies (`dataAreaId`, `cross-company=true`),
 keys in the URL, `$filter` and friends, server-driven paging and F&O's error bodies.
 
-Facts follow /work/shared/domain.md section 2. Field and enum type names are those of the real
+Facts follow CONTRACT.md, "Commerce HQ OData". Field and enum type names are those of the real
 `$metadata` (`PartyType` on CustomersV3 is a string there, not an enum).
 """
 

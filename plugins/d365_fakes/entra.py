@@ -95,7 +95,7 @@ def create_app(issuer: TokenIssuer, clients: Mapping[str, ClientRegistration]) -
         client = clients.get(client_id)
         if client is None:
             # The error and code are Entra's (AADSTS700016, unauthorized_client); the status is 401, as
-            # the product card asks, where Entra itself answers 400 (see README, "Choices").
+            # the product's brief asked, where Entra itself answers 400 (see README, "Choices").
             raise _EntraError(
                 401,
                 "unauthorized_client",

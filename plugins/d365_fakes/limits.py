@@ -1,9 +1,10 @@
 """Service protection for the OData fakes: per-caller sliding-window limits answered with 429, and
 a simulated network latency.
 
-Dataverse (domain.md section 3) limits each user, over a sliding window (real: 300 s), to a number
-of requests (6000, code 0x80072322), a combined execution time (1200 s, 0x80072321) and a number of
-concurrent requests (52, 0x80072326, refused at once). Commerce headquarters (section 2) has
+Dataverse (its service protection API limits; CONTRACT.md, "Service protection and latency") limits
+each user, over a sliding window (real: 300 s), to a number of requests (6000, code 0x80072322), a
+combined execution time (1200 s, 0x80072321) and a number of concurrent requests (52, 0x80072326,
+refused at once). Commerce headquarters has
 optional per-user limits; the fake offers its request limit (off unless configured). Each refusal
 is a 429 whose `Retry-After` says when the window admits the caller again; a caller that sends
 again before then is refused again, each time with a longer wait, as the real services do.

@@ -1,6 +1,6 @@
 """Fault injection in process: the FaultPlan (matching, budgets, seeded shares, validation), the
 `/_admin/faults` routes, and how each fake answers a status fault. The slow and reset kinds over
-real HTTPS are in test_chaos.py."""
+real HTTPS are in test_faults_over_https.py."""
 
 import json
 import os

@@ -1,5 +1,5 @@
 """Token revocation: TokenIssuer.revoke, the APIs' 401 for a revoked token, and
-`POST /_admin/tokens/revoke` (in process; over HTTPS in test_chaos.py)."""
+`POST /_admin/tokens/revoke` (in process; over HTTPS in test_faults_over_https.py)."""
 
 from types import SimpleNamespace
 
