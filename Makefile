@@ -4,16 +4,21 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Puts plugins/ on the venv's sys.path, so that `.venv/bin/python -m d365_fakes ...` works from any
+# directory without PYTHONPATH (until the packages are installed as packages).
+PLUGINS_PTH := $(VENV)/lib/python3.11/site-packages/b2b_onboarding_plugins.pth
 
-export PYTHONPATH := $(CURDIR)/plugins
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 
-.PHONY: install demo test e2e-distributed bench chaos fakes constraints clean
+.PHONY: install demo test airflow e2e-distributed bench chaos fakes constraints clean
 
-install: $(STAMP)
+install: $(PLUGINS_PTH)
+
+$(PLUGINS_PTH): $(STAMP)
+	echo '$(CURDIR)/plugins' > $@
 
 $(STAMP): requirements.txt constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and "Python 3.11 is required (set PYTHON=...)")'
@@ -26,6 +31,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The next command after `make demo`: Airflow's UI on http://127.0.0.1:8080 with the product and the
+# fakes, in the foreground until Ctrl-C (README, "Try it locally"). State and logs in .airflow/.
+airflow: install
+	$(BIN)/python -m d365_fakes.local_airflow $(AIRFLOW_ARGS)
 
 # Not part of `make test` (run by .ci/run): the demo's story on CeleryExecutor with two workers, on
 # the machine's PostgreSQL (127.0.0.1:5432) and Redis (127.0.0.1:6379). Skipped when either is absent,

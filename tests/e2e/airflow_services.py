@@ -1,6 +1,7 @@
 """Airflow for real, against the fakes: `airflow api-server`, `airflow scheduler` and
-`airflow dag-processor` as processes (by default LocalExecutor, SQLite metadata database in a
-temporary AIRFLOW_HOME), the product's connections as `AIRFLOW_CONN_*` variables, its pools
+`airflow dag-processor` as processes (d365_fakes.airflow_processes, as `make airflow` starts them; by
+default LocalExecutor, SQLite metadata database in a temporary AIRFLOW_HOME), the product's
+connections as `AIRFLOW_CONN_*` variables (`d365_sales` in the metadata database instead), its pools
 imported, both DAGs unpaused, and the Simple auth manager with one admin whose password the tests
 know. A `Topology` chooses another executor, metadata database, state store, settings and more
 processes (tests/distributed: CeleryExecutor on PostgreSQL and Redis with two Celery workers).
@@ -15,13 +16,8 @@ Each process's output is in `<AIRFLOW_HOME>/services/`, copied to `.artifacts/ai
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
@@ -29,23 +25,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from d365_fakes.actors import Seller
+from d365_fakes.airflow_processes import (
+    DAG_IDS,
+    LEGAL_ENTITIES,
+    STARTUP_TIMEOUT_S,
+    AirflowFailed,
+    AirflowProcesses,
+    admin_password,
+    environment,
+    split_connections,
+)
 from d365_fakes.running import Endpoints, FakeAdmin, running_fakes
 from d365_fakes.scenario import Cast, airflow_connections
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / ".artifacts"
-POOLS = REPO / "plugins" / "b2b_onboarding" / "pools.json"
-SYNC = "b2b_prospect_sync"
-RECONCILIATION = "b2b_outcome_reconciliation"
-DAG_IDS = (SYNC, RECONCILIATION)
-LEGAL_ENTITIES = ["usrt", "usmf"]
-USERNAME = "admin"
 SERVICES = ("api-server", "scheduler", "dag-processor")  # started in this order, stopped in the reverse
-STARTUP_TIMEOUT_S = 180
 FINISHED = {"success", "failed"}
 
 
@@ -59,10 +57,6 @@ def write_artifact_gitignore() -> None:
     """`.artifacts/` ignores itself, whatever the repository's `.gitignore` says."""
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / ".gitignore").write_text("*\n")
-
-
-class AirflowFailed(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -88,37 +82,25 @@ class Topology:
     extra_processes: tuple[Process, ...] = ()  # started after the three services (e.g. Celery workers)
     artifacts: str = "airflow-services"  # where under .artifacts/ the processes' output is kept
     keep_task_logs: bool = False  # also keep the task logs (<AIRFLOW_HOME>/logs) there
+    # Connections kept in Airflow's metadata database (added with `airflow connections add`), where the
+    # UI and the REST API can change them, instead of AIRFLOW_CONN_* variables, which they cannot.
+    connections_in_database: tuple[str, ...] = ("d365_sales",)
 
     def processes(self) -> tuple[Process, ...]:
         return tuple(Process(name, (name,)) for name in SERVICES) + self.extra_processes
 
 
-@dataclass
-class AirflowServices:
-    """What a test needs of the running Airflow and fakes."""
+@dataclass(kw_only=True)
+class AirflowServices(AirflowProcesses):
+    """What a test needs of the running Airflow and fakes: its processes, CLI and REST API
+    (AirflowProcesses), and runs, backfills and the world, as the tests use them."""
 
-    base_url: str  # the api-server (UI, REST API, execution API)
-    home: Path
-    env: dict[str, str]
-    username: str
-    password: str
     endpoints: Endpoints
     cast: Cast
     state_db: Path | None  # the state store's SQLite file; None when the topology puts it elsewhere
     topology: Topology = field(default_factory=Topology)
-    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
-    _token: str | None = None
 
     # --- the command line and the REST API -------------------------------------------------------
-
-    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """`airflow <args>` against this deployment (its metadata database and configuration)."""
-        done = subprocess.run([sys.executable, "-m", "airflow", *args], env=self.env, capture_output=True,
-                              text=True, timeout=timeout)  # fmt: skip
-        if done.returncode != 0:
-            raise AirflowFailed(f"airflow {' '.join(args)} exited {done.returncode}:\n{done.stdout[-3000:]}\n"
-                                f"{done.stderr[-3000:]}")  # fmt: skip
-        return done
 
     def backfill(self, dag_id: str, *flags: str) -> dict:
         """`airflow backfill create --dag-id <dag_id> <flags>`; the new backfill as `GET /backfills` shows it."""
@@ -155,30 +137,19 @@ class AirflowServices:
         backfills = self.api("GET", "/backfills", params={"dag_id": dag_id, "limit": 100})["backfills"]
         return max(backfills, key=lambda backfill: backfill["id"])
 
-    def token(self) -> str:
-        """A JWT for the admin, from `POST /auth/token` (as any REST client gets one)."""
-        if self._token is None:
-            answer = httpx.post(f"{self.base_url}/auth/token", json={"username": self.username, "password":
-                                self.password}, timeout=30)  # fmt: skip
-            answer.raise_for_status()
-            self._token = answer.json()["access_token"]
-        return self._token
-
-    def api(self, method: str, path: str, **kwargs: Any) -> Any:
-        """`/api/v2<path>` as the admin; the decoded JSON answer (None when empty)."""
-        headers = {"Authorization": f"Bearer {self.token()}"}
-        answer = httpx.request(method, f"{self.base_url}/api/v2{path}", headers=headers, timeout=60, **kwargs)
-        if answer.is_error:
-            raise AirflowFailed(f"{method} /api/v2{path} answered {answer.status_code}: {answer.text[:2000]}")
-        return answer.json() if answer.content else None
-
     def trigger(self, dag_id: str, conf: dict | None = None) -> str:
         """A manual run, as the UI's Trigger button makes it; its run id."""
         run = self.api("POST", f"/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf or {}})
         return run["dag_run_id"]
 
-    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 240) -> dict:
-        """Waits for the run to end; fails with its task states when it did not succeed."""
+    def set_password(self, conn_id: str, password: str) -> None:
+        """Changes a connection's password (secret) through the REST API, as an operator does in the UI."""
+        self.api("PATCH", f"/connections/{conn_id}", params={"update_mask": ["password"]},
+                 json={"connection_id": conn_id, "conn_type": "generic", "password": password})  # fmt: skip
+
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 240, expected: str = "success") -> dict:
+        """Waits for the run to end; fails with its task states when it did not end `expected`
+        (a failed task fails the wait at once unless the run is expected to fail)."""
         deadline = time.monotonic() + timeout
         while True:
             run = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}")
@@ -187,10 +158,14 @@ class AirflowServices:
             if time.monotonic() > deadline:
                 raise AirflowFailed(f"{dag_id} {run_id} still {run['state']} after {timeout} s; "
                                     f"tasks: {self.task_states(dag_id, run_id)}\n{self.log_tails()}")  # fmt: skip
-            self.check([dag_id])
+            if expected == "success":
+                self.check([dag_id])
+            else:
+                self.check_alive()
             time.sleep(1)
-        if run["state"] != "success":
-            raise AirflowFailed(f"{dag_id} {run_id} ended {run['state']}; tasks: {self.task_states(dag_id, run_id)}")
+        if run["state"] != expected:
+            raise AirflowFailed(f"{dag_id} {run_id} ended {run['state']}, not {expected}; tasks: "
+                                f"{self.task_states(dag_id, run_id)}")  # fmt: skip
         return run
 
     def run_dag(self, dag_id: str, conf: dict | None = None, timeout: float = 240) -> dict:
@@ -281,40 +256,6 @@ class AirflowServices:
 
     # --- the processes -----------------------------------------------------------------------------
 
-    def process_spec(self, name: str) -> Process:
-        return next((spec for spec in self.topology.processes() if spec.name == name), Process(name, (name,)))
-
-    def log_path(self, name: str) -> Path:
-        return self.home / "services" / f"{name}.log"
-
-    def start_process(self, name: str) -> None:
-        """The topology's process `name` (by default `airflow <name>`) in its own session (stopping it
-        stops what it started: LocalExecutor and Celery workers, uvicorn), its output appended to
-        `services/<name>.log`."""
-        spec = self.process_spec(name)
-        with open(self.log_path(name), "ab") as log:
-            command = [sys.executable, "-m", "airflow", *spec.args]
-            self.processes[name] = subprocess.Popen(command, env=self.env | dict(spec.env), stdout=log,
-                                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-
-    def stop_process(self, name: str) -> None:
-        """SIGTERM to the process group this module started (SIGKILL after 30 s), then SIGKILL to
-        whatever of the group is left."""
-        process = self.processes.pop(name, None)
-        if process is None:
-            return
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
     @contextmanager
     def writers_stopped(self) -> Iterator[None]:
         """The scheduler and the dag-processor stopped (gracefully) for the block, then started again."""
@@ -326,57 +267,11 @@ class AirflowServices:
             for name in ("dag-processor", "scheduler"):
                 self.start_process(name)
 
-    def check_alive(self) -> None:
-        for name, process in self.processes.items():
-            if process.poll() is not None:
-                raise AirflowFailed(f"airflow {name} exited with {process.returncode}\n{self.log_tails()}")
-
-    def log_tails(self, limit: int = 3000) -> str:
-        parts = []
-        for name in [spec.name for spec in self.topology.processes()]:
-            path = self.log_path(name)
-            if path.exists():
-                parts.append(f"--- {name} ({path}) ---\n{path.read_text(errors='replace')[-limit:]}")
-        return "\n".join(parts)
-
-
-def _environment(home: Path, port: int, password_file: Path, connections: dict[str, str],
-                 topology: Topology) -> dict[str, str]:  # fmt: skip
-    # Nothing Airflow-related leaks in from the test process (tests/conftest.py sets its own home).
-    env = {name: value for name, value in os.environ.items() if not name.startswith("AIRFLOW")}
-    base_url = f"http://127.0.0.1:{port}"
-    # Three processes, their workers and the CLI share one SQLite file: a writer waits up to a
-    # minute for another to finish, not the driver's default 5 s.
-    metadata_url = topology.metadata_url or f"sqlite:///{home / 'airflow.db'}?timeout=60"
-    return env | connections | {
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "plugins"), env.get("PYTHONPATH")])),
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": topology.executor,
-        "AIRFLOW__CORE__PARALLELISM": "8",  # worker processes of the LocalExecutor, on a 2-core machine
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_url,
-        "AIRFLOW__API__BASE_URL": base_url,
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__WORKERS": "1",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base_url}/execution/",
-        # One secret for every process: the api-server must accept the JWTs the scheduler signs for tasks.
-        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
-        "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
-        "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USERNAME}:admin",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(password_file),
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",  # unpaused through the API, as an operator does
-        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
-    } | dict(topology.env)  # fmt: skip
-
 
 def start(directory: Path, topology: Topology | None = None) -> tuple[AirflowServices, ExitStack]:
-    """Fakes, then the metadata database and pools, then the topology's processes; returns once they
-    are ready, both DAGs are parsed, unpaused, and the runs the scheduler made at unpausing have ended.
-    Closing the stack stops everything, also when starting failed half-way."""
+    """Fakes, then the metadata database, pools and connections, then the topology's processes; returns
+    once they are ready, both DAGs are parsed, unpaused, and the runs the scheduler made at unpausing
+    have ended. Closing the stack stops everything, also when starting failed half-way."""
     topology = topology or Topology()
     stack = ExitStack()
     try:
@@ -384,70 +279,34 @@ def start(directory: Path, topology: Topology | None = None) -> tuple[AirflowSer
         endpoints = stack.enter_context(running_fakes(directory / "fakes", cast.clients))
         home = directory / "airflow"
         (home / "services").mkdir(parents=True)
-        password = secrets.token_urlsafe(16)
-        password_file = home / "simple_auth_manager_passwords.json"
-        password_file.write_text(json.dumps({USERNAME: password}))  # read, not regenerated, by the auth manager
         port = free_port()
         state_db = directory / "state.db" if topology.state_connection is None else None
         connections = airflow_connections(endpoints, cast, LEGAL_ENTITIES, state_db or directory / "unused.db")
         if topology.state_connection is not None:
             connections["AIRFLOW_CONN_D365_STATE"] = topology.state_connection
-        env = _environment(home, port, password_file, connections, topology)
-        services = AirflowServices(f"http://127.0.0.1:{port}", home, env, USERNAME, password, endpoints, cast,
-                                   state_db, topology)  # fmt: skip
+        variables, in_database = split_connections(connections, topology.connections_in_database)
+        env = environment(home, port, variables, topology.executor, topology.metadata_url) | dict(topology.env)
+        services = AirflowServices(home, env, f"http://127.0.0.1:{port}", admin_password(home), endpoints=endpoints,
+                                   cast=cast, state_db=state_db, topology=topology)  # fmt: skip
         stack.callback(_stop_all, services)
-        services.cli("db", "migrate", timeout=300)
-        services.cli("pools", "import", str(POOLS))
+        services.set_up_database(in_database)
         for spec in topology.processes():
-            services.start_process(spec.name)
-        _wait_until_ready(services)
+            services.start_process(spec.name, spec.args, spec.env)
+        services.wait_until_ready({spec.name: spec.ready_marker for spec in topology.processes() if spec.ready_marker})
+        for dag_id in DAG_IDS:
+            services.api("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
+        # Unpausing makes each DAG's latest scheduled run (catchup=False): let them end on an empty world.
+        time.sleep(3)
+        services.wait_idle(timeout=STARTUP_TIMEOUT_S)
         return services, stack
     except BaseException:
         stack.close()
         raise
 
 
-def _wait_until_ready(services: AirflowServices) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-
-    def waiting(what: str) -> None:
-        services.check_alive()
-        if time.monotonic() > deadline:
-            raise AirflowFailed(f"Airflow not ready after {STARTUP_TIMEOUT_S} s: {what}\n{services.log_tails()}")
-        time.sleep(1)
-
-    while True:  # api-server up, scheduler and dag-processor heartbeating
-        try:
-            health = httpx.get(f"{services.base_url}/api/v2/monitor/health", timeout=5).json()
-            if all(health.get(part, {}).get("status") == "healthy" for part in ("metadatabase", "scheduler",
-                                                                                   "dag_processor")):  # fmt: skip
-                break
-        except httpx.HTTPError:
-            pass
-        waiting("health")
-    for spec in services.topology.processes():  # e.g. Celery workers: "celery@<name> ready."
-        while spec.ready_marker and spec.ready_marker not in services.log_path(spec.name).read_text(errors="replace"):
-            waiting(f"{spec.name} ready ({spec.ready_marker!r} in its log)")
-    while True:  # both DAGs parsed
-        errors = services.api("GET", "/importErrors")
-        if errors["total_entries"]:
-            raise AirflowFailed(f"DAG import errors: {errors['import_errors']}")
-        found = {dag["dag_id"] for dag in services.api("GET", "/dags", params={"limit": 100})["dags"]}
-        if set(DAG_IDS) <= found:
-            break
-        waiting(f"DAGs parsed (found {sorted(found)})")
-    for dag_id in DAG_IDS:
-        services.api("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
-    # Unpausing makes each DAG's latest scheduled run (catchup=False): let them end on an empty world.
-    time.sleep(3)
-    services.wait_idle(timeout=STARTUP_TIMEOUT_S)
-
-
 def _stop_all(services: AirflowServices) -> None:
-    for spec in reversed(services.topology.processes()):
-        services.stop_process(spec.name)
-    for name in list(services.processes):  # anything else a test started
-        services.stop_process(name)
+    """Every process, then their output (and the task logs, if the topology says so) kept in .artifacts/."""
+    services.stop_all()
     write_artifact_gitignore()
     target = ARTIFACTS / services.topology.artifacts
     shutil.rmtree(target, ignore_errors=True)

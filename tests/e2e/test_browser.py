@@ -1,7 +1,9 @@
 """The onboarding as a person sees it: a real Airflow (api-server, scheduler, dag-processor) runs both
 DAGs against the fakes (triggered through the REST API, the sellers deciding in between), then
 headless Chromium, driven by Playwright, logs in, looks at the runs, opens the B2B onboarding page
-from Airflow's navigation, searches for a known prospect and opens its timeline.
+from Airflow's navigation, searches for a known prospect and opens its timeline. Then on-call's
+night: a wrong secret in the connection `d365_sales` turns the sync's run red, the failed task's log
+and the plugin say why in one line, and after the fix a cleared task turns the run green.
 
 The browser is Debian's `chromium` (`.ci/run` installs it), never one Playwright downloads. Without
 it the test is skipped, unless `CI` is set: then it fails. Screenshots of every step go to
@@ -13,6 +15,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,7 +90,24 @@ def failure_kept(page) -> Iterator[None]:
     except BaseException:
         shot(page, "failure")
         (SCREENSHOTS / "failure.html").write_text(page.content())
+        for number, frame in enumerate(page.frames[1:], start=1):  # the plugin's pages are in a frame
+            (SCREENSHOTS / f"failure-frame-{number}.html").write_text(frame.content())
         raise
+
+
+def log_in(page, services, screenshot: str | None = None) -> None:
+    """Airflow's own login page (Simple auth manager)."""
+    from playwright.sync_api import expect
+
+    page.goto("/")
+    expect(page.get_by_role("button", name="Sign in")).to_be_visible()
+    if screenshot:
+        shot(page, screenshot)
+    page.locator("input[name=username]").fill(services.username)
+    page.locator("input[name=password]").fill(services.password)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(re.compile(r"^(?!.*/auth/login).*$"))
+    expect(page.get_by_role("button", name="Browse")).to_be_visible()
 
 
 def test_a_person_logs_in_sees_the_runs_and_follows_a_prospect_to_its_timeline(chromium, airflow_services, page):
@@ -107,16 +128,8 @@ def test_a_person_logs_in_sees_the_runs_and_follows_a_prospect_to_its_timeline(c
     assert plan[known["PrimaryEmailAddress"]] == "won"
 
     with failure_kept(page):
-        # Log in (Simple auth manager: Airflow's own login page).
-        page.goto("/")
-        expect(page.get_by_role("button", name="Sign in")).to_be_visible()
-        shot(page, "01-login")
-        page.locator("input[name=username]").fill(services.username)
-        page.locator("input[name=password]").fill(services.password)
-        page.get_by_role("button", name="Sign in").click()
-        page.wait_for_url(re.compile(r"^(?!.*/auth/login).*$"))
+        log_in(page, services, screenshot="01-login")
         browse = page.get_by_role("button", name="Browse")
-        expect(browse).to_be_visible()
 
         # Home, with the plugin's entry in the Browse menu.
         browse.click()
@@ -161,3 +174,119 @@ def test_a_person_logs_in_sees_the_runs_and_follows_a_prospect_to_its_timeline(c
         assert sorted(stages, key=timeline.index) == list(stages), timeline  # in the order they happened
         frame.get_by_text(reconciliation_run["dag_run_id"]).last.scroll_into_view_if_needed()
         shot(page, "07-timeline")
+
+
+def test_a_wrong_secret_turns_the_run_red_on_call_sees_why_in_one_line_and_the_fix_turns_it_green(
+    chromium, airflow_services, page
+):
+    from playwright.sync_api import expect
+
+    services = airflow_services
+    services.fresh_world()
+    seeded, _ = prospects(10)
+    with services.admin() as admin:
+        admin.seed_prospects(seeded)
+    secret = services.cast.integration["client_secret"]
+    services.set_password("d365_sales", "pasted-wrong-" + uuid.uuid4().hex)  # Entra ID refuses it
+    try:
+        run_id = services.trigger(SYNC)
+        services.wait_for_run(SYNC, run_id, expected="failed")
+        states = {(task_id, index): state for task_id, index, state in services.task_states(SYNC, run_id)}
+        # Commerce was read; every push failed at once (a refused secret is not retried); the report
+        # still ran; the run's last task names the failure and turns the run red.
+        assert {state for (task_id, _), state in states.items() if task_id == "push_leads"} == {"failed"}
+        assert states[("pull_prospects", 0)] == "success" and states[("report", -1)] == "success"
+        assert states[("all_tasks_succeeded", -1)] == "failed"
+        instances = services.api("GET", f"/dags/{SYNC}/dagRuns/{run_id}/taskInstances/push_leads/0/tries")
+        assert [attempt["try_number"] for attempt in instances["task_instances"]] == [1]
+
+        with failure_kept(page):
+            log_in(page, services)
+
+            # Red in the DAG list, and in the run's page (its grid).
+            page.goto("/dags")
+            latest = page.locator(f'a[href="/dags/{SYNC}/runs/{run_id}"]')
+            expect(latest).to_have_accessible_name(re.compile(r"\bfailed$"))  # its state icon, red
+            shot(page, "10-dag-list-red")
+            page.goto(f"/dags/{SYNC}/runs/{run_id}")
+            expect(page.get_by_text("Failed").first).to_be_visible()
+            shot(page, "11-run-red")
+
+            # The failed task's log: its one line first, whole, naming the connection to fix.
+            page.goto(f"/dags/{SYNC}/runs/{run_id}/tasks/push_leads/mapped/0")
+            line = page.get_by_text("via Airflow connection 'd365_sales'").first
+            expect(line).to_be_visible()
+            log = page.locator("body").inner_text()
+            first = log.index("via Airflow connection 'd365_sales'")
+            assert "HTTP 401 invalid_client. Next step: check the connection's client id" in log[first:]
+            assert "Traceback" not in log[:first] and "Task failed with exception" not in log[:first]
+            line.scroll_into_view_if_needed()  # the log view opens at its end, the traceback
+            shot(page, "12-failed-task-log")
+
+            # The plugin: the summary says the last run failed; the run history lists it red, in
+            # its table and its chart; the failures name the task with its one line and its log.
+            page.goto("/plugin/b2b-onboarding")
+            frame = page.frame_locator("iframe")
+            banner = frame.get_by_text(re.compile(rf"last {SYNC} run .* failed", re.I)).first
+            expect(banner).to_be_visible()
+            shot(page, "13-plugin-summary-last-run-failed")
+            frame.get_by_role("link", name="Runs", exact=True).click()
+            expect(frame.get_by_role("heading", name="Runs")).to_be_visible()
+            chart = frame.get_by_role("img", name=re.compile(rf"runs of {SYNC} took.*\bfailed"))
+            expect(chart).to_be_visible()
+            expect(chart.locator("rect.bar-failed").filter(has_text=run_id)).to_have_count(1)  # its bar, red
+            history = frame.get_by_role("row").filter(has_text=run_id).first
+            expect(history).to_contain_text("failed")
+            what_failed = frame.locator("table.runs").first.get_by_role("row").nth(2)  # under the run's row
+            expect(what_failed).to_contain_text("push_leads")
+            shot(page, "14-plugin-run-history")
+            frame.get_by_role("link", name="Task failures").click()
+            failure = frame.get_by_role("row").filter(has_text="push_leads").filter(has_text=run_id).first
+            expect(failure).to_contain_text("via Airflow connection 'd365_sales'")
+            expect(failure).to_contain_text("HTTP 401 invalid_client")
+            shot(page, "15-plugin-failures")
+            log_link = failure.get_by_role("link", name="log")
+            assert re.search(rf"/tasks/push_leads/mapped/\d+\?try_number=1$", log_link.get_attribute("href"))
+            frame.get_by_role("link", name="Prospects", exact=True).click()
+            expect(frame.get_by_text(re.compile("held up", re.I)).first).to_be_visible()
+            shot(page, "16-plugin-prospects-held-up")
+    finally:
+        services.set_password("d365_sales", secret)
+
+    with failure_kept(page):
+        # Fixed: clear the failed tasks of the run, as on-call does, and the same run turns green.
+        page.goto(f"/dags/{SYNC}/runs/{run_id}")
+        page.get_by_role("button", name="Press shift+c to clear").first.click()  # the run's Clear button
+        dialog = page.get_by_role("dialog")
+        dialog.get_by_text("Clear only failed tasks").click()
+        shot(page, "17-clear-failed-tasks")
+        dialog.get_by_role("button", name=re.compile("^Confirm", re.I)).click()
+        deadline = time.monotonic() + 60  # the clear request is on its way: the run is failed until it lands
+        while services.api("GET", f"/dags/{SYNC}/dagRuns/{run_id}")["state"] == "failed":
+            assert time.monotonic() < deadline, "the cleared run did not start again"
+            time.sleep(0.5)
+        services.wait_for_run(SYNC, run_id)
+        page.reload()
+        expect(page.get_by_text("Success").first).to_be_visible()
+        shot(page, "18-run-green-after-the-fix")
+
+        # The Trigger form: no param is marked required; a dry run triggered from it is recognisable
+        # in the run list (`dry_run__…`, the api-server's middleware).
+        page.goto(f"/dags/{SYNC}")
+        page.get_by_role("button", name="Trigger Dag").first.click()
+        form = page.get_by_role("dialog")
+        expect(form.get_by_text("Dry run", exact=True).first).to_be_visible()
+        expect(form.locator('[data-part="required-indicator"]')).to_have_count(0)
+        expect(form.get_by_text("This field is required")).to_have_count(0)
+        switch = form.locator('input[name="element_dry_run"]')
+        form.locator('label[data-scope="switch"]:has(input[name="element_dry_run"])').click()  # its visible control
+        expect(switch).to_be_checked()
+        shot(page, "19-trigger-form-dry-run")
+        form.get_by_role("button", name=re.compile("^Trigger")).last.click()
+        expect(page.get_by_text(re.compile("dry_run__")).first).to_be_visible()  # the form's notice of the new run
+        dry = next(run for run in reversed(services.runs(SYNC)) if (run["conf"] or {}).get("dry_run"))
+        assert dry["dag_run_id"].startswith("dry_run__") and "writes nothing" in (dry["note"] or "")
+        services.wait_for_run(SYNC, dry["dag_run_id"])
+        page.goto(f"/dags/{SYNC}/runs")
+        expect(page.get_by_role("link", name=dry["dag_run_id"]).first).to_be_visible()
+        shot(page, "20-run-list-dry-run")

@@ -82,8 +82,11 @@ def state_store_engine() -> sa.Engine:
     url = sa.make_url(StateStoreHook().url())
     if url.get_backend_name() == "postgresql":
         return sa.create_engine(url, pool_pre_ping=True, execution_options={"postgresql_readonly": True})
-    engine = sa.create_engine(url, pool_pre_ping=True)
-    if engine.dialect.name == "sqlite":
+    # SQLite: a connection per request (opening a file costs microseconds), so the pages read the file
+    # the path names now, also after it was replaced (a restore), never a pooled handle on the old one.
+    sqlite = url.get_backend_name() == "sqlite"
+    engine = sa.create_engine(url, **({"poolclass": sa.pool.NullPool} if sqlite else {"pool_pre_ping": True}))
+    if sqlite:
 
         @event.listens_for(engine, "connect")
         def _read_only(dbapi_connection: Any, _record: Any) -> None:
