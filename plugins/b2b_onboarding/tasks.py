@@ -236,10 +236,9 @@ class _Step:
             result["planned_writes"] = len(self.plan)
         result["cpu_s"] = round(time.process_time() - started_cpu, 2)
         result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        ti = _context().get("ti")
-        if ti is not None:  # the run's history (report, plugin) reads it, whatever later tasks do
-            self.store.record_step_result(dag_id=ti.dag_id, run_id=self.run_id, task_id=ti.task_id,
-                                          map_index=_map_index(ti), result=result, dry_run=self.options.dry_run)  # fmt: skip
+        if self.store.writer:  # in Airflow: the run's history (report, plugin) reads it, whatever later tasks do
+            self.store.record_step_result(run_id=self.run_id, result=result, dry_run=self.options.dry_run,
+                                          **self.store.writer)  # fmt: skip
         if self.plan is not None and isinstance(self.store, DryRunStore):
             planned = self.plan.frame()
             self.store.record_planned_writes(_task_label(), planned)
@@ -375,8 +374,7 @@ def report_run() -> None:
     ends), so the report works whatever its upstream left, and names what is missing and why."""
     options = _options()
     store = _store(options)
-    ti = _context().get("ti")
-    recorded = store.step_results(ti.dag_id if ti else None, run_ids=[_run_id()])
+    recorded = store.step_results(store.writer.get("dag_id"), run_ids=[_run_id()])
     log.info("This run\n%s", report.run_report(recorded["result"].tolist(), dry_run=options.dry_run))
     missing = missing_results(_task_states(), _task_ids(), store.task_failures(run_id=_run_id()))
     if missing:
@@ -402,17 +400,11 @@ def missing_results(states: Mapping[str, str | None], task_ids: Iterable[str], f
     was recorded with) or not run because an upstream task failed; a mapped task's instances
     counted together. `states` as Airflow's execution API gives them (`task_id_mapindex` for a
     mapped instance); `failures` the run's recorded task failures, newest first."""
-    known = set(task_ids)
-    by_task: dict[str, list[str | None]] = {}
-    for key, state in states.items():
-        mapped = re.fullmatch(r"(.+)_(\d+)", key)
-        task_id = mapped[1] if key not in known and mapped and mapped[1] in known else key
-        by_task.setdefault(task_id, []).append(state)
     first_lines = {}
     for row in failures.to_dict("records")[::-1] if len(failures) else []:  # the newest try wins
         first_lines[row["task_id"]] = errors.one_line(str(row["error"]).splitlines()[0]) if row["error"] else ""
     lines = []
-    for task_id, found in by_task.items():
+    for task_id, found in _states_by_task(states, task_ids).items():
         failed, not_run = found.count(_FAILED), found.count(_NOT_RUN)
         of = f" ({failed + not_run} of {len(found)} mapped)" if len(found) > 1 else ""
         if failed:
@@ -421,6 +413,17 @@ def missing_results(states: Mapping[str, str | None], task_ids: Iterable[str], f
         elif not_run:
             lines.append(f"{task_id}{of} did not run: a task it depends on failed")
     return lines
+
+
+def _states_by_task(states: Mapping[str, str | None], task_ids: Iterable[str]) -> dict[str, list[str | None]]:
+    """The states of each task's instances (a mapped task's together), from `task_id_mapindex` keys."""
+    known = set(task_ids)
+    by_task: dict[str, list[str | None]] = {}
+    for key, state in states.items():
+        mapped = re.fullmatch(r"(.+)_(\d+)", key)
+        task_id = mapped[1] if key not in known and mapped and mapped[1] in known else key
+        by_task.setdefault(task_id, []).append(state)
+    return by_task
 
 
 @fails_clearly
@@ -439,7 +442,7 @@ def all_tasks_succeeded() -> None:
     if not missing:
         log.info("Every task of this run succeeded or had nothing to do")
         return
-    failed = sum(" failed: " in line for line in missing)
+    failed = sum(_FAILED in found for found in _states_by_task(states, _task_ids()).values())
     message = (f"This run failed: {failed} tasks failed for good, {len(missing) - failed} did not run because of them. "
                "Next step: README, Runbook, \"The run is red\".")  # fmt: skip
     log.error("%s\n%s", message, "\n".join(missing))
