@@ -594,7 +594,7 @@ class StateStore:
     # The two ways prospect rows change; a dry run's store sends both to its overlay instead.
     def _insert_rows(self, connection: sa.Connection, rows: list[dict], history: list[dict]) -> None:
         connection.execute(prospects.insert(), rows)
-        connection.execute(transitions.insert(), history)
+        self._insert_history(connection, history)
 
     def _insert_history(self, connection: sa.Connection, history: list[dict]) -> None:
         if history:
@@ -614,8 +614,7 @@ class StateStore:
                  **{name: row[name] for name in _WRITTEN_COLUMNS}}
                 for row in rows
             ])  # fmt: skip
-        if history:
-            connection.execute(transitions.insert(), history)
+        self._insert_history(connection, history)
 
     # --- resolving anomalies, task failures, dry runs' plans ------------------------------------------
 

@@ -27,7 +27,17 @@ def test_prospects_become_leads_then_decisions_reach_commerce_exactly_once(world
     with FakeAdmin(world.endpoints) as admin:
         admin.seed_prospects(seeded)
 
-        run(dags, "b2b_prospect_sync")
+        sync_run = run(dags, "b2b_prospect_sync")
+        # Each step task recorded what it did under its own task instance (the run history, the report),
+        # and so did each transition it wrote (a timeline links to that task's own log).
+        store = StateStore(f"sqlite:///{world.state_db}")
+        recorded = store.step_results("b2b_prospect_sync", [sync_run.run_id])
+        pulls = recorded[recorded["task_id"] == "pull_prospects"]
+        assert sorted(pulls["map_index"]) == list(range(len(pulls))) and len(pulls) >= 1
+        assert sum(result["pulled"] for result in pulls["result"]) == len(seeded)
+        assert not recorded["dry_run"].any()
+        first = store.history(seeded[0]["dataAreaId"].lower(), seeded[0]["ProspectId"]).iloc[0]
+        assert (first["dag_id"], first["task_id"], first["map_index"] >= 0) == ("b2b_prospect_sync", "pull_prospects", True)
         valid = [row for row in seeded if plan[row["PrimaryEmailAddress"]] != "invalid"]
         leads = seller.view("All Commerce B2B leads")
         assert len(leads) == len(valid)
@@ -54,7 +64,6 @@ def test_prospects_become_leads_then_decisions_reach_commerce_exactly_once(world
         assert observe(world.endpoints, world.cast, plan).rows == outcome.rows
     seller.close()
 
-    store = StateStore(f"sqlite:///{world.state_db}")
     tracked = store.frame().set_index(["legal_entity", "prospect_id"])
     for row in outcome.rows:
         stage = tracked.loc[(row["legal_entity"], row["prospect_id"]), "stage"]
