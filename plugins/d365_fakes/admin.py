@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from fastapi import APIRouter, HTTPException, Request, Response
@@ -50,7 +51,9 @@ def create_admin_router(
     dataverse_state: DataverseAdmin,
     issuer: TokenIssuer,
     faults: FaultPlan,
+    also_reset: Sequence[Callable[[], None]] = (),
 ) -> APIRouter:
+    """`also_reset`: what else `/reset` puts back as the fakes started (e.g. the tenant's security)."""
     router = APIRouter()
 
     @router.post("/reset", status_code=204)
@@ -59,7 +62,10 @@ def create_admin_router(
         dataverse_state.reset()
         issuer.reset_counts()
         issuer.clear_revocations()
+        issuer.clock.reset()
         faults.clear()
+        for undo in also_reset:
+            undo()
         return Response(status_code=204)
 
     @router.post("/faults", status_code=204)

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from d365_fakes.security import COMMERCE, DATAVERSE, DEFAULT_ROLES, ROLES
+
 
 @dataclass(frozen=True)
 class ClientRegistration:
@@ -21,10 +23,26 @@ class ClientRegistration:
     app_user_id: str = ""
     default_company: str = "usmf"
     display_name: str = ""
+    # Whether the app has a user in each system (a Dataverse application user; a row in HQ's
+    # "Microsoft Entra applications") and its security roles there (security.py).
+    dataverse_application_user: bool = True
+    dataverse_roles: tuple[str, ...] = DEFAULT_ROLES[DATAVERSE]
+    commerce_application_user: bool = True
+    commerce_roles: tuple[str, ...] = DEFAULT_ROLES[COMMERCE]
 
     def __post_init__(self) -> None:
         if not self.client_id or not self.client_secret:
             raise ValueError("a client registration needs a non-empty client_id and client_secret")
+        for system in (DATAVERSE, COMMERCE):
+            if not isinstance(getattr(self, f"{system}_application_user"), bool):
+                raise ValueError(f"{system}_application_user must be true or false")
+            roles = getattr(self, f"{system}_roles")
+            if isinstance(roles, str) or not all(isinstance(role, str) for role in roles):
+                raise ValueError(f"{system}_roles must be a list of role names")
+            unknown = sorted(set(roles) - set(ROLES[system]))
+            if unknown:
+                raise ValueError(f"{system}_roles: {system} has no role {unknown[0]!r} (it has {sorted(ROLES[system])})")
+            object.__setattr__(self, f"{system}_roles", tuple(roles))
         # Frozen dataclass: derived defaults are filled in through object.__setattr__.
         if not self.app_user_id:
             object.__setattr__(
@@ -33,8 +51,17 @@ class ClientRegistration:
         if not self.display_name:
             object.__setattr__(self, "display_name", self.client_id)
 
+    def has_user(self, system: str) -> bool:
+        return bool(getattr(self, f"{system}_application_user"))
 
-_FIELDS = ("client_id", "client_secret", "app_user_id", "default_company", "display_name")
+    def roles(self, system: str) -> tuple[str, ...]:
+        return getattr(self, f"{system}_roles")
+
+
+_FIELDS = (
+    "client_id", "client_secret", "app_user_id", "default_company", "display_name",
+    "dataverse_application_user", "dataverse_roles", "commerce_application_user", "commerce_roles",
+)  # fmt: skip
 
 
 def load_clients(source: str | Path | list[dict[str, Any]]) -> dict[str, ClientRegistration]:

@@ -27,101 +27,34 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from http import HTTPStatus
 from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping
-from urllib.parse import quote, unquote, unquote_to_bytes, urlencode, urlsplit
+from urllib.parse import quote, unquote_to_bytes, urlencode, urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from d365_fakes import metadata, model
 from d365_fakes.clients import ClientRegistration
+from d365_fakes.model import ENUMS, NAMESPACE
 from d365_fakes.faults import Fault
 from d365_fakes.odata_query import Dialect, ODataQueryError, apply_query, page_of, unquote_string_literal
-from d365_fakes.routing import RESOURCE_CONVERTOR
+from d365_fakes.limits import fno_activity_id
+from d365_fakes.routing import RESOURCE_CONVERTOR, StampedAnswers, part_scope
+from d365_fakes.security import COMMERCE, PrivilegeMissing, TenantSecurity, hq_privilege
 from d365_fakes.tokens import InvalidToken, TokenIssuer
 
-NAMESPACE = "Microsoft.Dynamics.DataEntities"
 WRITE_EXCEPTION = "Microsoft.Dynamics.Platform.Integration.Services.OData.AxODataWriteException"
 QUERY_EXCEPTION = "Microsoft.OData.ODataException"
 CONTENT_TYPE = "application/json; odata.metadata=minimal; odata.streaming=true; IEEE754Compatible=false; charset=utf-8"
 
-# Members in value order: a field nobody sets gets member 0, as in F&O.
-ENUMS: dict[str, tuple[str, ...]] = {
-    "NoYes": ("No", "Yes"),
-    "RetailB2BProspectStatus": ("Pending", "Approved", "Rejected", "Unknown"),
-    "CustHierarchyPurpose": ("B2BOrganization",),
-    "CustHierarchyNodeRole": ("Admin", "User"),
-    "CustHierarchyNodeType": ("Customer",),
-}
 PARTY_TYPES = ("Organization", "Person")
 APPROVED_TEMPLATE = "B2B prospect approved"
 REJECTED_TEMPLATE = "B2B prospect rejected"
 
-
-@dataclass(frozen=True)
-class EntitySet:
-    name: str  # public collection name, as in the URL
-    type_name: str  # entity type, for messages
-    table: str  # the table F&O names in its duplicate-key message
-    keys: tuple[str, ...]
-    types: Mapping[str, str]  # field -> "string", "int" or an enum name; includes the keys
-    server_assigned: frozenset[str] = frozenset()  # set by HQ on create, never by the caller
-    fixed: frozenset[str] = frozenset()  # chosen on create (or defaulted), never changed by a PATCH
-
-    @property
-    def enum_map(self) -> dict[str, str]:
-        return {name: kind for name, kind in self.types.items() if kind in ENUMS}
-
-    def default_row(self) -> dict[str, Any]:
-        defaults = {"string": "", "int": 0}
-        return {name: defaults[kind] if kind in defaults else ENUMS[kind][0] for name, kind in self.types.items()}
-
-
-def _strings(*names: str) -> dict[str, str]:
-    return {name: "string" for name in names}
-
-
-PROSPECTS = EntitySet(
-    "Prospects", "Prospect", "Prospects (smmBusRelTable)", ("dataAreaId", "ProspectId"),
-    {
-        **_strings(
-            "dataAreaId", "ProspectId", "ProspectName", "CompanyName", "PrimaryEmailAddress", "PrimaryPhoneNumber",
-            "AddressStreet", "AddressCity", "AddressStateId", "AddressZipCode", "AddressCountryRegionISOCode",
-            "CurrencyCode", "LanguageId", "Note", "RetailChannelOperatingUnitPartyNumber",
-        ),
-        "IsB2BProspect": "NoYes",
-        "B2BProspectStatus": "RetailB2BProspectStatus",
-    },
-)
-CUSTOMERS = EntitySet(
-    "CustomersV3", "CustomerV3", "Customers (CustTable)", ("dataAreaId", "CustomerAccount"),
-    _strings(
-        "dataAreaId", "CustomerAccount", "PartyType", "PartyNumber", "OrganizationName", "PersonFirstName",
-        "PersonLastName", "PrimaryContactEmail", "CustomerGroupId", "SalesCurrencyCode",
-    ),
-    frozenset({"PartyNumber"}),
-)
-HIERARCHIES = EntitySet(
-    "CustomerHiearchies", "CustomerHiearchy", "Customer hierarchy (CustHierarchy)", ("CustomerHierarchyId",),
-    {
-        **_strings("dataAreaId", "CustomerHierarchyId", "Name", "OrganizationPartyNumber", "SellerChannel"),
-        "Purpose": "CustHierarchyPurpose",
-        "CurrentVersion": "int",
-    },
-    frozenset({"CurrentVersion"}),
-    frozenset({"dataAreaId"}),  # the company: dataAreaId of the payload, else the caller's default company
-)
-NODES = EntitySet(
-    "CustomerHierarchyNodes", "CustomerHierarchyNode", "Customer hierarchy node (CustHierarchyNode)",
-    ("CustomerHierarchyId", "NodePartyNumber"),
-    {
-        **_strings("dataAreaId", "CustomerHierarchyId", "NodePartyNumber"),
-        "Role": "CustHierarchyNodeRole",
-        "NodeType": "CustHierarchyNodeType",
-        "VersionAdded": "int",
-        "VersionRemoved": "int",
-    },
-    frozenset({"dataAreaId", "VersionAdded"}),
-)
-ENTITY_SETS = {entity.name: entity for entity in (PROSPECTS, CUSTOMERS, HIERARCHIES, NODES)}
+# The entity sets, as the table model (model.py) describes them.
+EntitySet = model.EntityType
+ENTITY_SETS = model.COMMERCE_ENTITY_TYPES
+PROSPECTS, CUSTOMERS, HIERARCHIES, NODES = model.PROSPECTS, model.CUSTOMERS, model.HIERARCHIES, model.NODES
+LEGAL_ENTITIES, CUSTOMER_GROUPS = model.LEGAL_ENTITIES, model.CUSTOMER_GROUPS
 
 
 class ODataError(Exception):
@@ -183,6 +116,26 @@ def _check_value(entity: EntitySet, name: str, value: Any) -> Any:
     raise _bad_request(f"The value {json.dumps(value)} of property '{name}' is not a valid {kind}.")
 
 
+def _check_limits(entity: EntitySet, fields: Mapping[str, Any]) -> None:
+    """What F&O validates on an OData write beyond the types: each string within its field's
+    length (the field's extended data type)."""
+    for name, value in fields.items():
+        limit = entity.by_name[name].max_length
+        if isinstance(value, str) and limit is not None and len(value) > limit:
+            raise _bad_request(
+                f"Write failed for table row of type '{entity.type_name}'. Infolog: Error: The value of field "
+                f"'{name}' is {len(value)} characters long; the field holds at most {limit} characters."
+            )
+
+
+def _require_mandatory(entity: EntitySet, fields: Mapping[str, Any]) -> None:
+    """The mandatory fields of a new row must be filled in (F&O's infolog message); its keys are
+    checked once HQ has assigned those it numbers (`_require_keys`)."""
+    for prop in entity.properties:
+        if prop.mandatory and not fields.get(prop.name):
+            raise _bad_request(f"Field '{prop.name}' must be filled in.")
+
+
 def _checked_fields(entity: EntitySet, body: Mapping[str, Any]) -> dict[str, Any]:
     """The body's fields, validated; annotations such as @odata.etag are ignored."""
     checked = {}
@@ -235,6 +188,7 @@ class CommerceState:
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
+        self.model = model.CommerceModel()  # the tenant's entity sets, as $metadata serves them
         self.reset()
 
     def reset(self) -> None:
@@ -250,9 +204,26 @@ class CommerceState:
             self._journal: dict[tuple[str, _Key], dict[str, Any] | None] | None = None
             self._outbox: list[dict[str, Any]] = []
             self._requests = 0
-            self._writes = {name: 0 for name in ENTITY_SETS}
+            self._writes = {name: 0 for name, entity in ENTITY_SETS.items() if not entity.read_only}
             self._sequences: dict[tuple[str, str], itertools.count] = {}  # (field, company or "")
             self._versions = itertools.count(1)
+            self.model.reset()
+            self.add_legal_entities(model.DEFAULT_LEGAL_ENTITIES)
+
+    def add_legal_entities(self, codes: Iterable[str]) -> None:
+        """A LegalEntities row per company code not there yet (the id in lower case, as F&O's
+        dataAreaId), each with F&O's demo customer groups."""
+        with self._lock:
+            for code in codes:
+                code = code.lower()
+                key = (code,)
+                if key in self._tables[LEGAL_ENTITIES.name]:
+                    continue
+                name = model.DEFAULT_LEGAL_ENTITIES.get(code, code.upper())
+                self._store(LEGAL_ENTITIES, key, {"LegalEntityId": code, "Name": name, "@odata.etag": self._new_etag()})
+                for group, description in model.DEMO_CUSTOMER_GROUPS:
+                    row = {"dataAreaId": code, "CustomerGroupId": group, "Description": description}
+                    self._store(CUSTOMER_GROUPS, _key_tuple(CUSTOMER_GROUPS, row), row | {"@odata.etag": self._new_etag()})
 
     @property
     def outbox(self) -> list[dict[str, Any]]:
@@ -287,6 +258,7 @@ class CommerceState:
                 prepared[key] = row
             for key, row in prepared.items():
                 self._store(PROSPECTS, key, row)
+            self.add_legal_entities(sorted({row["dataAreaId"] for row in prepared.values()}))
             return len(prepared)
 
     @contextlib.contextmanager
@@ -319,24 +291,35 @@ class CommerceState:
         with self._lock:
             self._requests += 1
 
+    def tenant_entity(self, entity: EntitySet) -> EntitySet:
+        """The entity set as this tenant has it (the admin surface may have removed fields)."""
+        return self.model.entity_types[entity.name]
+
     def visible_rows(self, entity: EntitySet, company: str, cross_company: bool) -> list[dict[str, Any]]:
-        """The rows the caller may see, in key order (F&O's default, stable order). Read-only."""
+        """The rows the caller may see, in key order (F&O's default, stable order). Read-only.
+        A company-independent set (no dataAreaId: LegalEntities) is seen from every company."""
         with self._lock:
             table = self._tables[entity.name]
-            if cross_company:
-                return [table[key] for key in self._order[entity.name]]
-            company = company.casefold()
-            return [row for key in self._order[entity.name] if (row := table[key])["dataAreaId"].casefold() == company]
+            if cross_company or "dataAreaId" not in entity.types:
+                rows = [table[key] for key in self._order[entity.name]]
+            else:
+                company = company.casefold()
+                rows = [row for key in self._order[entity.name] if (row := table[key])["dataAreaId"].casefold() == company]
+            return self._as_tenant_has_them(entity, rows)
 
     def get(self, entity: EntitySet, key: Mapping[str, str], company: str, cross_company: bool, url: str) -> dict[str, Any]:
         """The row (read-only), or NotFound."""
         with self._lock:
-            return self._find(entity, key, company, cross_company, url)
+            return self._as_tenant_has_them(entity, [self._find(entity, key, company, cross_company, url)])[0]
 
     def create(self, entity: EntitySet, body: Mapping[str, Any], company: str) -> dict[str, Any]:
         """The new row (read-only)."""
         with self._lock:
-            row = entity.default_row() | _checked_fields(entity, body)
+            _refuse_read_only(entity, "POST")
+            fields = _checked_fields(self.tenant_entity(entity), body)
+            _check_limits(entity, fields)
+            _require_mandatory(self.tenant_entity(entity), fields)
+            row = entity.default_row() | fields
             if "dataAreaId" in entity.keys:
                 row["dataAreaId"] = (row["dataAreaId"] or company).lower()
             _CREATE_RULES[entity.name](self, row, company)
@@ -353,9 +336,14 @@ class CommerceState:
     def update(self, entity: EntitySet, key: Mapping[str, str], body: Mapping[str, Any], company: str,
                cross_company: bool, if_match: str | None, url: str) -> None:
         with self._lock:
+            _refuse_read_only(entity, "PATCH")
             row = self._find(entity, key, company, cross_company, url)
             _check_if_match(row, if_match)
-            changes = _checked_fields(entity, body)
+            changes = _checked_fields(self.tenant_entity(entity), body)
+            _check_limits(entity, changes)
+            for name, value in changes.items():
+                if entity.by_name[name].mandatory and not value:
+                    raise _bad_request(f"Field '{name}' must be filled in.")
             for name in (*entity.keys, *entity.server_assigned, *entity.fixed):
                 if name in changes and not _same(changes[name], row[name]):
                     raise _bad_request(f"The field '{name}' of {entity.name} cannot be changed.")
@@ -369,12 +357,20 @@ class CommerceState:
     def delete(self, entity: EntitySet, key: Mapping[str, str], company: str, cross_company: bool,
                if_match: str | None, url: str) -> None:
         with self._lock:
+            _refuse_read_only(entity, "DELETE")
             row = self._find(entity, key, company, cross_company, url)
             _check_if_match(row, if_match)
             self._store(entity, _key_tuple(entity, row), None)
             self._writes[entity.name] += 1
 
     # --- internals -------------------------------------------------------------------------------
+
+    def _as_tenant_has_them(self, entity: EntitySet, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows without the fields the tenant's entity set lacks (stored rows keep every field)."""
+        tenant = self.tenant_entity(entity)
+        if len(tenant.properties) == len(entity.properties):
+            return rows
+        return [{name: value for name, value in row.items() if name in tenant.types or name.startswith("@")} for row in rows]
 
     def _find(self, entity: EntitySet, key: Mapping[str, str], company: str, cross_company: bool, url: str) -> dict[str, Any]:
         row = self._tables[entity.name].get(_key_tuple(entity, key))
@@ -580,7 +576,14 @@ def _require_keys(entity: EntitySet, row: Mapping[str, Any]) -> None:
 
 
 def _visible(row: Mapping[str, Any], company: str, cross_company: bool) -> bool:
-    return cross_company or _same(row["dataAreaId"], company)
+    return cross_company or "dataAreaId" not in row or _same(row["dataAreaId"], company)
+
+
+def _refuse_read_only(entity: EntitySet, method: str) -> None:
+    """Choice: the fake's read-only sets (LegalEntities, CustomerGroups) answer a write as F&O
+    answers a method a resource does not support."""
+    if entity.read_only:
+        raise ODataError(405, f"The HTTP method {method} is not supported for this resource.", QUERY_EXCEPTION)
 
 
 def _check_if_match(row: Mapping[str, Any], if_match: str | None) -> None:
@@ -693,10 +696,11 @@ def _read_collection(call: _Call, state: CommerceState, server_page_size: int) -
     # $select is applied to the page sent only, not to every matching row of a large table.
     selection = {"$select": options.pop("$select")} if "$select" in options else {}
     page_size, preference_applied = _page_size(call.request, server_page_size)
+    entity = state.tenant_entity(call.entity)
     try:
-        result = apply_query(rows, options, Dialect.FINANCE_OPERATIONS, call.entity.types, call.entity.enum_map)
+        result = apply_query(rows, options, Dialect.FINANCE_OPERATIONS, entity.types, entity.enum_map)
         page, next_position = page_of(result.rows, page_size)
-        projected = apply_query(page, selection, Dialect.FINANCE_OPERATIONS, call.entity.types, call.entity.enum_map)
+        projected = apply_query(page, selection, Dialect.FINANCE_OPERATIONS, entity.types, entity.enum_map)
     except ODataQueryError as error:
         raise _bad_query(str(error)) from None
     page = projected.rows
@@ -728,8 +732,9 @@ def _read_entity(call: _Call, state: CommerceState) -> Response:
                 "$filter, $orderby, $count, $skip, and $top can be applied only on collections."
             )
     row = state.get(call.entity, call.key, call.company, call.cross_company, str(call.request.url))
+    entity = state.tenant_entity(call.entity)
     try:
-        result = apply_query([row], params, Dialect.FINANCE_OPERATIONS, call.entity.types, call.entity.enum_map)
+        result = apply_query([row], params, Dialect.FINANCE_OPERATIONS, entity.types, entity.enum_map)
     except ODataQueryError as error:
         raise _bad_query(str(error)) from None
     return _json_response({"@odata.context": call.context(result.selected, "/$entity"), **result.rows[0]})
@@ -756,6 +761,27 @@ def _json_object(body: bytes) -> dict[str, Any]:
     return parsed
 
 
+_HQ_ACCESS_BY_METHOD = {"GET": "Read", "POST": "Create", "PATCH": "Update", "DELETE": "Delete"}
+
+
+def _require_privilege(security: TenantSecurity, client: ClientRegistration, entity: EntitySet, method: str) -> None:
+    """403 unless the app's HQ roles grant the method's access level on the data entity (Choice:
+    F&O's answer shape with the access and entity named; CONTRACT.md, Security)."""
+    access = _HQ_ACCESS_BY_METHOD.get(method)
+    if access is None:
+        return  # the dispatch answers 405
+    try:
+        security.require(COMMERCE, client.client_id, [hq_privilege(access, entity.name)])
+    except PrivilegeMissing as missing:
+        raise ODataError(
+            403,
+            f"Access denied: the user of application {client.client_id} has no {access} access to data entity "
+            f"{entity.name} ({entity.type_name}): no security role of the user grants privilege {missing.privilege}.",
+            "System.UnauthorizedAccessException",
+            "Access denied.",
+        ) from None
+
+
 def _unauthorized(reason: str, challenge: str) -> Response:
     error = ODataError(401, reason, "System.UnauthorizedAccessException", "Authorization has been denied for this request.")
     return _json_response(error.body(), 401, {"WWW-Authenticate": challenge})
@@ -772,7 +798,7 @@ def fault_response(fault: Fault, challenge: str) -> Response:
         message = "The service is temporarily unavailable. Try again later."
     else:
         message = "The request failed (a fault injected through the fakes' /_admin/faults)."
-    return _json_response(ODataError(fault.status, message, "").body(), fault.status, fault.headers())
+    return _json_response(ODataError(fault.status, message, "").body(), fault.status, fault.headers() | fno_activity_id())
 
 
 # --- $batch ---------------------------------------------------------------------------------------
@@ -882,19 +908,7 @@ def _inner_request(outer: Request, item: _BatchItem, locations: Mapping[str, str
     headers = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in item.headers]
     if not any(name == b"host" for name, _ in headers):
         headers += [(name, value) for name, value in outer.scope["headers"] if name == b"host"]
-    return Request({
-        "type": "http",
-        "http_version": "1.1",
-        "scheme": outer.scope["scheme"],
-        "server": outer.scope.get("server"),
-        "client": outer.scope.get("client"),
-        "root_path": outer.scope.get("root_path", ""),
-        "method": item.method,
-        "path": unquote(path),
-        "raw_path": path.encode("utf-8"),
-        "query_string": target.query.encode("utf-8"),
-        "headers": headers,
-    })
+    return Request(part_scope(outer.scope, item.method, path, target.query, headers))
 
 
 def _prefers_continue_on_error(prefer: str) -> bool:
@@ -931,9 +945,13 @@ def create_app(
     audience: str,
     clients: Mapping[str, ClientRegistration],
     page_size: int = 10000,
+    security: TenantSecurity | None = None,
 ) -> FastAPI:
-    """The Commerce HQ OData service; `audience` is its base URL (the token resource)."""
+    """The Commerce HQ OData service; `audience` is its base URL (the token resource); `security`:
+    which apps HQ knows and what their roles allow (default: as `clients` say)."""
+    security = security or TenantSecurity(clients)
     app = FastAPI(title="Fake Commerce headquarters (F&O OData)", openapi_url=None, docs_url=None, redoc_url=None)
+    app.add_middleware(StampedAnswers, path_prefix="/data/", stamp=lambda _scope: fno_activity_id())
     challenge = issuer.www_authenticate(audience)
 
     def admit(request: Request) -> ClientRegistration | Response:
@@ -944,9 +962,14 @@ def create_app(
         except InvalidToken as error:
             return _unauthorized(error.reason, challenge)
         client = clients.get(claims.client_id)
-        if client is None:
+        if client is None or not security.has_user(COMMERCE, claims.client_id):
             return _unauthorized(f"The application {claims.client_id} is not registered in Microsoft Entra applications.", challenge)
         return client
+
+    @app.get("/data/$metadata")
+    async def csdl(request: Request) -> Response:
+        client = admit(request)
+        return client if isinstance(client, Response) else metadata.commerce_csdl_response(state.model.entity_types)
 
     @app.post("/data/$batch")
     async def batch(request: Request) -> Response:
@@ -962,9 +985,9 @@ def create_app(
         answers = []
         for part in parts:
             if isinstance(part, tuple):
-                answer, failed = run_changeset(request, part, client.default_company)
+                answer, failed = run_changeset(request, part, client)
             else:
-                response = run(request, part, client.default_company, {})
+                response = run(request, part, client, {})
                 answer, failed = _http_part(response, part.content_id), response.status_code >= 400
             answers.append(answer)
             if failed and not continue_on_error:
@@ -975,14 +998,14 @@ def create_app(
             headers["Preference-Applied"] = "odata.continue-on-error"
         return Response(_multipart(boundary, answers), 200, headers, media_type=f"multipart/mixed; boundary={boundary}")
 
-    def run_changeset(outer: Request, changeset: _Changeset, company: str) -> tuple[bytes, bool]:
+    def run_changeset(outer: Request, changeset: _Changeset, client: ClientRegistration) -> tuple[bytes, bool]:
         """All of the changeset's answers, or (undone) the answer of the request that failed."""
         answered: list[bytes] = []
         locations: dict[str, str] = {}  # Content-ID -> Location, for `$<Content-ID>` URLs
         try:
             with state.transaction():
                 for item in changeset:
-                    response = run(outer, item, company, locations)
+                    response = run(outer, item, client, locations)
                     if response.status_code >= 400:
                         raise _ChangesetFailed(item, response)
                     answered.append(_http_part(response, item.content_id))
@@ -992,11 +1015,11 @@ def create_app(
             return _http_part(failure.response, failure.item.content_id), True
         return _changeset_part(answered), False
 
-    def run(outer: Request, item: _BatchItem, company: str, locations: Mapping[str, str]) -> Response:
+    def run(outer: Request, item: _BatchItem, client: ClientRegistration, locations: Mapping[str, str]) -> Response:
         """A batch part, served as the same request on its own would be (same caller and company)."""
         try:
             inner = _inner_request(outer, item, locations)
-            return dispatch(inner, _resource_path(inner), item.body, company)
+            return dispatch(inner, _resource_path(inner), item.body, client)
         except ODataError as error:
             return _json_response(error.body(), error.status)
 
@@ -1007,15 +1030,17 @@ def create_app(
             return client
         body = await request.body()
         try:
-            return dispatch(request, _resource_path(request), body, client.default_company)
+            return dispatch(request, _resource_path(request), body, client)
         except ODataError as error:
             return _json_response(error.body(), error.status)
 
-    def dispatch(request: Request, resource: str, body: bytes, company: str) -> Response:
+    def dispatch(request: Request, resource: str, body: bytes, client: ClientRegistration) -> Response:
+        company = client.default_company
         match = _RESOURCE.fullmatch(resource)
         entity = ENTITY_SETS.get(match["entity_set"]) if match else None
         if entity is None:
             raise NotFound(str(request.url))
+        _require_privilege(security, client, entity, request.method)
         key = _parse_key(entity, match["key"]) if match["key"] is not None else None
         call = _Call(request, company, entity, key)
         method = request.method

@@ -23,9 +23,10 @@ import time
 import uuid
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from fnmatch import fnmatchcase
 from functools import cached_property
 from itertools import chain, islice
 from operator import itemgetter
@@ -33,12 +34,29 @@ from typing import Any, NamedTuple
 from urllib.parse import quote, unquote, unquote_to_bytes
 
 from fastapi import Depends, FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.types import Scope
 
+from d365_fakes import metadata, model
 from d365_fakes.clients import ClientRegistration
+from d365_fakes.dataverse_batch import BatchError, run_batch
 from d365_fakes.faults import Fault
-from d365_fakes.odata_query import Dialect, ODataQueryError, apply_query, unquote_string_literal
-from d365_fakes.routing import RESOURCE_CONVERTOR
+from d365_fakes.limits import BATCH_PART, dataverse_request_id
+from d365_fakes.odata_query import (
+    Dialect,
+    ODataQueryError,
+    UnknownProperty,
+    apply_query,
+    unquote_string_literal,
+)
+from d365_fakes.routing import RESOURCE_CONVERTOR, StampedAnswers
+from d365_fakes.security import (
+    DATAVERSE,
+    PrivilegeMissing,
+    TenantSecurity,
+    dataverse_privileges_needed,
+    missing_privilege_message,
+)
 from d365_fakes.tokens import InvalidToken, TokenIssuer
 
 API_ROOT = "/api/data/v9.2"
@@ -49,12 +67,17 @@ DUPLICATE_KEY = "0x80040237"
 PRECONDITION_FAILED = "0x80060882"
 INVALID_ARGUMENT = "0x80040203"
 BAD_QUERY = "0x8006088a"
-UNKNOWN_NAME = "0x80060888"  # no property, or no resource segment, of that name
+RESOURCE_NOT_FOUND = "0x8006088a"  # no resource segment (entity set, action) of that name
+UNKNOWN_NAME = "0x80060888"  # no property of that name
 UNAUTHORIZED = "0x80072243"
+PRIVILEGE_DENIED = "0x80040220"  # the caller's roles lack a privilege the request needs
+NOT_A_MEMBER = "0x80072560"  # the app registration has no application user in this environment
 REQUESTS_LIMIT = "0x80072322"  # service protection: number of requests
 UNEXPECTED = "0x80040216"
 ISV_ABORTED = "0x80040265"  # a synchronous plugin threw; the whole operation is rolled back
 EXPIRED_VERSION_STAMP = "0x80044352"  # a change tracking token older than its retention
+STRING_TOO_LONG = "0x80044331"  # a string longer than its column's MaxLength
+OUT_OF_RANGE = "0x8004431a"  # a choice value that is not one of the column's options
 
 DELTA_TOKEN_TTL_S = 7 * 24 * 3600  # change tracking tokens expire after 7 days by default
 
@@ -128,134 +151,71 @@ class Table:
 
 
 SERVER_COLUMNS = ("createdon", "modifiedon", "versionnumber")
-_OWNER = {"ownerid": ("ownerid", "systemusers")}
-_ORIGINATING_LEAD = {"originatingleadid": ("originatingleadid", "leads")}
-_ADDRESS = {
-    "address1_line1": str,
-    "address1_city": str,
-    "address1_stateorprovince": str,
-    "address1_postalcode": str,
-    "address1_country": str,
-}
 
-LEADS = Table(
-    "leads",
-    "lead",
-    "leadid",
-    columns={
-        "firstname": str,
-        "lastname": str,
-        "companyname": str,
-        "emailaddress1": str,
-        "telephone1": str,
-        **_ADDRESS,
-        "subject": str,
-        "leadsourcecode": int,
-        "statecode": int,
-        "statuscode": int,
-        "msdyn_prospectid": str,
-        "msdyn_b2bcommerceprospect": bool,
-        "msdyn_b2bprospectstatus": int,  # a choice column; its values are not documented publicly
-    },
-    lookups={
-        "parentaccountid": ("parentaccountid", "accounts"),
-        "parentcontactid": ("parentcontactid", "contacts"),
-        "qualifyingopportunityid": ("qualifyingopportunityid", "opportunities"),
-        # The company column dual-write adds to company-specific tables, part of their key.
-        "msdyn_company": ("msdyn_company", "cdm_companies"),
-        **_OWNER,
-    },
-    computed=("fullname",),
-    # Dual-write's key for company-specific tables: the business key and the company. A lead
-    # without a company (written before the company was part of the key) is keyed by its
-    # msdyn_prospectid with an empty company.
-    alternate_key=("msdyn_prospectid", "_msdyn_company_value"),
-    state_model=StateModel(
-        "LeadState",
-        {0: "Open", 1: "Qualified", 2: "Disqualified"},
-        {0: (1, 2), 1: (3,), 2: (4, 5, 6, 7)},
-        patch_from={2: frozenset({0}), 0: frozenset({1, 2})},
-        actions={1: "QualifyLead"},
-    ),
+
+def _table(
+    entity: model.Entity,
+    patch_from: dict[int, frozenset[int]] | None = None,
+    actions: dict[int, str] | None = None,
+    writable: bool = True,
+) -> Table:
+    """A table as the model describes it: its data columns and their JSON types, its navigation
+    properties, the columns the server computes, its alternate key, its states and statuses.
+    `patch_from` and `actions`: which state changes a PATCH may make, and the actions for the rest."""
+    attributes = [a for a in entity.attributes if a.logical_name != entity.primary_id]
+    lookups = {
+        navigation: (column, model.DATAVERSE_ENTITIES[target].entity_set_name)
+        for navigation, (column, target) in model.navigation_properties(entity).items()
+    }
+    lookup_columns = {column for column, _ in lookups.values()}
+    key = entity.keys[0].key_attributes if entity.keys else ()
+    state_model = None
+    if "statecode" in entity.by_name:
+        states = entity.by_name["statecode"].options
+        statuses = entity.by_name["statuscode"].options
+        state_model = StateModel(
+            f"{entity.schema_name}State",
+            {state.value: state.label for state in states},
+            {state.value: tuple(s.value for s in statuses if s.state == state.value) for state in states},
+            patch_from or {},
+            actions or {},
+        )
+    return Table(
+        entity.entity_set_name,
+        entity.logical_name,
+        entity.primary_id,
+        columns={a.logical_name: a.value_type for a in attributes if a.is_data},
+        lookups=lookups,
+        computed=tuple(
+            a.logical_name
+            for a in attributes
+            if a.value_type is not None and not a.is_data and a.logical_name not in SERVER_COLUMNS
+        ),
+        alternate_key=tuple(f"_{column}_value" if column in lookup_columns else column for column in key),
+        state_model=state_model,
+        writable=writable,
+    )
+
+
+_ADDRESS = tuple(column for column in model.LEAD.by_name if column.startswith("address1_"))
+# The lead's key is dual-write's (msdyn_prospectid, msdyn_company). A lead without a company
+# (written before the company was part of the key) is keyed by its msdyn_prospectid alone.
+LEADS = _table(
+    model.LEAD,
+    patch_from={2: frozenset({0}), 0: frozenset({1, 2})},
+    actions={1: "QualifyLead"},
 )
-OPPORTUNITIES = Table(
-    "opportunities",
-    "opportunity",
-    "opportunityid",
-    columns={"name": str, "statecode": int, "statuscode": int},
-    lookups={
-        **_ORIGINATING_LEAD,
-        "parentaccountid": ("parentaccountid", "accounts"),
-        "parentcontactid": ("parentcontactid", "contacts"),
-        **_OWNER,
-    },
-    state_model=StateModel(
-        "OpportunityState",
-        {0: "Open", 1: "Won", 2: "Lost"},
-        {0: (1, 2), 1: (3,), 2: (4, 5)},
-        patch_from={0: frozenset({1, 2})},
-        actions={1: "WinOpportunity", 2: "LoseOpportunity"},
-    ),
+OPPORTUNITIES = _table(
+    model.OPPORTUNITY, patch_from={0: frozenset({1, 2})}, actions={1: "WinOpportunity", 2: "LoseOpportunity"}
 )
-ACCOUNTS = Table(
-    "accounts",
-    "account",
-    "accountid",
-    columns={
-        "name": str,
-        "accountnumber": str,
-        "emailaddress1": str,
-        "telephone1": str,
-        **_ADDRESS,
-    },
-    lookups={**_ORIGINATING_LEAD, **_OWNER},
-)
-CONTACTS = Table(
-    "contacts",
-    "contact",
-    "contactid",
-    columns={"firstname": str, "lastname": str, "emailaddress1": str, "telephone1": str},
-    lookups={
-        # parentcustomerid may point at an account or a contact: one navigation property each.
-        "parentcustomerid_account": ("parentcustomerid", "accounts"),
-        "parentcustomerid_contact": ("parentcustomerid", "contacts"),
-        **_ORIGINATING_LEAD,
-        **_OWNER,
-    },
-    computed=("fullname",),
-)
-OPPORTUNITY_CLOSES = Table(
-    "opportunitycloses",
-    "opportunityclose",
-    "activityid",
-    columns={"subject": str, "description": str},
-    lookups={"opportunityid": ("opportunityid", "opportunities"), **_OWNER},
-    writable=False,
-)
-SYSTEM_USERS = Table(
-    "systemusers",
-    "systemuser",
-    "systemuserid",
-    columns={"fullname": str, "applicationid": str},
-    writable=False,
-)
-SAVED_QUERIES = Table(
-    "savedqueries",
-    "savedquery",
-    "savedqueryid",
-    columns={"name": str, "returnedtypecode": str},
-    writable=False,
-)
-# As dual-write's "Legal entities (cdm_companies)" map creates it; dual-write owns it, so the Web
-# API only reads it. Filled through the admin surface (`seed_companies`), as the map would at setup.
-CDM_COMPANIES = Table(
-    "cdm_companies",
-    "cdm_company",
-    "cdm_companyid",
-    columns={"cdm_companycode": str, "cdm_name": str},
-    alternate_key=("cdm_companycode",),  # dual-write's integration key for the table
-    writable=False,
-)
+ACCOUNTS = _table(model.ACCOUNT)
+CONTACTS = _table(model.CONTACT)
+OPPORTUNITY_CLOSES = _table(model.OPPORTUNITY_CLOSE, writable=False)
+SYSTEM_USERS = _table(model.SYSTEM_USER, writable=False)
+SAVED_QUERIES = _table(model.SAVED_QUERY, writable=False)
+# Dual-write owns cdm_companies, so the Web API only reads it. Filled through the admin surface
+# (`seed_companies`), as the legal-entity map would at setup.
+CDM_COMPANIES = _table(model.CDM_COMPANY, writable=False)
 TABLES = {
     table.entity_set: table
     for table in (
@@ -374,18 +334,17 @@ class DataverseState:
         self._app_users: dict[str, str] = {}  # client id -> its application user's systemuserid
         self._journal: list[tuple[Table, str, dict | None]] | None = None  # see _atomic
         self._version = 0
+        self.model = model.DataverseModel()  # the tenant's tables, as EntityDefinitions serves them
         self.reset()
-        for name, entity, _ in SAVED_VIEWS:
-            view = self._new_row(SAVED_QUERIES, saved_view_id(name))
-            self._store(SAVED_QUERIES, view, {"name": name, "returnedtypecode": entity})
         system = self._new_row(SYSTEM_USERS, self.system_user_id)
         self._store(SYSTEM_USERS, system, {"fullname": "SYSTEM"})
 
     def reset(self) -> None:
         """Empty the data tables (cdm_companies too: `seed_companies` fills it again), their change
-        history, the rejections and the counts; the users and saved queries stay. Delta tokens
-        issued before expire: the rows emptied here left no tombstones to report, so their holders
-        must sync in full."""
+        history, the rejections and the counts; the users and saved queries stay (a removed saved
+        view comes back), and the model is the default tenant's again. Delta tokens issued before
+        expire: the rows emptied here left no tombstones to report, so their holders must sync in
+        full."""
         for name, rows in self._rows.items():
             if name not in _KEPT_ON_RESET:
                 rows.clear()
@@ -394,6 +353,11 @@ class DataverseState:
                 self._tombstones[name].clear()
                 self._keys.get(name, {}).clear()
         self._rejections: dict[str, list[Rejection]] = {}
+        self.model.reset()
+        for name, entity, _ in SAVED_VIEWS:
+            if saved_view_id(name) not in self._rows[SAVED_QUERIES.entity_set]:
+                view = self._new_row(SAVED_QUERIES, saved_view_id(name))
+                self._store(SAVED_QUERIES, view, {"name": name, "returnedtypecode": entity})
         self._version += 1
         self._oldest_token_version = self._version
         self._requests = 0
@@ -405,11 +369,19 @@ class DataverseState:
     def count_request(self) -> None:
         self._requests += 1
 
+    def remove_saved_view(self, name: str) -> None:
+        """The system view `name` is gone (as if an admin deleted it) until reset; KeyError if
+        there is no view of that name."""
+        view = self._rows[SAVED_QUERIES.entity_set].get(saved_view_id(name))
+        if view is None:
+            raise KeyError(name)
+        self._remove(SAVED_QUERIES, view)
+
     def register_users(self, clients: Iterable[ClientRegistration]) -> None:
         """One application user per app registration, as an admin creates them in Dataverse."""
         for client in clients:
             user = self._new_row(SYSTEM_USERS, client.app_user_id)
-            values = {"fullname": client.display_name, "applicationid": client.client_id}
+            values = {"fullname": client.display_name, "applicationid": client.client_id, "isdisabled": False}
             self._store(SYSTEM_USERS, user, values)
             self._app_users[client.client_id] = client.app_user_id
 
@@ -430,14 +402,63 @@ class DataverseState:
                 created += 1
         return created
 
+    def exists(self, table: Table, key: RowKey) -> bool:
+        return self._lookup(table, key) is not None
+
+    def annotated(self, table: Table, row: dict, wanted: Callable[[str], bool]) -> dict:
+        """`row` with the annotations Dataverse adds for `Prefer: odata.include-annotations` (those
+        whose names `wanted` accepts), each before its property: the label of a choice, state,
+        status or yes/no column and the text of a date (`FormattedValue`); for a lookup, its row's
+        primary name, the navigation property and the table it points at."""
+        entity = self.model.entity(table.logical_name)
+        annotated: dict[str, Any] = {}
+        for name, value in row.items():
+            if value is not None and not name.startswith("@"):
+                for annotation, text in self._annotations(table, entity, name, value):
+                    if wanted(annotation):
+                        annotated[f"{name}@{annotation}"] = text
+            annotated[name] = value
+        return annotated
+
+    def _annotations(
+        self, table: Table, entity: model.Entity, name: str, value: Any
+    ) -> list[tuple[str, str]]:
+        lookup = re.fullmatch(r"_(\w+)_value", name)
+        attribute = entity.by_name.get(lookup[1] if lookup else name)
+        if attribute is None:
+            return []
+        if lookup and attribute.is_lookup:
+            for navigation, (column, target) in table.lookups.items():
+                referenced = self._rows.get(target, {}).get(value) if column == attribute.logical_name else None
+                if referenced is not None:
+                    target_table = TABLES[target]
+                    primary_name = model.DATAVERSE_ENTITIES[target_table.logical_name].primary_name
+                    annotations = [(_FORMATTED, referenced.get(primary_name))] if primary_name else []
+                    return [
+                        *[(annotation, text) for annotation, text in annotations if text is not None],
+                        ("Microsoft.Dynamics.CRM.associatednavigationproperty", navigation),
+                        ("Microsoft.Dynamics.CRM.lookuplogicalname", target_table.logical_name),
+                    ]
+            return []
+        if attribute.options:
+            label = next((option.label for option in attribute.options if option.value == int(value)), None)
+            return [(_FORMATTED, label)] if label is not None else []
+        if attribute.type == "DateTime":
+            moment = datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ")
+            hour = moment.hour % 12 or 12
+            text = f"{moment.month}/{moment.day}/{moment.year} {hour}:{moment.minute:02d} {'PM' if moment.hour >= 12 else 'AM'}"
+            return [(_FORMATTED, text)]
+        return []
+
     def get(self, table: Table, key: RowKey, params: Mapping[str, str]) -> dict:
         unsupported = sorted(set(params) - {"$select"})
         if unsupported:
             raise DataverseError(
                 400, BAD_QUERY, f"The query parameter {unsupported[0]} is not supported here."
             )
+        self._check_key_defined(table, key)
         row = _with_etag(self._find(table, key))
-        return _project([row], table, params.get("$select"))[0]
+        return _project([row], table, self.read_columns(table), params.get("$select"))[0]
 
     def query(
         self,
@@ -463,7 +484,7 @@ class DataverseState:
             options["$filter"] = " and ".join(f"({text})" for text in filters)
         candidates = self._keyed_candidates(table, params.get("$filter")) if not view_filter else None
         rows = self._ordered(table) if candidates is None else candidates
-        result = apply_query(rows, options, Dialect.DATAVERSE, table.read_columns)
+        result = apply_query(rows, options, Dialect.DATAVERSE, self.read_columns(table))
         matching = result.rows
         if "$top" in options:  # $top asks for one bounded result: no paging
             page, last = matching, None
@@ -472,7 +493,8 @@ class DataverseState:
                 matching = _rows_after(after, matching, table, options.get("$orderby"))
             page = matching[:page_size]
             last = page[-1] if len(matching) > page_size else None
-        rows = _project([_with_etag(row) for row in page], table, params.get("$select"))
+        columns = self.read_columns(table)
+        rows = _project([_with_etag(row) for row in page], table, columns, params.get("$select"))
         return Page(rows, result.count, last)
 
     def changes(
@@ -513,7 +535,7 @@ class DataverseState:
             next_cursor = {"deleted": last.version} if is_deleted else {"row": key(last)}
         rows = [_with_etag(item) for item in page if not isinstance(item, DeletedRow)]
         deleted_ids = [item.id for item in page if isinstance(item, DeletedRow)]
-        return ChangePage(_project(rows, table, select), deleted_ids, next_cursor)
+        return ChangePage(_project(rows, table, self.read_columns(table), select), deleted_ids, next_cursor)
 
     def delta_token(self) -> str:
         """A token for the changes after now: the version, then the time, as Dataverse writes it."""
@@ -566,6 +588,7 @@ class DataverseState:
         specific etag must be current); `If-None-Match: *` makes it create-only. A row created at
         an alternate key gets the key's values; a company in it must exist, as a bind's must."""
         if not key.is_id(table):
+            self._check_key_defined(table, key)
             _refuse_key_in_body(table, body)
         changes = self._changes_from_body(table, body)
         row = self._lookup(table, key)
@@ -575,6 +598,10 @@ class DataverseState:
             row_id = key.values[0] if key.is_id(table) else str(uuid.uuid4())
             if not key.is_id(table):
                 self._check_key_lookups(table, key)
+                for column, value in zip(key.columns, key.values):
+                    attribute = self.model.attribute(table.logical_name, column)
+                    if attribute is not None and value is not None:  # not a lookup part
+                        _checked_value(table, attribute, value)
             row = self._new_row(table, row_id, caller)
             row.update(zip(key.columns, key.values))
         elif if_none_match == "*":
@@ -628,7 +655,10 @@ class DataverseState:
 
     def delete(self, table: Table, key: RowKey) -> None:
         """DELETE: the row goes; a tombstone stays, for change tracking to report."""
+        self._check_key_defined(table, key)
         row = self._find(table, key)
+        if self._journal is not None:
+            self._journal.append((table, row[table.primary_key], dict(row)))
         self._remove(table, row)
         self._version += 1
         self._tombstones[table.entity_set].append(
@@ -639,6 +669,7 @@ class DataverseState:
     def qualify_lead(self, key: RowKey, params: Mapping[str, Any], caller: str) -> list[dict]:
         """The QualifyLead action: create what is asked, close the lead as Qualified, and answer
         references to the created rows. One transaction."""
+        self._check_key_defined(LEADS, key)
         lead = self._find(LEADS, key)
         creates = {
             name: params.get(name)
@@ -859,7 +890,7 @@ class DataverseState:
         if view_id is None:
             return None
         entity, text = _VIEW_FILTERS.get(view_id.lower(), (None, None))
-        if text is None:
+        if text is None or view_id.lower() not in self._rows[SAVED_QUERIES.entity_set]:
             raise DataverseError(404, NOT_FOUND, f"savedquery With Id = {view_id} Does Not Exist")
         if entity != table.logical_name:
             raise DataverseError(
@@ -868,6 +899,20 @@ class DataverseState:
                 f"The saved query {view_id} returns {entity} rows, not {table.logical_name} rows.",
             )
         return text.format(caller=caller)
+
+    def _check_key_defined(self, table: Table, key: RowKey) -> None:
+        """A request may name a row by an alternate key only while the tenant's table has that
+        key and its index is Active (a key removed, Pending, InProgress or Failed is refused)."""
+        if key.is_id(table):
+            return
+        keys = self.model.entity(table.logical_name).keys
+        if not any(defined.status == "Active" for defined in keys):
+            raise DataverseError(
+                400,
+                UNKNOWN_NAME,
+                "The specified key attributes are not a defined key for the "
+                f"{table.logical_name} entity",
+            )
 
     def _lookup(self, table: Table, key: RowKey) -> dict | None:
         rows = self._rows[table.entity_set]
@@ -883,8 +928,10 @@ class DataverseState:
         return row
 
     def _changes_from_body(self, table: Table, body: Mapping[str, Any]) -> dict[str, Any]:
-        """A request body as column values; binds become `_x_value` ids of rows that exist.
-        Server-managed and computed columns are ignored, as Dataverse ignores them."""
+        """A request body as column values, each valid for the tenant's model of the table (see
+        `_checked_value`); binds become `_x_value` ids of rows that exist. Server-managed and
+        computed columns are ignored, as Dataverse ignores them; a column the tenant's table does
+        not have is an unknown property."""
         changes: dict[str, Any] = {}
         for name, value in body.items():
             if name.endswith("@odata.bind"):
@@ -892,15 +939,31 @@ class DataverseState:
                 if navigation not in table.lookups:
                     raise _unknown_property(table, navigation)
                 column, target = table.lookups[navigation]
+                attribute = self.model.attribute(table.logical_name, column)
+                if attribute is None:
+                    raise _unknown_property(table, navigation)
+                if value is None and attribute.required == "SystemRequired":
+                    raise _null_required(column)
                 bound = None if value is None else self._bound_id(navigation, target, value)
                 changes[f"_{column}_value"] = bound
             elif "@" in name:
                 continue  # instance and property annotations, such as @odata.type
             elif name in table.columns:
-                changes[name] = _checked_value(name, table.columns[name], value)
+                attribute = self.model.attribute(table.logical_name, name)
+                if attribute is None:  # a column the tenant's table does not have
+                    raise _unknown_property(table, name)
+                changes[name] = _checked_value(table, attribute, value)
             elif name not in (table.primary_key, *table.computed, *SERVER_COLUMNS):
                 raise _unknown_property(table, name)
         return changes
+
+    def read_columns(self, table: Table) -> tuple[str, ...]:
+        """The columns a read may name: the table's, less those the tenant's model lacks."""
+        entity = self.model.entity(table.logical_name)
+        if len(entity.attributes) == len(model.DATAVERSE_ENTITIES[table.logical_name].attributes):
+            return table.read_columns
+        kept = {f"_{a.logical_name}_value" if a.is_lookup else a.logical_name for a in entity.attributes}
+        return tuple(column for column in table.read_columns if column in kept)
 
     def _bound_id(self, navigation: str, target: str, reference: Any) -> str:
         match = _BIND.fullmatch(reference) if isinstance(reference, str) else None
@@ -984,7 +1047,7 @@ class DataverseState:
         if stored is not None:
             self._unindex(table, row)
         row.update(changes)
-        if "fullname" in table.computed:
+        if "fullname" in table.computed and "firstname" in table.columns:  # not a user's
             names = (row["firstname"], row["lastname"])
             row["fullname"] = " ".join(name for name in names if name) or None
         self._version += 1
@@ -1008,10 +1071,15 @@ class DataverseState:
                 message += f": {rejection.message}" if rejection.message else "."
                 raise DataverseError(400, ISV_ABORTED, message)
 
+    def transaction(self) -> AbstractContextManager[None]:
+        """A `$batch` changeset's transaction: see `_atomic`."""
+        return self._atomic()
+
     @contextmanager
     def _atomic(self) -> Iterator[None]:
-        """A transaction: if the block raises, every row it created or updated is as it was, and
-        the version and write counts too. A block inside another joins the outer one."""
+        """A transaction: if the block raises, every row it created, updated or deleted is as it
+        was, and the version, write counts and tombstones too. A block inside another joins the
+        outer one."""
         if self._journal is not None:
             yield
             return
@@ -1021,8 +1089,12 @@ class DataverseState:
             yield
         except BaseException:
             for table, row_id, previous in reversed(self._journal):
-                current = self._rows[table.entity_set][row_id]
-                if previous is None:
+                current = self._rows[table.entity_set].get(row_id)
+                if current is None:  # deleted in the block
+                    self._add(table, previous)
+                    tombstones = self._tombstones[table.entity_set]
+                    del tombstones[bisect_right(tombstones, version, key=itemgetter(1)) :]
+                elif previous is None:
                     self._remove(table, current)
                 else:
                     self._unindex(table, current)
@@ -1121,24 +1193,61 @@ def _rows_after(
     return resorted[position + 1 :]
 
 
-def _project(rows: list[dict], table: Table, select: str | None) -> list[dict]:
-    """$select; the primary key and the etag always stay, as in Dataverse."""
+def _project(
+    rows: list[dict], table: Table, columns: tuple[str, ...], select: str | None
+) -> list[dict]:
+    """$select of `columns`; the primary key and the etag always stay, as in Dataverse. Without
+    $select, every column of `columns` (the tenant's table may lack some of the stored ones)."""
     options = {"$select": select} if select is not None else {}
-    return apply_query(
-        rows, options, Dialect.DATAVERSE, table.read_columns, always_selected=(table.primary_key,)
+    projected = apply_query(
+        rows, options, Dialect.DATAVERSE, columns, always_selected=(table.primary_key,)
     ).rows
+    if select is None and len(columns) < len(table.read_columns):
+        kept = set(columns)
+        projected = [
+            {name: value for name, value in row.items() if name in kept or name.startswith("@")}
+            for row in projected
+        ]
+    return projected
 
 
-def _checked_value(name: str, kind: type, value: Any) -> Any:
-    is_bool_for_int = kind is int and isinstance(value, bool)  # bool is an int in Python only
-    if value is None or (isinstance(value, kind) and not is_bool_for_int):
+def _checked_value(table: Table, attribute: model.Attribute, value: Any) -> Any:
+    """`value` for the column, as Dataverse validates it: of the column's type, within its
+    MaxLength, one of its choice's options, not null for a SystemRequired column."""
+    name, kind = attribute.logical_name, attribute.value_type
+    if value is None:
+        if attribute.required == "SystemRequired":
+            raise _null_required(name)
         return value
-    edm = {str: "Edm.String", int: "Edm.Int32", bool: "Edm.Boolean"}[kind]
-    raise DataverseError(
-        400,
-        INVALID_ARGUMENT,
-        f"Cannot convert the literal '{value}' to the expected type '{edm}' of '{name}'.",
-    )
+    is_bool_for_int = kind is int and isinstance(value, bool)  # bool is an int in Python only
+    if not isinstance(value, kind) or is_bool_for_int:
+        edm = {str: "Edm.String", int: "Edm.Int32", bool: "Edm.Boolean"}[kind]
+        raise DataverseError(
+            400,
+            INVALID_ARGUMENT,
+            f"Cannot convert the literal '{value}' to the expected type '{edm}' of '{name}'.",
+        )
+    if attribute.max_length is not None and len(value) > attribute.max_length:
+        raise DataverseError(
+            400,
+            STRING_TOO_LONG,
+            f"A validation error occurred. The length of the '{name}' attribute of the "
+            f"'{table.logical_name}' entity exceeded the maximum allowed length of "
+            f"'{attribute.max_length}'.",
+        )
+    if attribute.type == "Picklist" and value not in {option.value for option in attribute.options}:
+        accepted = ",".join(str(option.value) for option in attribute.options)
+        raise DataverseError(
+            400,
+            OUT_OF_RANGE,
+            f"A validation error occurred. The value {value} of '{name}' on record of type "
+            f"'{table.logical_name}' is outside the valid range. Accepted Values: {accepted}",
+        )
+    return value
+
+
+def _null_required(column: str) -> DataverseError:
+    return DataverseError(400, INVALID_ARGUMENT, f"Attribute: {column} cannot be set to NULL")
 
 
 def _copy(row: Mapping[str, Any], columns: Iterable[str]) -> dict[str, Any]:
@@ -1278,6 +1387,10 @@ def _referenced_key(table: Table, where: str, reference: Any, forms: str) -> Row
     return resource.key
 
 
+def _resource_not_found(segment: str) -> DataverseError:
+    return DataverseError(404, RESOURCE_NOT_FOUND, f"Resource not found for the segment '{segment}'.")
+
+
 def _unknown_property(table: Table, name: str) -> DataverseError:
     return DataverseError(
         400,
@@ -1297,13 +1410,16 @@ _KEY_VALUE = r"'(?:[^']|'')*'|[^',()=]*"  # a quoted literal, or an unquoted one
 _RESOURCE = re.compile(
     r"(?P<set>\w+)"
     rf"(?:\((?:(?P<id>[^'(),=]*)|(?P<key>\w+=(?:{_KEY_VALUE})(?:,\w+=(?:{_KEY_VALUE}))*))\))?"
-    r"(?:/(?P<action>[\w.]+))?"
+    r"(?:/(?P<action>[\w.]+|\$count))?"
 )
 _KEY_PARTS = re.compile(rf"(?P<name>\w+)=(?P<value>{_KEY_VALUE})(?:,|$)")
 # Characters a key value cannot hold in a URL (Power Apps, "Define alternate keys"): the web
 # front end refuses them in a path before Dataverse reads the key.
 _URL_KEY_UNUSABLE = re.compile(r"[/<>*%&:\\?+]")
 _QUALIFY_LEAD = "Microsoft.Dynamics.CRM.QualifyLead"
+_FORMATTED = "OData.Community.Display.V1.FormattedValue"
+_INCLUDE_ANNOTATIONS = re.compile(r'odata\.include-annotations\s*=\s*(?:"([^"]*)"|([^,;\s]+))', re.IGNORECASE)
+_COUNT = "$count"
 _BULK_OPERATIONS = {  # bound to a collection; the operation each target gets
     "Microsoft.Dynamics.CRM.CreateMultiple": "create",
     "Microsoft.Dynamics.CRM.UpdateMultiple": "update",
@@ -1331,9 +1447,7 @@ def _parse_resource_path(resource: str) -> _Resource:
         raise DataverseError(400, BAD_QUERY, f"Bad Request - Error in query syntax: '{resource}'.")
     table = TABLES.get(match["set"])
     if table is None:
-        raise DataverseError(
-            404, UNKNOWN_NAME, f"Resource not found for the segment '{match['set']}'."
-        )
+        raise _resource_not_found(match["set"])
     key = None
     if match["key"] is not None:
         key = _alternate_key(table, match["key"])
@@ -1527,9 +1641,23 @@ def _changes_response(
     return JSONResponse(body, headers=headers)
 
 
-def _entity_id(request: Request, table: Table, row: dict) -> dict[str, str]:
-    url = f"{_service_root(request)}/{table.entity_set}({row[table.primary_key]})"
-    return {"OData-EntityId": url}
+def _entity_id(request: Request, table: Table, row: dict, key: RowKey | None = None) -> dict[str, str]:
+    """The row's URL: by the alternate key when the request addressed it by that key (as Dataverse
+    answers an upsert by key), else by id. Key literals are quoted and percent-encoded."""
+    if key is None or key.is_id(table):
+        return {"OData-EntityId": f"{_service_root(request)}/{table.entity_set}({row[table.primary_key]})"}
+    parts = [
+        f"{column}={value if column in table.key_lookups else _url_literal(value)}"
+        for column, value in zip(key.columns, key.values)
+        if value is not None  # an empty company part is left out of the URL, as it was addressed
+    ]
+    return {"OData-EntityId": f"{_service_root(request)}/{table.entity_set}({','.join(parts)})"}
+
+
+def _url_literal(value: str) -> str:
+    """A string key value as a URL writes it: quotes doubled inside quotes, percent-encoded."""
+    doubled = value.replace("'", "''")
+    return f"'{quote(doubled, safe='')}'"
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -1563,6 +1691,94 @@ def _page_size(preferences: Mapping[str, str]) -> int | None:
     return min(int(requested), MAX_PAGE_SIZE)
 
 
+def _count_response(
+    state: DataverseState, target: _Resource, params: dict[str, str], user_id: str
+) -> PlainTextResponse:
+    """`<set>/$count`: the number of rows (matching its $filter) as plain text. A row has no count."""
+    if target.key is not None:
+        raise DataverseError(
+            400,
+            BAD_QUERY,
+            f"The request URI is not valid. $count cannot be applied to the segment "
+            f"'{target.table.entity_set}' since $count can only follow an entity set, a collection "
+            "navigation property, a structural property of collection type, an operation returning "
+            "collection type or an operation import returning collection type.",
+        )
+    refused = sorted(set(params) - {"$filter"})
+    if refused:
+        raise DataverseError(
+            400, BAD_QUERY, f"The query parameter {refused[0]} is not supported with $count."
+        )
+    page = state.query(target.table, {**params, "$count": "true"}, user_id, 1, None)
+    return PlainTextResponse(str(page.count))
+
+
+def _checked_select(request: Request, state: DataverseState, table: Table) -> str | None:
+    """A write's `$select` (for `return=representation`), checked before the write: a wrong one
+    refuses the request, and nothing is written."""
+    select = request.query_params.get("$select")
+    if select is not None:
+        _project([], table, state.read_columns(table), select)
+    return select
+
+
+def _representation(
+    request: Request,
+    state: DataverseState,
+    table: Table,
+    row: dict,
+    select: str | None,
+    status: int,
+    headers: dict[str, str],
+) -> JSONResponse:
+    """A written row as `Prefer: return=representation` answers it: projected by `$select`, with
+    the annotations asked for; 201 created, 200 updated."""
+    represented = state.get(table, _id_key_of(table, row[table.primary_key]), {"$select": select} if select else {})
+    applied = ["return=representation"]
+    annotations = _included_annotations(request)
+    if annotations:
+        represented = state.annotated(table, represented, annotations.wanted)
+        applied.append(annotations.applied)
+    context = f"{_service_root(request)}/$metadata#{table.entity_set}" + (f"({select})" if select else "")
+    body = {"@odata.context": f"{context}/$entity", **represented}
+    return JSONResponse(body, status_code=status, headers={**headers, **_applied(applied)})
+
+
+class _Annotations(NamedTuple):
+    applied: str  # the Preference-Applied value
+    wanted: Callable[[str], bool]  # whether an annotation of that name is included
+
+
+def _included_annotations(request: Request) -> _Annotations | None:
+    """The `odata.include-annotations` preference: names or patterns (`*`, `Microsoft.Dynamics.CRM.*`),
+    a leading `-` excluding; None if absent."""
+    match = _INCLUDE_ANNOTATIONS.search(",".join(request.headers.getlist("prefer")))
+    if match is None:
+        return None
+    text = match[1] if match[1] is not None else match[2]
+    patterns = [pattern.strip() for pattern in text.split(",") if pattern.strip()]
+    included = [pattern for pattern in patterns if not pattern.startswith("-")]
+    excluded = [pattern[1:] for pattern in patterns if pattern.startswith("-")]
+
+    def wanted(name: str) -> bool:
+        return any(fnmatchcase(name, pattern) for pattern in included) and not any(
+            fnmatchcase(name, pattern) for pattern in excluded
+        )
+
+    return _Annotations(f'odata.include-annotations="{text}"', wanted)
+
+
+def _applied(preferences: list[str]) -> dict[str, str] | None:
+    return {"Preference-Applied": ", ".join(preferences)} if preferences else None
+
+
+def _etag_matches(condition: str | None, etag: str) -> bool:
+    """Whether an If-None-Match names the row's current etag (or is `*`)."""
+    if condition is None:
+        return False
+    return any(tag.strip() in ("*", etag) for tag in condition.split(","))
+
+
 def _unauthorized(reason: str, challenge: str) -> DataverseError:
     return DataverseError(401, UNAUTHORIZED, f"Unauthorized: {reason}.", {"WWW-Authenticate": challenge})
 
@@ -1579,7 +1795,7 @@ def fault_response(fault: Fault, challenge: str) -> JSONResponse:
     else:
         error = DataverseError(fault.status, INVALID_ARGUMENT, "The request failed (a fault injected through the fakes' /_admin/faults).")
     body = {"error": {"code": error.code, "message": error.message}}
-    headers = {**(error.headers or {}), **fault.headers(), "OData-Version": "4.0"}
+    headers = {**(error.headers or {}), **fault.headers(), "OData-Version": "4.0", **dataverse_request_id()}
     return JSONResponse(body, status_code=error.status, headers=headers)
 
 
@@ -1588,8 +1804,11 @@ def create_app(
     issuer: TokenIssuer,
     audience: str,
     clients: Mapping[str, ClientRegistration],
+    security: TenantSecurity | None = None,
 ) -> FastAPI:
-    """The Web API at `<audience>/api/data/v9.2`, accepting tokens whose audience is `audience`."""
+    """The Web API at `<audience>/api/data/v9.2`, accepting tokens whose audience is `audience`;
+    `security`: who has an application user and which privileges (default: as `clients` say)."""
+    security = security or TenantSecurity(clients)
     state.register_users(clients.values())
     challenge = issuer.www_authenticate(audience)
     app = FastAPI(title="Fake Dataverse Web API", docs_url=None, redoc_url=None, openapi_url=None)
@@ -1601,23 +1820,38 @@ def create_app(
 
     @app.exception_handler(ODataQueryError)
     async def query_error(request: Request, error: ODataQueryError) -> JSONResponse:
-        return await dataverse_error(request, DataverseError(400, BAD_QUERY, str(error)))
+        if isinstance(error, UnknownProperty):
+            error = _unknown_property(_parse_resource(request).table, error.name)
+        else:
+            error = DataverseError(400, BAD_QUERY, str(error))
+        return await dataverse_error(request, error)
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Any) -> Response:
-        if not request.url.path.startswith(API_ROOT + "/"):
-            return await call_next(request)  # the /_admin routes mounted alongside
-        state.count_request()
-        response = await call_next(request)
-        response.headers["OData-Version"] = "4.0"
-        return response
+    def stamp(scope: Scope) -> dict[str, str]:
+        """Count the request (a `$batch` once, not its parts); every answer names its request id
+        (a batch part by `REQ_ID` only, as in Dataverse's batch answers)."""
+        ids = dataverse_request_id()
+        if scope.get(BATCH_PART):
+            del ids["x-ms-service-request-id"]
+        else:
+            state.count_request()
+        return {"OData-Version": "4.0", **ids}
+
+    app.add_middleware(StampedAnswers, path_prefix=API_ROOT + "/", stamp=stamp)
 
     async def caller(request: Request) -> str:
-        """The calling application user's systemuserid."""
+        """The calling application user's systemuserid, once its security roles allow the request."""
         try:
-            return issuer.verify(request.headers.get("authorization"), audience).app_user_id
+            claims = issuer.verify(request.headers.get("authorization"), audience)
         except InvalidToken as error:
             raise _unauthorized(error.reason, challenge) from None
+        if not security.has_user(DATAVERSE, claims.client_id):
+            raise DataverseError(403, NOT_A_MEMBER, "The user is not a member of the organization.")
+        try:
+            security.require(DATAVERSE, claims.client_id, await dataverse_privileges_needed(request, state))
+        except PrivilegeMissing as missing:
+            message = missing_privilege_message(missing, claims.app_user_id, state.business_unit_id)
+            raise DataverseError(403, PRIVILEGE_DENIED, message) from None
+        return claims.app_user_id
 
     @app.get(API_ROOT + "/WhoAmI")
     async def who_am_i(request: Request, user_id: str = Depends(caller)) -> JSONResponse:
@@ -1631,6 +1865,16 @@ def create_app(
             }
         )
 
+    @app.get(API_ROOT + "/systemusers({user_id})/Microsoft.Dynamics.CRM.RetrieveUserPrivileges()")
+    async def retrieve_user_privileges(request: Request, user_id: str, _: str = Depends(caller)) -> JSONResponse:
+        client_id = next((client.client_id for client in clients.values()
+                          if client.app_user_id == user_id.lower() and security.has_user(DATAVERSE, client.client_id)), None)  # fmt: skip
+        if client_id is None:
+            raise DataverseError(404, NOT_FOUND, f"systemuser With Id = {user_id} Does Not Exist")
+        metadata = f"{_service_root(request)}/$metadata#Microsoft.Dynamics.CRM.RetrieveUserPrivilegesResponse"
+        privileges = security.user_privileges(client_id, state.business_unit_id)
+        return JSONResponse({"@odata.context": metadata, "RolePrivileges": privileges})
+
     @app.post(API_ROOT + "/WinOpportunity")
     async def win_opportunity(request: Request, user_id: str = Depends(caller)) -> Response:
         state.close_opportunity(await _json_body(request), user_id, won=True)
@@ -1641,19 +1885,35 @@ def create_app(
         state.close_opportunity(await _json_body(request), user_id, won=False)
         return Response(status_code=204)
 
+    @app.post(API_ROOT + "/$batch")
+    async def batch(request: Request, _caller: str = Depends(caller)) -> Response:
+        """One request carrying many (dataverse_batch); it needs a valid token itself."""
+        try:
+            return run_batch(app, request, await request.body(), API_ROOT, state.transaction)
+        except BatchError as error:
+            raise DataverseError(400, INVALID_ARGUMENT, str(error)) from None
+
+    app.include_router(metadata.create_dataverse_router(API_ROOT, state.model, caller))
+
     # The routes below match any resource path; _parse_resource reads it from the raw path.
     @app.get(f"{API_ROOT}/{{resource:{RESOURCE_CONVERTOR}}}")
-    async def read(request: Request, user_id: str = Depends(caller)) -> JSONResponse:
+    async def read(request: Request, user_id: str = Depends(caller)) -> Response:
         target = _parse_resource(request)
-        if target.action is not None:
-            raise DataverseError(
-                404, UNKNOWN_NAME, f"Resource not found for the segment '{target.action}'."
-            )
         params = dict(request.query_params)
+        if target.action == _COUNT:
+            return _count_response(state, target, params, user_id)
+        if target.action is not None:
+            raise _resource_not_found(target.action)
         metadata = f"{_service_root(request)}/$metadata#{target.table.entity_set}"
+        annotations = _included_annotations(request)
+        applied = [annotations.applied] if annotations else []
         if target.key is not None:
             row = state.get(target.table, target.key, params)
-            return JSONResponse({"@odata.context": f"{metadata}/$entity", **row})
+            if _etag_matches(request.headers.get("if-none-match"), row["@odata.etag"]):
+                return Response(status_code=304, headers={"ETag": row["@odata.etag"]})
+            if annotations:
+                row = state.annotated(target.table, row, annotations.wanted)
+            return JSONResponse({"@odata.context": f"{metadata}/$entity", **row}, headers=_applied(applied))
         preferences = _preferences(request)
         token = params.pop("$skiptoken", None)
         cookie = _decode_cookie(token) if token is not None else None
@@ -1672,10 +1932,12 @@ def create_app(
         if page.count is not None:
             body["@odata.count"] = page.count
         body["value"] = page.rows
+        if annotations:
+            body["value"] = [state.annotated(target.table, row, annotations.wanted) for row in page.rows]
         if page.last is not None:
             body["@odata.nextLink"] = _next_link(request, _encode_cookie(page.last))
-        applied = {"Preference-Applied": f"odata.maxpagesize={page_size}"} if page_size else None
-        return JSONResponse(body, headers=applied)
+        applied += [f"odata.maxpagesize={page_size}"] if page_size else []
+        return JSONResponse(body, headers=_applied(applied))
 
     @app.post(f"{API_ROOT}/{{resource:{RESOURCE_CONVERTOR}}}")
     async def create_or_act(request: Request, user_id: str = Depends(caller)) -> Response:
@@ -1692,23 +1954,19 @@ def create_app(
             return JSONResponse({"@odata.context": metadata, "Ids": ids})
         if target.action is not None:
             if target.table is not LEADS or target.key is None or target.action != _QUALIFY_LEAD:
-                raise DataverseError(
-                    404, UNKNOWN_NAME, f"Resource not found for the segment '{target.action}'."
-                )
+                raise _resource_not_found(target.action)
             created = state.qualify_lead(target.key, await _json_body(request), user_id)
             metadata = f"{_service_root(request)}/$metadata#crmbaseentity"
             return JSONResponse({"@odata.context": metadata, "value": created})
         if target.key is not None:
             raise _method_not_allowed("POST")
         _require_writable(target.table)
+        select = _checked_select(request, state, target.table)
         row = state.create(target.table, await _json_body(request), user_id)
         headers = _entity_id(request, target.table, row)
         if _preferences(request).get("return") != "representation":
             return Response(status_code=204, headers=headers)
-        headers["Preference-Applied"] = "return=representation"
-        metadata = f"{_service_root(request)}/$metadata#{target.table.entity_set}/$entity"
-        body = {"@odata.context": metadata, **_with_etag(row)}
-        return JSONResponse(body, status_code=201, headers=headers)
+        return _representation(request, state, target.table, row, select, 201, headers)
 
     @app.patch(f"{API_ROOT}/{{resource:{RESOURCE_CONVERTOR}}}")
     async def update(request: Request, user_id: str = Depends(caller)) -> Response:
@@ -1716,6 +1974,8 @@ def create_app(
         if target.key is None or target.action is not None:
             raise _method_not_allowed("PATCH")
         _require_writable(target.table)
+        select = _checked_select(request, state, target.table)
+        existed = state.exists(target.table, target.key)
         row = state.upsert(
             target.table,
             target.key,
@@ -1724,7 +1984,10 @@ def create_app(
             request.headers.get("if-match"),
             request.headers.get("if-none-match"),
         )
-        return Response(status_code=204, headers=_entity_id(request, target.table, row))
+        headers = _entity_id(request, target.table, row, target.key)
+        if _preferences(request).get("return") != "representation":
+            return Response(status_code=204, headers=headers)
+        return _representation(request, state, target.table, row, select, 200 if existed else 201, headers)
 
     @app.delete(f"{API_ROOT}/{{resource:{RESOURCE_CONVERTOR}}}")
     async def delete(request: Request, user_id: str = Depends(caller)) -> Response:

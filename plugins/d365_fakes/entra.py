@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import hmac
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from urllib.parse import unquote_plus
 
@@ -31,13 +31,20 @@ class _EntraError(Exception):
         self.status, self.error, self.code, self.message = status, error, code, message
 
 
-def create_app(issuer: TokenIssuer, clients: Mapping[str, ClientRegistration]) -> FastAPI:
+def create_app(
+    issuer: TokenIssuer, clients: Mapping[str, ClientRegistration], resources: Iterable[str] | None = None
+) -> FastAPI:
+    """`resources`: the base URLs of the tenant's resources (its service principals), the only ones
+    a token may be asked for; None: any resource (an Entra ID tested on its own)."""
     app = FastAPI(title="Fake Microsoft Entra ID", docs_url=None, redoc_url=None, openapi_url=None)
     base = issuer.issuer_base_url
+    # Entra ID finds a resource by its identifier whatever its case and trailing slash; the token's
+    # audience is the identifier as registered.
+    known = None if resources is None else {_folded(url): url.rstrip("/") for url in resources}
 
     @app.exception_handler(_EntraError)
     async def entra_error(request: Request, error: _EntraError) -> JSONResponse:
-        return _error_response(request, error)
+        return _error_response(request, error, issuer.clock.now())
 
     def check_tenant(tenant: str) -> None:
         if tenant.lower() != issuer.tenant_id.lower():
@@ -94,10 +101,8 @@ def create_app(issuer: TokenIssuer, clients: Mapping[str, ClientRegistration]) -
         client_id, secret = _client_credentials(request, form)
         client = clients.get(client_id)
         if client is None:
-            # The error and code are Entra's (AADSTS700016, unauthorized_client); the status is 401, as
-            # the product's brief asked, where Entra itself answers 400 (see README, "Choices").
             raise _EntraError(
-                401,
+                400,
                 "unauthorized_client",
                 700016,
                 f"Application with identifier '{client_id}' was not found in the directory "
@@ -123,6 +128,18 @@ def create_app(issuer: TokenIssuer, clients: Mapping[str, ClientRegistration]) -
                 f"'{client_id}'.",
             )
         resource = _resource_from_scope(_required(form, "scope"))
+        if known is not None:
+            if _folded(resource) not in known:
+                raise _EntraError(
+                    400,
+                    "invalid_resource",
+                    500011,
+                    f"The resource principal named {resource} was not found in the tenant named "
+                    f"{tenant}. This can happen if the application has not been installed by the "
+                    "administrator of the tenant or consented to by any user in the tenant. You might "
+                    "have sent your authentication request to the wrong tenant.",
+                )
+            resource = known[_folded(resource)]
         body = issuer.issue(client, resource)
         return JSONResponse(body, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
 
@@ -181,11 +198,17 @@ def _resource_from_scope(scope: str) -> str:
     return scopes[0].removesuffix(DEFAULT_SCOPE_SUFFIX).rstrip("/")
 
 
-def _error_response(request: Request, error: _EntraError) -> JSONResponse:
+def _folded(resource: str) -> str:
+    return resource.rstrip("/").casefold()
+
+
+def _error_response(request: Request, error: _EntraError, now: float | None = None) -> JSONResponse:
+    """`now`: Microsoft's time (tokens.ServiceClock), for the answer's timestamp."""
     trace_id = str(uuid.uuid4())
     # Entra ID echoes the caller's client-request-id (MSAL sends one) as the correlation id.
     correlation_id = _uuid_or_none(request.headers.get("client-request-id")) or str(uuid.uuid4())
-    timestamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+    moment = datetime.now(timezone.utc) if now is None else datetime.fromtimestamp(now, timezone.utc)
+    timestamp = moment.strftime("%Y-%m-%d %H:%M:%SZ")
     description = (
         f"AADSTS{error.code}: {error.message}\r\nTrace ID: {trace_id}\r\n"
         f"Correlation ID: {correlation_id}\r\nTimestamp: {timestamp}"

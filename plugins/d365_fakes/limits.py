@@ -7,7 +7,8 @@ combined execution time (1200 s, 0x80072321) and a number of concurrent requests
 refused at once). Commerce headquarters has
 optional per-user limits; the fake offers its request limit (off unless configured). Each refusal
 is a 429 whose `Retry-After` says when the window admits the caller again; a caller that sends
-again before then is refused again, each time with a longer wait, as the real services do.
+again before then is refused again, each time with a longer wait, as the real services do. Every
+Dataverse answer says what is left of the caller's window (`x-ms-ratelimit-*-xrm-requests`).
 
 The caller is the user the bearer token names (`oid`, else `appid`/`azp`); the token is decoded
 without verification, only to tell callers apart (the apps verify it). Requests without a readable
@@ -28,6 +29,7 @@ import json
 import math
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -35,13 +37,32 @@ from typing import Any, Mapping
 import jwt
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 SYSTEMS = ("commerce", "dataverse")
 REQUESTS, EXECUTION, CONCURRENT = "requests", "execution", "concurrent"
 DATAVERSE_CODES = {REQUESTS: "0x80072322", EXECUTION: "0x80072321", CONCURRENT: "0x80072326"}
 # As commerce.CONTENT_TYPE (not imported: the middleware must not pull in the whole Commerce app).
 FNO_CONTENT_TYPE = "application/json; odata.metadata=minimal; odata.streaming=true; IEEE754Compatible=false; charset=utf-8"
+# Set in the ASGI scope of a request that a `$batch` carries: the batch is the one request service
+# protection admits and counts, so its parts pass through.
+BATCH_PART = "d365_fakes.batch_part"
+# Dataverse's "Service protection API limits" headers: what is left of the caller's window.
+BURST_REMAINING = "x-ms-ratelimit-burst-remaining-xrm-requests"
+TIME_REMAINING = "x-ms-ratelimit-time-remaining-xrm-requests"
+
+
+def dataverse_request_id() -> dict[str, str]:
+    """The ids Dataverse stamps on every answer, errors and 429s included: a new GUID per request,
+    as `x-ms-service-request-id` and `REQ_ID` (what Microsoft support asks for)."""
+    request_id = str(uuid.uuid4())
+    return {"x-ms-service-request-id": request_id, "REQ_ID": request_id}
+
+
+def fno_activity_id() -> dict[str, str]:
+    """The activity id finance and operations sends back on every answer ("Service request
+    tracing"): a new GUID per request, as `ms-dyn-aid`."""
+    return {"ms-dyn-aid": str(uuid.uuid4())}
 
 
 @dataclass(frozen=True)
@@ -178,6 +199,20 @@ class ServiceProtection:
             state.executions.append((now, seconds))
             state.execution_total += seconds
 
+    def remaining(self, system: str, caller: str, now: float) -> dict[str, str]:
+        """The rate-limit headers for `caller`: requests left in the window and execution seconds
+        left (as Dataverse writes it, "1,200.00"); a limit that is off has no header."""
+        with self._lock:
+            limits = self.limits.of(system)
+            state = self._callers[system].get(caller) or _Caller()
+            state.forget_before(now - limits["window_s"])
+            headers = {}
+            if limits[REQUESTS]:
+                headers[BURST_REMAINING] = str(max(0, limits[REQUESTS] - len(state.admitted)))
+            if limits[EXECUTION]:
+                headers[TIME_REMAINING] = f"{max(0.0, limits[EXECUTION] - state.execution_total):,.2f}"
+            return headers
+
     def report(self) -> dict[str, Any]:
         """The limits and the 429s sent, per system (Dataverse's by error code)."""
         with self._lock:
@@ -229,10 +264,12 @@ def caller_of(authorization: str) -> str:
     return str(claims.get("oid") or claims.get("appid") or claims.get("azp") or "")
 
 
-def refusal_response(system: str, refusal: Refusal, limits: Limits) -> JSONResponse:
-    """The 429 in the system's own words."""
+def refusal_response(system: str, refusal: Refusal, limits: Limits, remaining: Mapping[str, str]) -> JSONResponse:
+    """The 429 in the system's own words, with the system's request id (Dataverse's also with
+    `remaining`, the rate-limit headers)."""
     headers = {"Retry-After": str(refusal.retry_after), "OData-Version": "4.0"}
     if system == "dataverse":
+        headers |= {**dataverse_request_id(), **remaining}
         window = _seconds(limits.dataverse_window_s)
         message = {
             REQUESTS: f"Number of requests exceeded the limit of {limits.dataverse_requests} over time window of {window} seconds.",
@@ -250,7 +287,7 @@ def refusal_response(system: str, refusal: Refusal, limits: Limits) -> JSONRespo
     )
     body = {"error": {"code": "", "message": "An error has occurred.",
                       "innererror": {"message": message, "type": "", "stacktrace": ""}}}
-    return JSONResponse(body, 429, headers, media_type=FNO_CONTENT_TYPE)
+    return JSONResponse(body, 429, headers | fno_activity_id(), media_type=FNO_CONTENT_TYPE)
 
 
 def _seconds(value: float) -> str:
@@ -259,7 +296,8 @@ def _seconds(value: float) -> str:
 
 class ServiceProtectionMiddleware:
     """ASGI middleware enforcing `protection` for `system` on paths under `path_prefix` (the OData
-    service; the `/_admin` routes mounted alongside are left alone)."""
+    service; the `/_admin` routes mounted alongside, and the parts of a `$batch`, are left alone).
+    Dataverse's answers carry the rate-limit headers."""
 
     def __init__(self, app: ASGIApp, protection: ServiceProtection, system: str, path_prefix: str) -> None:
         if system not in SYSTEMS:
@@ -270,7 +308,7 @@ class ServiceProtectionMiddleware:
         self.path_prefix = path_prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(self.path_prefix):
+        if scope["type"] != "http" or not scope["path"].startswith(self.path_prefix) or scope.get(BATCH_PART):
             await self.app(scope, receive, send)
             return
         authorization = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
@@ -280,11 +318,20 @@ class ServiceProtectionMiddleware:
         if limits.latency_ms:
             await asyncio.sleep(limits.latency_ms / 1000)  # concurrent requests wait side by side
         if refusal:
-            await refusal_response(self.system, refusal, limits)(scope, receive, send)
+            remaining = protection.remaining(self.system, caller, time.monotonic())
+            await refusal_response(self.system, refusal, limits, remaining)(scope, receive, send)
             return
+
+        async def send_with_remaining(message: Message) -> None:
+            if message["type"] == "http.response.start" and self.system == "dataverse":
+                remaining = protection.remaining(self.system, caller, time.monotonic())
+                extra = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in remaining.items()]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
         started = time.perf_counter()
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_with_remaining)
         finally:
             protection.finish(self.system, caller, time.monotonic(), time.perf_counter() - started)
 

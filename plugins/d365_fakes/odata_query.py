@@ -31,6 +31,15 @@ class ODataQueryError(ValueError):
     """A query the real service answers with 400: a syntax error or an unsupported construct."""
 
 
+class UnknownProperty(ODataQueryError):
+    """A query naming a property the entity type does not have (Dataverse answers it with its own
+    code and the type's name)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Could not find a property named '{name}'.")
+        self.name = name
+
+
 Predicate = Callable[[Mapping[str, Any]], bool]
 
 FNO_ENUM_NAMESPACE = "Microsoft.Dynamics.DataEntities"
@@ -263,7 +272,7 @@ class _FilterParser:
     def _property(self, token: _Token) -> str:
         field = token.text.split("/")[0]
         if self.fields is not None and field not in self.fields:
-            raise ODataQueryError(f"Could not find a property named '{field}'.")
+            raise UnknownProperty(field)
         return token.text
 
     def _property_comparison(self, path: str, name: str, literal: _Literal) -> Predicate:
@@ -452,7 +461,7 @@ def _order(rows: list[dict], orderby: str, fields: Collection[str]) -> None:
         if len(words) not in (1, 2) or (len(words) == 2 and words[1] not in ("asc", "desc")):
             raise ODataQueryError(f"The $orderby clause '{clause.strip()}' is not valid.")
         if words[0] not in fields:
-            raise ODataQueryError(f"Could not find a property named '{words[0]}'.")
+            raise UnknownProperty(words[0])
         clauses.append((words[0], len(words) == 2 and words[1] == "desc"))
     # Stable sorts, least significant clause first; nulls sort first ascending, as in SQL Server.
     for field, descending in reversed(clauses):
@@ -486,5 +495,5 @@ def _selection(select: str, fields: Collection[str]) -> tuple[str, ...] | None:
         return None
     for name in names:
         if name not in fields:
-            raise ODataQueryError(f"Could not find a property named '{name}'.")
+            raise UnknownProperty(name)
     return names

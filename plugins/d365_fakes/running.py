@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -159,6 +160,28 @@ class FakeAdmin:
         """Revoke every token issued so far to `client_id` (None: to every client): the APIs answer
         them 401. Tokens issued afterwards work."""
         self._checked(self._http.post("/tokens/revoke", json={} if client_id is None else {"client_id": client_id}))
+
+    def security(self, **body: Any) -> None:
+        """Change the tenant's security until reset: `security(client_id=..., system="dataverse",
+        application_user=False)` removes the app's user there; `revoke=["prvCreateLead", ...]` takes
+        privileges from its roles (HQ: e.g. "CustomersV3EntityCreate"; CONTRACT.md, Security)."""
+        self._checked(self._http.post("/security", json=body))
+
+    def skew_clock(self, seconds: float) -> None:
+        """Run Microsoft's side (Entra token times, Date headers, token checks) `seconds` off this
+        machine's clock, until reset."""
+        self._checked(self._http.post("/clock", json={"skew_s": seconds}))
+
+    def change_model(self, **body: Any) -> None:
+        """Make the tenant's tables differ from the default ones, in metadata and behaviour:
+        `system="dataverse", table="lead"` with `remove_columns=[...]`, `key_status="Failed"` or
+        `remove_keys=True`; `system="commerce", table="Prospects", remove_columns=[...]`. A wrong
+        field raises RuntimeError naming it. Undone by `reset`."""
+        self._checked(self._http.post("/model", json=body))
+
+    def remove_saved_view(self, name: str) -> None:
+        """The Dataverse system view `name` ("All Commerce B2B leads") is gone until `reset`."""
+        self._checked(self._http.delete(f"/dataverse/savedqueries/{quote(name, safe='')}"))
 
     def reject_writes(self, entity_set: str, column: str, value: str, message: str | None = None) -> None:
         """Dataverse refuses any write of a row whose `column` is `value` (400, 0x80040265), as a

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from d365_fakes.actors import Clerk, Seller
 from d365_fakes.running import Endpoints, FakeAdmin
+from d365_fakes.security import B2B_ONBOARDING_ROLE
 
 # What sellers do with a lead, and what that must become in Commerce: (prospect status, email).
 OUTCOMES = {
@@ -39,8 +40,11 @@ class Cast:
             return {"client_id": client_id, "client_secret": secrets.token_urlsafe(24), "display_name": name,
                     "default_company": "usmf"}  # fmt: skip
 
-        return cls(app("b2b-onboarding-airflow", "B2B onboarding (Airflow)"), app("seller-app", "Sales seller"),
-                   app("hq-clerk", "Commerce back office"))  # fmt: skip
+        # The product runs with the least-privilege role the README documents, which proves it suffices;
+        # the seller and the clerk act as people with broad roles do.
+        least_privilege = {"dataverse_roles": [B2B_ONBOARDING_ROLE], "commerce_roles": [B2B_ONBOARDING_ROLE]}
+        return cls(app("b2b-onboarding-airflow", "B2B onboarding (Airflow)") | least_privilege,
+                   app("seller-app", "Sales seller"), app("hq-clerk", "Commerce back office"))  # fmt: skip
 
     @property
     def clients(self) -> list[dict]:

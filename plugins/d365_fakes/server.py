@@ -29,7 +29,8 @@ from d365_fakes.faults import FaultInjection, FaultPlan
 from d365_fakes.listen import ANY_ADDRESS, LOOPBACK, check_listen_address
 from d365_fakes.limits import Limits, ServiceProtection, ServiceProtectionMiddleware, create_limits_router
 from d365_fakes.tls import TlsFiles, ensure_tls, load_or_create_rsa_key
-from d365_fakes.tokens import TokenIssuer
+from d365_fakes.security import TenantSecurity, create_security_router
+from d365_fakes.tokens import ServiceDateHeader, TokenIssuer
 
 if TYPE_CHECKING:
     from d365_fakes.commerce import CommerceState
@@ -138,30 +139,41 @@ def create_apps(
     all three, so an admin call through any server reaches the system it names.
     `admin_for_loopback_only`: `/_admin` answers 403 to callers not on the loopback (on for the
     served fakes; in-process test clients have no address)."""
-    from d365_fakes import commerce, dataverse
+    from d365_fakes import commerce, dataverse, metadata
 
+    security = TenantSecurity(clients)
     commerce_app = commerce.create_app(
-        commerce_state, issuer, commerce_url, clients, page_size=commerce_page_size
+        commerce_state, issuer, commerce_url, clients, page_size=commerce_page_size, security=security
     )
     commerce_app.add_middleware(
         ServiceProtectionMiddleware, protection=protection, system="commerce", path_prefix="/data/"
     )
-    dataverse_app = dataverse.create_app(dataverse_state, issuer, dataverse_url, clients)
+    dataverse_app = dataverse.create_app(dataverse_state, issuer, dataverse_url, clients, security)
     dataverse_app.add_middleware(
         ServiceProtectionMiddleware,
         protection=protection,
         system="dataverse",
         path_prefix=dataverse.API_ROOT + "/",
     )
-    entra_app = entra.create_app(issuer, clients)
-    admin_router = admin.create_admin_router(commerce_state, dataverse_state, issuer, faults)
+    entra_app = entra.create_app(issuer, clients, resources=(commerce_url, dataverse_url))
+    admin_router = admin.create_admin_router(
+        commerce_state, dataverse_state, issuer, faults, also_reset=(security.reset,)
+    )
+    security_router = create_security_router(security, issuer.clock)
     limits_router = create_limits_router(protection)
+    model_router = metadata.create_admin_router(commerce_state.model, dataverse_state)
     admin_dependencies = [Depends(admin.loopback_callers_only)] if admin_for_loopback_only else []
     for app in (entra_app, commerce_app, dataverse_app):
         app.include_router(admin_router, prefix="/_admin", dependencies=admin_dependencies)
         app.include_router(limits_router, prefix="/_admin", dependencies=admin_dependencies)
+        app.include_router(security_router, prefix="/_admin", dependencies=admin_dependencies)
+        app.include_router(model_router, prefix="/_admin", dependencies=admin_dependencies)
     commerce_challenge = issuer.www_authenticate(commerce_url)
     dataverse_challenge = issuer.www_authenticate(dataverse_url)
+    # Microsoft's Date headers, from its clock (`/_admin/clock`), on every answer the apps give.
+    entra_app, commerce_app, dataverse_app = (
+        ServiceDateHeader(app, issuer.clock) for app in (entra_app, commerce_app, dataverse_app)
+    )
     return [
         FaultInjection(entra_app, faults, "entra", entra.fault_response),
         FaultInjection(
@@ -227,6 +239,7 @@ def _config(app: ASGIApp, tls: TlsFiles) -> uvicorn.Config:
         ssl_keyfile=str(tls.key),
         log_level="warning",
         access_log=False,
+        date_header=False,  # each app sets Date from Microsoft's clock (tokens.ServiceDateHeader)
         lifespan="off",
         # Requests take milliseconds; what remains at shutdown is mostly clients' idle keep-alive
         # TLS connections, which would otherwise hold the shutdown for the TLS close timeout.

@@ -15,10 +15,12 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from email.utils import formatdate
 from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from d365_fakes.clients import ClientRegistration
 
@@ -31,6 +33,46 @@ class InvalidToken(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class ServiceClock:
+    """Microsoft's clock: this machine's, `skew_s` seconds off (`/_admin/clock`), for token times,
+    token checks and the services' Date headers, so that a client whose clock is off can be tried."""
+
+    def __init__(self) -> None:
+        self.skew_s = 0.0
+
+    def now(self) -> float:
+        return time.time() + self.skew_s
+
+    def set_skew(self, seconds: Any) -> None:
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or abs(seconds) > 10 * 365 * 86400:
+            raise ValueError(f"skew_s must be a number of seconds (at most ten years either way), got {seconds!r}")
+        self.skew_s = float(seconds)
+
+    def reset(self) -> None:
+        self.skew_s = 0.0
+
+
+class ServiceDateHeader:
+    """ASGI middleware: every answer's `Date` header from the service's clock (RFC 9110 IMF-fixdate)."""
+
+    def __init__(self, app: ASGIApp, clock: ServiceClock) -> None:
+        self.app, self.clock = app, clock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_date(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(name, value) for name, value in message.get("headers", []) if name.lower() != b"date"]
+                headers.append((b"date", formatdate(self.clock.now(), usegmt=True).encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_date)
 
 
 @dataclass(frozen=True)
@@ -55,7 +97,9 @@ class TokenIssuer:
         tenant_id: str,
         lifetime_s: int = DEFAULT_LIFETIME_S,
         signing_key: rsa.RSAPrivateKey | None = None,
+        clock: ServiceClock | None = None,
     ) -> None:
+        self.clock = clock or ServiceClock()
         self.issuer_base_url = issuer_base_url.rstrip("/")
         self.tenant_id = tenant_id
         self.issuer = f"{self.issuer_base_url}/{tenant_id}/v2.0"
@@ -84,7 +128,7 @@ class TokenIssuer:
     def revoke(self, client_id: str | None = None) -> None:
         """Revoke every token issued until now to `client_id` (None: to every client); `verify`
         refuses them from now on. Tokens issued afterwards work."""
-        now = time.time()
+        now = self.clock.now()
         with self._lock:
             for uti, (holder, expires_at) in list(self._unexpired.items()):
                 if expires_at < now:
@@ -109,7 +153,7 @@ class TokenIssuer:
 
     def issue(self, client: ClientRegistration, resource: str) -> dict[str, Any]:
         """The token endpoint's answer body for `client` asking for `resource` (the audience)."""
-        now = int(time.time())
+        now = int(self.clock.now())
         claims = {
             "aud": resource.rstrip("/"),
             "iss": self.issuer,
@@ -160,7 +204,9 @@ class TokenIssuer:
                 algorithms=["RS256"],
                 audience=audience.rstrip("/"),
                 issuer=self.issuer,
-                options={"require": ["exp", "iat", "nbf", "aud", "iss", "tid", "azp", "oid"]},
+                # Times are checked below against the service's clock, not this machine's.
+                options={"require": ["exp", "iat", "nbf", "aud", "iss", "tid", "azp", "oid"],
+                         "verify_exp": False, "verify_nbf": False, "verify_iat": False},
             )
         except jwt.ExpiredSignatureError:
             raise InvalidToken("the token has expired") from None
@@ -170,6 +216,11 @@ class TokenIssuer:
             raise InvalidToken("the token's signature is invalid") from None
         except jwt.InvalidTokenError as error:
             raise InvalidToken(f"the token is invalid: {error}") from None
+        now = self.clock.now()
+        if not isinstance(claims["exp"], (int, float)) or claims["exp"] <= now:
+            raise InvalidToken("the token has expired")
+        if not isinstance(claims["nbf"], (int, float)) or claims["nbf"] > now:
+            raise InvalidToken("the token is not valid yet (nbf is in the future)")
         if self._is_revoked(claims.get("uti"), claims["azp"]):
             raise InvalidToken("The token has been revoked")
         return Claims(

@@ -8,7 +8,7 @@ import httpx
 import msal
 import pytest
 from starlette.testclient import TestClient
-from test_dataverse import MISSING_ID, by_prospect_id, create, created_id, error_of
+from test_dataverse import MISSING_ID, by_prospect_id, create, error_of, upserted_id
 from test_dataverse_admin import (  # noqa: F401 (api, issuer and state are fixtures)
     ADMIN,
     api,
@@ -181,7 +181,7 @@ def test_writes_that_would_duplicate_a_key_fail_and_change_nothing(api: TestClie
 def test_urls_address_a_lead_by_both_key_parts_in_any_order_or_an_older_lead_by_its_prospect_id(
     api: TestClient, companies: None
 ) -> None:
-    created = created_id(api.patch(by_prospect_id("P-000001", "usrt"), json={"lastname": "New"}))
+    created = upserted_id(api, by_prospect_id("P-000001", "usrt"), {"lastname": "New"})
     lead = api.get(f"leads({created})").json()
     assert (lead["msdyn_prospectid"], lead["_msdyn_company_value"]) == ("P-000001", USRT)  # the key's values
     swapped = f"leads(_msdyn_company_value={USRT.upper()},msdyn_prospectid='p-000001')"

@@ -106,7 +106,7 @@ def test_issued_token_verifies_for_its_resource(entra_server):
 def test_unknown_client_is_answered_as_entra_does(entra_server):
     response = token_request(entra_server, client_id=UNKNOWN_ID)
 
-    body = assert_entra_error(response, 401, "unauthorized_client", 700016)
+    body = assert_entra_error(response, 400, "unauthorized_client", 700016)
     assert (
         f"Application with identifier '{UNKNOWN_ID}' was not found in the directory "
         f"'{entra_server.tenant_id}'" in body["error_description"]
