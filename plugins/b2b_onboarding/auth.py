@@ -16,6 +16,8 @@ from .errors import AuthenticationError, certificate_failure_message, certificat
 
 # OAuth errors of an Entra ID that is unavailable or throttling, not refusing the credentials.
 _TRANSIENT_ERRORS = frozenset({"temporarily_unavailable", "server_error"})
+_UNKNOWN_CLIENT = 700016  # AADSTS700016: no app registration with this client id in the tenant
+_UNKNOWN_RESOURCE = 500011  # AADSTS500011: no resource (service principal) of that name in the tenant
 
 
 class TokenProvider:
@@ -64,13 +66,29 @@ class TokenProvider:
             answer = f"HTTP {status} {result.get('error')}" if status else str(result.get("error"))
             raise AuthenticationError(
                 f"Entra ID ({self.authority}) refused a token to client {self.client_id} for {scope} with {answer}. "
-                "Next step: check the connection's client id (login), secret (password) and tenant (extra "
-                f"tenant_id or authority), then clear the task. Entra ID said: {result.get('error_description')}",
+                f"Next step: {self._next_step(result.get('error_codes') or [], scope)}. "
+                f"Entra ID said: {result.get('error_description')}",
                 transient=result.get("error") in _TRANSIENT_ERRORS,
             )
         self.last_token_source = result.get("token_source")
         redaction.register_secret(result["access_token"])  # a set lookup once known (cache hits)
         return result["access_token"]
+
+    def _next_step(self, error_codes: list[int], scope: str) -> str:
+        """What to fix, by Entra ID's AADSTS code where it names the culprit (Microsoft Entra
+        authentication and authorization error codes)."""
+        tenant = urlsplit(self.authority).path.strip("/").split("/")[0] or self.authority
+        if _UNKNOWN_CLIENT in error_codes:
+            return (f"the client id (login) {self.client_id} of this connection is not an app registration in tenant "
+                    f"{tenant}: fix the connection's login, or its tenant (extra tenant_id or authority) if the app "
+                    "lives in another tenant, then clear the task")  # fmt: skip
+        if _UNKNOWN_RESOURCE in error_codes:
+            resource = scope.removesuffix("/.default")
+            return (f"the Environment URL (host) {resource} of this connection is not a resource of tenant {tenant}: "
+                    "set the connection's host to the environment's URL as the Power Platform admin center (Dataverse) "
+                    "or LCS (HQ) shows it, or fix the tenant, then clear the task")  # fmt: skip
+        return ("check the connection's client id (login), secret (password) and tenant (extra tenant_id or "
+                "authority), then clear the task")  # fmt: skip
 
     def _remember_status(self, response: httpx.Response) -> None:
         self._answers.status = response.status_code

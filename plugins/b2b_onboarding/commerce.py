@@ -6,10 +6,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlencode
 
+import httpx
+
 from . import batch
 from .batch import BatchRequest, BatchResponse
 from .errors import D365Error
-from .odata import ODataClient, key_segment, literal
+from .odata import ODataClient, key_segment, literal, request_id_of
 from .settings import ServiceSettings
 
 SYSTEM = "Commerce headquarters"
@@ -61,6 +63,33 @@ class CommerceClient:
             max_concurrency=settings.max_concurrency,
         )
 
+    def first_prospect_answer(self) -> httpx.Response:
+        """HQ's answer to a read of one prospect: 200, or 403 when the caller's roles do not grant it."""
+        return self.odata.request("GET", "Prospects", operation="read Prospects", accept=frozenset({403}),
+                                  params={**_CROSS_COMPANY, "$top": "1", "$select": "ProspectId"})  # fmt: skip
+
+    def first_rows(self, entity_set: str) -> list[dict]:
+        """At most one row of an entity set, of any company: whether the caller may read it."""
+        return next(self.odata.iter_pages(entity_set, operation=f"read {entity_set}", params={**_CROSS_COMPANY, "$top": "1"}))
+
+    def legal_entity(self, legal_entity: str) -> dict | None:
+        """A legal entity (company) of HQ by its id, any case; None when there is none."""
+        rows = next(self.odata.iter_pages("LegalEntities", operation="read legal entity",
+                                          params={"$filter": f"LegalEntityId eq {literal(legal_entity)}"}))  # fmt: skip
+        return next((row for row in rows if str(row.get("LegalEntityId", "")).lower() == legal_entity.lower()), None)
+
+    def customer_group(self, legal_entity: str, group: str) -> dict | None:
+        """A customer group of one legal entity; None when there is none."""
+        params = {**_CROSS_COMPANY, "$filter": f"dataAreaId eq {literal(legal_entity)} and CustomerGroupId eq {literal(group)}"}
+        rows = next(self.odata.iter_pages("CustomerGroups", operation="read customer group", params=params))
+        return next((row for row in rows if str(row.get("CustomerGroupId", "")).lower() == group.lower()), None)
+
+    def metadata(self) -> bytes:
+        """HQ's service document `$metadata` (CSDL XML): every entity set's properties, their types
+        and MaxLength, and the enums (`tenant.py` reads it)."""
+        return self.odata.request("GET", "$metadata", operation="read $metadata",
+                                  headers={"Accept": "application/xml"}).content  # fmt: skip
+
     def iter_prospect_pages(
         self, legal_entity: str, status: str | None = "Pending", id_range: tuple[str, str] | None = None
     ) -> Iterator[list[dict]]:
@@ -99,6 +128,7 @@ class CommerceClient:
                 raise D365Error(
                     system=SYSTEM, operation=operation, status=response.status_code,
                     message=f"$batch answered {len(answers)} of {len(group)} changesets", connection=self.odata.connection,
+                    request_id=request_id_of(response),
                 )  # fmt: skip
             return answers
 

@@ -20,7 +20,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .errors import DecisionConflict
-from .prospects import MAX_CUSTOMER_ACCOUNT_LENGTH, customer_account, key_fold
+from .prospects import customer_account, key_fold
+from .tenant import DEFAULT_TENANT, Tenant
 
 
 def fold(value: object) -> str:
@@ -71,12 +72,15 @@ class Choice:
 
 def choose(
     *, legal_entity: str, prospect_id: str, account: dict, contact: dict, email: str, known: Known,
-    template: str | None = None, common: Mapping[str, str] | None = None,
+    template: str | None = None, common: Mapping[str, str] | None = None, tenant: Tenant = DEFAULT_TENANT,
 ) -> Choice:  # fmt: skip
-    """The customers of one prospect, or a DecisionConflict saying why none may be written."""
+    """The customers of one prospect, or a DecisionConflict saying why none may be written; a
+    templated customer account must fit in the tenant's CustomersV3.CustomerAccount."""
     record = f"prospect {legal_entity}/{prospect_id}"
-    organization = _organization(record, legal_entity, prospect_id, account, email, known, template, dict(common or {}))
-    person = _person(record, legal_entity, prospect_id, contact, email, known, template, dict(common or {}))
+    length = tenant.commerce_max_length("CustomersV3", "CustomerAccount")
+    organization = _organization(record, legal_entity, prospect_id, account, email, known, template, length,
+                                 dict(common or {}))  # fmt: skip
+    person = _person(record, legal_entity, prospect_id, contact, email, known, template, length, dict(common or {}))
     if "PartyNumber" in person:
         elsewhere = known.hierarchies_of_person.get(fold(person["PartyNumber"]), set()) - {organization.get("PartyNumber")}
         if elsewhere:
@@ -91,7 +95,7 @@ def choose(
 
 
 def _organization(record: str, legal_entity: str, prospect_id: str, account: dict, email: str, known: Known,
-                  template: str | None, common: dict) -> dict:  # fmt: skip
+                  template: str | None, length: int | None, common: dict) -> dict:  # fmt: skip
     number = str(account.get("accountnumber") or "").strip()
     if number:
         found = known.customers_by_account.get(fold(number), [])
@@ -117,7 +121,7 @@ def _organization(record: str, legal_entity: str, prospect_id: str, account: dic
     body = {"dataAreaId": legal_entity, "PartyType": "Organization", "OrganizationName": account["name"],
             "PrimaryContactEmail": email, **common}  # fmt: skip
     if template:
-        wanted = _templated(record, template, legal_entity, prospect_id, "ORG")
+        wanted = _templated(record, template, length, legal_entity, prospect_id, "ORG")
         here = [row for row in known.customers_by_account.get(fold(wanted), [])
                 if row["dataAreaId"].lower() == legal_entity.lower()]  # fmt: skip
         return here[0] if here else {**body, "CustomerAccount": wanted}
@@ -133,7 +137,7 @@ def _organization(record: str, legal_entity: str, prospect_id: str, account: dic
 
 
 def _person(record: str, legal_entity: str, prospect_id: str, contact: dict, email: str, known: Known,
-            template: str | None, common: dict) -> dict:  # fmt: skip
+            template: str | None, length: int | None, common: dict) -> dict:  # fmt: skip
     persons = [row for row in known.customers_by_email.get(fold(email), []) if row["PartyType"] == "Person"]
     if persons:
         return persons[0]
@@ -141,19 +145,20 @@ def _person(record: str, legal_entity: str, prospect_id: str, contact: dict, ema
              if contact.get(column)}  # fmt: skip
     body = {"dataAreaId": legal_entity, "PartyType": "Person", "PrimaryContactEmail": email, **names, **common}
     if template:
-        wanted = _templated(record, template, legal_entity, prospect_id, "ADM")
+        wanted = _templated(record, template, length, legal_entity, prospect_id, "ADM")
         here = [row for row in known.customers_by_account.get(fold(wanted), [])
                 if row["dataAreaId"].lower() == legal_entity.lower()]  # fmt: skip
         return here[0] if here else {**body, "CustomerAccount": wanted}
     return body
 
 
-def _templated(record: str, template: str, legal_entity: str, prospect_id: str, role: str) -> str:
+def _templated(record: str, template: str, length: int | None, legal_entity: str, prospect_id: str, role: str) -> str:
+    """The templated customer account, if it fits in the tenant's CustomersV3.CustomerAccount (`length`)."""
     account = customer_account(template, legal_entity, prospect_id, role)
-    if len(account) > MAX_CUSTOMER_ACCOUNT_LENGTH:
+    if length is not None and len(account) > length:
         raise DecisionConflict("customer_account_too_long",
                                f"{record}: the connection's customer_account_template gives {account!r}, "
-                               f"{len(account)} characters, and a customer account holds {MAX_CUSTOMER_ACCOUNT_LENGTH}; "
+                               f"{len(account)} characters, and this tenant's CustomersV3.CustomerAccount holds {length}; "
                                "nothing was written. Next step: shorten the template (extra customer_account_template "
                                "of the Commerce connection), or remove it to let HQ number customers")  # fmt: skip
     return account

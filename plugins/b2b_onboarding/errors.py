@@ -9,8 +9,10 @@ from urllib.parse import urlsplit
 # What an on-call engineer should do next, by HTTP status.
 _NEXT_STEP = {
     400: "fix the record or the request named above; the record is kept and retried on the next run",
-    401: "check the connection's client id, secret and authority, and that the app user exists",
-    403: "grant the application user the security role this operation needs",
+    401: ("check the connection's client id, secret and authority, and that the app has a user in the system "
+          "(HQ: a row for its client id in System administration > Setup > Microsoft Entra applications)"),
+    403: ("give the connection's application user a security role that allows this operation (README, Before the "
+          "first run on your tenant)"),
     404: "the record is gone from the target system; check whether someone deleted it",
     409: "another writer changed the record; rerun the task",
     412: "the record changed since it was read; rerun the task",
@@ -24,6 +26,33 @@ _CODE_STEP = {
                    "'USMF:P-1' and 'usmf:P-1' are one key): find the lead with that key, and merge or delete the extra "
                    "one; the next sync adopts the one that remains"),
 }
+
+
+# What a security refusal names, in Dataverse's message (0x80040220) and in HQ's (fakes' CONTRACT.md, Security).
+_PRIVILEGE_DENIED = "0x80040220"
+_NOT_A_MEMBER = "0x80072560"
+_MISSING_PRIVILEGE = re.compile(r"is missing (?P<privilege>prv\w+) privilege .*?for entity '(?P<entity>\w+)'")
+_MISSING_HQ_ACCESS = re.compile(r"has no (?P<access>\w+) access to data entity (?P<entity>\w+)")
+_BEFORE_FIRST_RUN = "(README, Before the first run on your tenant)"
+
+
+def _security_step(error: D365Error) -> str | None:
+    """The next step of a refusal by the system's security, naming the connection to fix and what to
+    grant; None for any other failure."""
+    connection = f"connection {error.connection!r}" if error.connection else "this connection"
+    code = error.code.lower()
+    if error.status == 403 and code == _NOT_A_MEMBER:
+        return (f"the client id of {connection} has no application user in this Dataverse environment: add one (Power "
+                "Platform admin center > the environment > Settings > Users + permissions > Application users) and "
+                f"give it the role 'Commerce B2B onboarding integration' {_BEFORE_FIRST_RUN}")  # fmt: skip
+    if error.status == 403 and code == _PRIVILEGE_DENIED and (found := _MISSING_PRIVILEGE.search(error.message)):
+        return (f"give the application user of {connection} a role with {found['privilege']} on {found['entity']} "
+                f"{_BEFORE_FIRST_RUN}")  # fmt: skip
+    if error.status == 403 and (found := _MISSING_HQ_ACCESS.search(error.message)):
+        return (f"give the HQ user that {connection}'s client id maps to (System administration > Setup > Microsoft Entra "
+                f"applications) a role with {found['access']} access to data entity {found['entity']} "
+                f"{_BEFORE_FIRST_RUN}")  # fmt: skip
+    return None
 
 
 def one_line(text: str) -> str:
@@ -41,8 +70,8 @@ class D365Error(Exception):
     """A failed call to Commerce headquarters or Dataverse.
 
     Carries everything a 3 a.m. reader needs: the Airflow connection, the system, the operation,
-    the record, the HTTP status, the service's own error code and message, and the next step, on
-    one line.
+    the record, the HTTP status, the service's own error code and message, the id the service gave
+    the request (what Microsoft support asks for), and the next step, on one line.
     """
 
     def __init__(
@@ -56,6 +85,7 @@ class D365Error(Exception):
         record: str | None = None,
         attempts: int = 1,
         connection: str | None = None,
+        request_id: str = "",
     ) -> None:
         self.system = system
         self.operation = operation
@@ -65,6 +95,7 @@ class D365Error(Exception):
         self.record = record
         self.attempts = attempts
         self.connection = connection
+        self.request_id = request_id
         super().__init__(str(self))
 
     @property
@@ -76,6 +107,8 @@ class D365Error(Exception):
                     "is written twice), and check the service's health if it persists")  # fmt: skip
         if self.status >= 500:
             return _SERVER_ERROR_STEP
+        if step := _security_step(self):
+            return step
         if self.code.lower() in _CODE_STEP:
             return _CODE_STEP[self.code.lower()]
         return _NEXT_STEP.get(self.status, "read the service's message above and fix the cause")
@@ -96,9 +129,10 @@ class D365Error(Exception):
         code = f" {self.code}" if self.code else ""
         answer = f"HTTP {self.status}{code}" if self.status else "no HTTP answer"
         tries = f" after {self.attempts} attempts" if self.attempts > 1 else ""
+        request_id = f" Request id: {self.request_id} (give it to Microsoft support)." if self.request_id else ""
         return (
             f"{via(self.system, self.connection)}: {self.operation}{subject} failed{tries} with {answer}: "
-            f"{one_line(self.message) or '(no message)'}. Next step: {self.next_step}."
+            f"{one_line(self.message) or '(no message)'}.{request_id} Next step: {self.next_step}."
         )
 
     def for_record(self, record: str) -> D365Error:
@@ -112,7 +146,7 @@ class D365Error(Exception):
     def _with(self, **changes: object) -> D365Error:
         fields = {"system": self.system, "operation": self.operation, "status": self.status, "code": self.code,
                   "message": self.message, "record": self.record, "attempts": self.attempts,
-                  "connection": self.connection}  # fmt: skip
+                  "connection": self.connection, "request_id": self.request_id}  # fmt: skip
         return type(self)(**{**fields, **changes})
 
 

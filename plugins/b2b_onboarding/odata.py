@@ -149,9 +149,20 @@ class _Gate:
             time.sleep(delay)
 
 
+# The id each service gives a request, for Microsoft support: Dataverse's service request id
+# (REQ_ID on older answers and inside a $batch), F&O's activity id ("Service request tracing").
+REQUEST_ID_HEADERS = ("x-ms-service-request-id", "REQ_ID", "ms-dyn-aid")
+
+
+def request_id_of(response: httpx.Response) -> str:
+    """The service's id for the request `response` answers; "" if it sent none."""
+    return next((response.headers[name] for name in REQUEST_ID_HEADERS if name in response.headers), "")
+
+
 def error_from_response(system: str, operation: str, response: httpx.Response, record: str | None,
                         connection: str | None = None) -> D365Error:  # fmt: skip
-    """Reads both error dialects: Dataverse's `error.code/message` and F&O's `innererror.message`."""
+    """Reads both error dialects: Dataverse's `error.code/message` and F&O's `innererror.message`;
+    and the answer's request id."""
     code, message = "", response.reason_phrase
     try:
         error = response.json().get("error", {})
@@ -162,7 +173,7 @@ def error_from_response(system: str, operation: str, response: httpx.Response, r
         inner = error.get("innererror") if isinstance(error.get("innererror"), dict) else {}
         message = inner.get("message") or error.get("message") or message
     return D365Error(system=system, operation=operation, status=response.status_code, code=code, message=message,
-                     record=record, connection=connection)  # fmt: skip
+                     record=record, connection=connection, request_id=request_id_of(response))  # fmt: skip
 
 
 class ODataClient:

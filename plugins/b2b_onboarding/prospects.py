@@ -12,42 +12,42 @@ from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, 
 from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated
 
-# Prospect ids as HQ's number sequences draw them fit in 20 characters (ProspectId's EDT).
-MAX_PROSPECT_ID_LENGTH = 20
-# CustAccount holds 20 characters: a customer account template must render within it.
-MAX_CUSTOMER_ACCOUNT_LENGTH = 20
-
-LEAD_SOURCE_WEB = 8
-B2B_STATUS_OPTION = {"Pending": 0, "Approved": 1, "Rejected": 2, "Unknown": 3}
+from .tenant import DEFAULT_TENANT, Tenant
 
 Text = Annotated[str, StringConstraints(strip_whitespace=True)]
 _UNPRINTABLE = {"Cc", "Zl", "Zp", "Cs"}  # controls, line and paragraph separators, lone surrogates
 
-
-def _optional(max_length: int):
-    return Field(default=None, max_length=max_length)
+# A prospect field → the lead column it becomes (dual-write's map); ProspectName becomes firstname
+# and lastname, CompanyName also the subject (`lead_of`).
+LEAD_COLUMN_OF = {
+    "ProspectId": "msdyn_prospectid", "CompanyName": "companyname", "PrimaryEmailAddress": "emailaddress1",
+    "PrimaryPhoneNumber": "telephone1", "AddressStreet": "address1_line1", "AddressCity": "address1_city",
+    "AddressZipCode": "address1_postalcode", "AddressCountryRegionISOCode": "address1_country",
+}  # fmt: skip
+SUBJECT_PREFIX = "B2B onboarding request: "
 
 
 class Prospect(BaseModel):
-    """The fields of a `Prospects` row that the flow uses, with Dataverse's column limits."""
+    """The fields of a `Prospects` row that the flow uses. Their lengths are the tenant's: validated
+    with `context={"tenant": ...}` (`validate`), the standard tenant's without."""
 
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
 
-    dataAreaId: Text = Field(min_length=1, max_length=4)
-    ProspectId: Text = Field(min_length=1, max_length=MAX_PROSPECT_ID_LENGTH)
-    ProspectName: Text = Field(min_length=1, max_length=100)
-    CompanyName: Text = Field(min_length=1, max_length=100)
-    PrimaryEmailAddress: EmailStr = Field(max_length=100)
-    PrimaryPhoneNumber: Text | None = _optional(50)
-    AddressStreet: Text | None = _optional(250)
-    AddressCity: Text | None = _optional(80)
-    AddressStateId: Text | None = _optional(50)
-    AddressZipCode: Text | None = _optional(20)
-    AddressCountryRegionISOCode: Text | None = _optional(80)
-    CurrencyCode: Text | None = _optional(3)
-    LanguageId: Text | None = _optional(7)
-    Note: str | None = _optional(2000)
-    RetailChannelOperatingUnitPartyNumber: Text | None = _optional(40)
+    dataAreaId: Text = Field(min_length=1)
+    ProspectId: Text = Field(min_length=1)
+    ProspectName: Text = Field(min_length=1)
+    CompanyName: Text = Field(min_length=1)
+    PrimaryEmailAddress: EmailStr
+    PrimaryPhoneNumber: Text | None = None
+    AddressStreet: Text | None = None
+    AddressCity: Text | None = None
+    AddressStateId: Text | None = None
+    AddressZipCode: Text | None = None
+    AddressCountryRegionISOCode: Text | None = None
+    CurrencyCode: Text | None = None
+    LanguageId: Text | None = None
+    Note: str | None = None
+    RetailChannelOperatingUnitPartyNumber: Text | None = None
 
     @field_validator("dataAreaId", mode="before")
     @classmethod
@@ -73,6 +73,38 @@ class Prospect(BaseModel):
         if any(unicodedata.category(character) in _UNPRINTABLE for character in value):
             raise ValueError("contains control characters or line breaks")
         return value
+
+    @field_validator("*")
+    @classmethod
+    def _fits(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refused when it is longer than the tenant stores: in HQ's field or the lead's column."""
+        if isinstance(value, str) and info.field_name is not None:
+            too_long = length_problem(info.field_name, value, (info.context or {}).get("tenant") or DEFAULT_TENANT)
+            if too_long:
+                raise PydanticCustomError("too_long", too_long)
+        return value
+
+
+def length_problem(field: str, value: str, tenant: Tenant) -> str | None:
+    """Why `value` of prospect field `field` does not fit in this tenant, naming the limit and
+    where it is (HQ's field; the lead column the field becomes); None when it fits."""
+    checks: list[tuple[str, int | None, str]] = [
+        (value, tenant.commerce_max_length("Prospects", field), f"Commerce's field Prospects.{field} holds")]
+    if field == "ProspectName":
+        first, last = split_name(value)
+        checks += [(first, tenant.lead_max_length("firstname"), "the lead column 'firstname' holds"),
+                   (last, tenant.lead_max_length("lastname"), "the lead column 'lastname' holds")]  # fmt: skip
+    if field == "CompanyName":
+        subject = tenant.lead_max_length("subject")
+        checks.append((value, None if subject is None else subject - len(SUBJECT_PREFIX),
+                       f"the lead column 'subject' holds {SUBJECT_PREFIX!r} and"))  # fmt: skip
+    if field in LEAD_COLUMN_OF:
+        checks.append((value, tenant.lead_max_length(LEAD_COLUMN_OF[field]), f"the lead column '{LEAD_COLUMN_OF[field]}' holds"))
+    for text, limit, holder in checks:
+        if limit is not None and len(text) > limit:
+            part = "" if text == value else ("its last word has " if text == split_name(value)[1] else "all but its last word have ")
+            return f"{part}{len(text)} characters; {holder} at most {limit} in this tenant"
+    return None
 
 
 def prospect_key(legal_entity: str, prospect_id: str) -> str:
@@ -108,11 +140,12 @@ def email_key(email: str) -> str:
     return email.strip().lower()
 
 
-def validate(row: dict, legal_entity: str | None = None) -> tuple[Prospect | None, str | None]:
+def validate(row: dict, legal_entity: str | None = None,
+             tenant: Tenant = DEFAULT_TENANT) -> tuple[Prospect | None, str | None]:  # fmt: skip
     """(prospect, None) or (None, an error naming the prospect and each bad field); with
-    `legal_entity`, a row of any other legal entity is refused."""
+    `legal_entity`, a row of any other legal entity is refused; lengths as `tenant` stores them."""
     try:
-        return Prospect.model_validate(row, context={"legal_entity": legal_entity}), None
+        return Prospect.model_validate(row, context={"legal_entity": legal_entity, "tenant": tenant}), None
     except pydantic.ValidationError as error:
         name = f"prospect {row.get('dataAreaId') or '?'}/{row.get('ProspectId') or '?'}"
         problems = "; ".join(
@@ -124,13 +157,13 @@ def validate(row: dict, legal_entity: str | None = None) -> tuple[Prospect | Non
 PAGE_COLUMNS = ["legal_entity", "prospect_id", "prospect", "email", "error"]
 
 
-def validate_page(rows: list[dict], legal_entity: str) -> pd.DataFrame:
+def validate_page(rows: list[dict], legal_entity: str, tenant: Tenant = DEFAULT_TENANT) -> pd.DataFrame:
     """One row per input of a page of `legal_entity`: legal_entity, prospect_id, and either prospect
     (the validated fields) and email (its `email_key`), or error and prospect as received (its
     fields as HQ sent them, so that the bad value can be shown beside the error)."""
     records = []
     for row in rows:
-        prospect, error = validate(row, legal_entity)
+        prospect, error = validate(row, legal_entity, tenant)
         records.append(
             {
                 "legal_entity": str(row.get("dataAreaId") or "").lower(),
@@ -175,28 +208,22 @@ MAPPED_LEAD_COLUMNS = (
 
 def mapped_lead_fields(prospect: dict) -> dict:
     """The mapped columns a prospect gives its lead, every one present (None where HQ has nothing)."""
-    lead = lead_of(prospect)
-    return {column: lead.get(column) for column in MAPPED_LEAD_COLUMNS}
-
-
-def lead_of(prospect: dict) -> dict:
-    """The lead a prospect becomes, by dual-write's column map; tagged so it lands in the view
-    "All Commerce B2B leads". Its owner is the calling application user, so no seller's
-    "My open leads" shows it. Its key (prospect id and company) is added by the Sales client."""
     first, last = split_name(prospect["ProspectName"])
+    mapped = {"firstname": first, "lastname": last}
+    mapped |= {column: prospect.get(field) for field, column in LEAD_COLUMN_OF.items() if column in MAPPED_LEAD_COLUMNS}
+    return {column: mapped[column] for column in MAPPED_LEAD_COLUMNS}
+
+
+def lead_of(prospect: dict, tenant: Tenant = DEFAULT_TENANT) -> dict:
+    """The lead a prospect becomes, by dual-write's column map, with the tenant's option values;
+    tagged so it lands in the view "All Commerce B2B leads". Its owner is the calling application
+    user, so no seller's "My open leads" shows it. Its key (prospect id and company) is added by the
+    Sales client."""
     lead = {
-        "firstname": first,
-        "lastname": last,
-        "companyname": prospect["CompanyName"],
-        "emailaddress1": prospect["PrimaryEmailAddress"],
-        "telephone1": prospect.get("PrimaryPhoneNumber"),
-        "address1_line1": prospect.get("AddressStreet"),
-        "address1_city": prospect.get("AddressCity"),
-        "address1_postalcode": prospect.get("AddressZipCode"),
-        "address1_country": prospect.get("AddressCountryRegionISOCode"),
-        "subject": f"B2B onboarding request: {prospect['CompanyName']}",
-        "leadsourcecode": LEAD_SOURCE_WEB,
+        **mapped_lead_fields(prospect),
+        "subject": SUBJECT_PREFIX + prospect["CompanyName"],
+        "leadsourcecode": tenant.lead_option("leadsourcecode", "Web"),
         "msdyn_b2bcommerceprospect": True,
-        "msdyn_b2bprospectstatus": B2B_STATUS_OPTION["Pending"],
+        "msdyn_b2bprospectstatus": tenant.lead_option("msdyn_b2bprospectstatus", "Pending"),
     }
     return {column: value for column, value in lead.items() if value is not None}

@@ -20,6 +20,7 @@ from .prospects import customer_account, prospect_hierarchy_id
 from .sales import (ACCOUNT_COLUMNS, CONTACT_COLUMNS, DRIFT_LEAD_COLUMNS, LEAD_OUTCOME_COLUMNS, OPPORTUNITY_COLUMNS,
                     SalesClient)  # fmt: skip
 from .store import StateStore
+from .tenant import DEFAULT_TENANT, Tenant
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +296,7 @@ def write_customers(
     first_id: str | None = None,
     last_id: str | None = None,
     account_template: str | None = None,
+    tenant: Tenant = DEFAULT_TENANT,
 ) -> dict:
     """Qualified leads: the account stands for an Organization customer and the contact for a Person
     customer of the prospect's legal entity, existing ones reused (`customers.choose`), missing ones
@@ -341,7 +343,7 @@ def write_customers(
         currency = {"SalesCurrencyCode": row["prospect"]["CurrencyCode"]} if row["prospect"].get("CurrencyCode") else {}
         return customers.choose(legal_entity=legal_entity, prospect_id=row["prospect_id"], account=account,
                                 contact=contact, email=email_of(row), known=known, template=account_template,
-                                common={**common, **currency})  # fmt: skip
+                                common={**common, **currency}, tenant=tenant)  # fmt: skip
 
     def facts(organization: dict, person: dict) -> dict:
         return {"org_customer_account": organization["CustomerAccount"], "org_party_number": organization["PartyNumber"],

@@ -110,6 +110,43 @@ class SalesClient:
     def whoami(self) -> dict:
         return self.odata.get("WhoAmI", operation="WhoAmI")
 
+    def table_definitions(self, logical_name: str) -> tuple[dict, dict, dict]:
+        """A table's EntityDefinitions: its columns (type, required level) and alternate keys (with
+        their index status), its text columns' MaxLength, its choices' options (`tenant.py` reads them)."""
+        definition = f"EntityDefinitions(LogicalName={literal(logical_name)})"
+        operation, record = "read table definition (EntityDefinitions)", f"table {logical_name}"
+
+        def read(path: str, params: dict) -> dict:
+            return self.odata.request("GET", path, operation=operation, record=record, params=params).json()
+
+        return (
+            read(definition, {"$select": "LogicalName,EntitySetName,PrimaryIdAttribute,MetadataId",
+                              "$expand": "Attributes($select=LogicalName,AttributeType,RequiredLevel),"
+                                         "Keys($select=LogicalName,KeyAttributes,EntityKeyIndexStatus)"}),
+            read(f"{definition}/Attributes/Microsoft.Dynamics.CRM.StringAttributeMetadata",
+                 {"$select": "LogicalName,MaxLength"}),
+            read(f"{definition}/Attributes/Microsoft.Dynamics.CRM.PicklistAttributeMetadata",
+                 {"$select": "LogicalName", "$expand": "OptionSet($select=Options)"}),
+        )  # fmt: skip
+
+    def system_user(self, user_id: str) -> dict | None:
+        """A systemuser's name, application id (an application user's app registration) and whether
+        it is disabled; None when there is none."""
+        return self.odata.get(f"systemusers({_guid('systemusers', user_id)})", operation="read application user",
+                              record=f"systemuser {user_id}", params={"$select": "fullname,applicationid,isdisabled"})  # fmt: skip
+
+    def user_privileges(self, user_id: str) -> list[str]:
+        """The names of the privileges a user's security roles give it (RetrieveUserPrivileges)."""
+        body = self.odata.get(f"systemusers({_guid('systemusers', user_id)})/Microsoft.Dynamics.CRM.RetrieveUserPrivileges()",
+                              operation="read privileges", record=f"systemuser {user_id}") or {}  # fmt: skip
+        return [str(row["PrivilegeName"]) for row in body.get("RolePrivileges", [])]
+
+    def saved_views(self, name: str, table: str) -> list[dict]:
+        """The system views (savedqueries) of a table with this name."""
+        params = {"$filter": f"name eq {literal(name)} and returnedtypecode eq {literal(table)}",
+                  "$select": "savedqueryid,name"}  # fmt: skip
+        return [row for page in self.odata.iter_pages("savedqueries", operation="read views", params=params) for row in page]
+
     def company_codes(self) -> dict[str, str]:
         """cdm_companyid → company code (lowercase) of every legal entity dual-write's "Legal entities
         (cdm_companies)" map holds in Dataverse; read once per client."""

@@ -205,6 +205,19 @@ planned_writes = sa.Table(
 PLAN_COLUMNS = ("system", "operation", "legal_entity", "prospect_id", "what")
 DRY_RUN_RETENTION = timedelta(days=7)
 
+# The tenant's table models (`tenant.py`) as a run read them from its metadata, per run and Airflow
+# connection: read once per run, reused by every task of it (each in its own process); a dry run's
+# too, as reading metadata is no write to Commerce or Sales.
+tenant_models = sa.Table(
+    "b2b_tenant_models",
+    metadata,
+    sa.Column("run_id", sa.String(250), primary_key=True),
+    sa.Column("connection", sa.String(250), primary_key=True),
+    sa.Column("model", sa.Text, nullable=False),  # JSON
+    sa.Column("read_at", sa.DateTime(timezone=True), nullable=False),
+)
+TENANT_MODEL_RETENTION = timedelta(days=7)
+
 # Keys per IN clause: far below every database's bound-parameter limit.
 _KEYS_PER_QUERY = 400
 
@@ -680,6 +693,24 @@ class StateStore:
         for row in rows:
             row["result"] = json.loads(row["result"])
         return pd.DataFrame(rows, columns=list(STEP_RESULT_COLUMNS), dtype=object)
+
+    def record_tenant_model(self, run_id: str, conn_id: str, model: Any) -> None:
+        """The model (JSON-able) a run read through an Airflow connection; models older than
+        TENANT_MODEL_RETENTION go (their runs are over)."""
+        row = {"run_id": run_id, "connection": conn_id, "model": json.dumps(model), "read_at": _now()}
+        this_one = (tenant_models.c.run_id == run_id) & (tenant_models.c.connection == conn_id)
+        with self._write() as connection:
+            connection.execute(tenant_models.delete().where(
+                this_one | (tenant_models.c.read_at < row["read_at"] - TENANT_MODEL_RETENTION)))  # fmt: skip
+            connection.execute(tenant_models.insert().values(**row))
+
+    def tenant_model(self, run_id: str, conn_id: str) -> Any | None:
+        """The model a run read through an Airflow connection (`record_tenant_model`); None before it did."""
+        query = sa.select(tenant_models.c.model).where(tenant_models.c.run_id == run_id,
+                                                       tenant_models.c.connection == conn_id)  # fmt: skip
+        with self.engine.connect() as connection:
+            found = connection.execute(query).scalar()
+        return None if found is None else json.loads(found)
 
     def planned_writes(self, run_id: str) -> pd.DataFrame:
         """What a dry run would have written to Commerce and Sales: PLAN_COLUMNS plus the task that planned it."""

@@ -15,13 +15,14 @@ from .per_record import keep
 from .prospects import key_fold
 from .sales import SalesClient
 from .store import StateStore
+from .tenant import DEFAULT_TENANT, Tenant
 
 log = logging.getLogger(__name__)
 
 
 def pull_prospects(
     commerce: CommerceClient, store: StateStore, legal_entity: str, run_id: str,
-    prospect_ids: Collection[str] | None = None,
+    prospect_ids: Collection[str] | None = None, tenant: Tenant = DEFAULT_TENANT,
 ) -> dict:  # fmt: skip
     """Reads every Pending B2B prospect of a legal entity, page by page, validates each, and tracks it.
 
@@ -37,7 +38,7 @@ def pull_prospects(
     pages = commerce.iter_prospect_pages(legal_entity) if prospect_ids is None else _named_prospects(
         commerce, legal_entity, prospect_ids, counts)  # fmt: skip
     for page in pages:
-        validated = prospect_rules.validate_page(page, legal_entity)
+        validated = prospect_rules.validate_page(page, legal_entity, tenant)
         in_use = store.emails_in_use(legal_entity, validated["email"].dropna())
         validated = prospect_rules.refuse_duplicate_emails(validated, legal_entity, in_use)
         counts["pulled"] += len(validated)
@@ -74,6 +75,7 @@ def push_leads(
     run_id: str,
     first_id: str | None = None,
     last_id: str | None = None,
+    tenant: Tenant = DEFAULT_TENANT,
 ) -> dict:
     """Creates the lead of every tracked, valid prospect (of a prospect-id range) that has none yet,
     or adopts the one lead that already exists under either form of key, whoever made it (this
@@ -88,7 +90,7 @@ def push_leads(
                 leads = sales.get_leads(legal_entity, row["prospect_id"])
                 if not leads:
                     lead_id, existing = sales.create_lead(legal_entity, row["prospect_id"],
-                                                          prospect_rules.lead_of(row["prospect"]))  # fmt: skip
+                                                          prospect_rules.lead_of(row["prospect"], tenant))  # fmt: skip
                     if existing is None:
                         result.created(row, lead_id)
                         continue
@@ -107,7 +109,7 @@ def push_leads(
         existing = sales.leads_between(legal_entity, batch[0]["prospect_id"], batch[-1]["prospect_id"])
         found = {row["prospect_id"]: existing[key_fold(row["prospect_id"])] for row in batch
                  if key_fold(row["prospect_id"]) in existing}  # fmt: skip
-        new = [(row["prospect_id"], prospect_rules.lead_of(row["prospect"])) for row in batch
+        new = [(row["prospect_id"], prospect_rules.lead_of(row["prospect"], tenant)) for row in batch
                if row["prospect_id"] not in found]  # fmt: skip
         created = dict(zip((prospect_id for prospect_id, _ in new), sales.upsert_leads(legal_entity, new))) if new else {}
         return found | created

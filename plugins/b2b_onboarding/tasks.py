@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from airflow.sdk import get_current_context
 from airflow.sdk.exceptions import AirflowFailException
 
-from . import drift, errors, reconcile, report, rules, sync
+from . import drift, errors, preflight, reconcile, report, rules, sync
 from .commerce import CommerceClient
 from .dry_run import DryRunCommerce, DryRunSales, Plan
 from .errors import ConfigurationError
@@ -32,6 +32,7 @@ from .hooks import CommerceHook, SalesHook, StateStoreHook
 from .sales import SalesClient
 from .settings import ServiceSettings
 from .store import DryRunStore, StateStore
+from .tenant import TableModel, Tenant, check_lead_model, read_commerce_model, read_lead_model
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ class SlaBreached(FailedCheck):
 
 class RunFailed(FailedCheck):
     """A task of the run failed for good, or did not run because one did (`all_tasks_succeeded`)."""
+
+
+class PreflightFailed(FailedCheck):
+    """A check of the preflight failed (`run_preflight`)."""
 
 
 def fails_clearly(body: Body) -> Body:
@@ -199,6 +204,45 @@ def _store(options: RunOptions) -> StateStore:
     return store.scoped(options.prospect_keys)
 
 
+# The tenant's models this process already holds, by (run id, Airflow connection), in JSON form.
+_MODELS: dict[tuple[str, str], Any] = {}
+
+
+def _model_of_run(store: StateStore, run_id: str, conn_id: str, read: Callable[[], Any]) -> Any:
+    """A model read through a connection once per run: this process's copy, else the one an earlier
+    task of the run stored, else read now and stored for the run's other tasks."""
+    key = (run_id, conn_id)
+    if key not in _MODELS:
+        model = store.tenant_model(run_id, conn_id)
+        if model is None:
+            model = read()
+            store.record_tenant_model(run_id, conn_id, model)
+        _MODELS[key] = model
+    return _MODELS[key]
+
+
+def tenant_of_run(store: StateStore, run_id: str, commerce_settings: ServiceSettings,
+                  sales_settings: ServiceSettings) -> Tenant:  # fmt: skip
+    """The tenant's lead table and HQ entity sets, from their metadata, read once per run (a dry
+    run's too: reading metadata writes nothing). A lead table the flow cannot work with (a column or
+    the key missing) fails the task at once, naming what is missing."""
+
+    def read_lead() -> dict:
+        sales = SalesClient.connect(sales_settings)
+        with sales.odata:
+            return read_lead_model(sales).to_json()
+
+    def read_commerce() -> dict:
+        commerce = CommerceClient.connect(commerce_settings)
+        with commerce.odata:
+            return {name: model.to_json() for name, model in read_commerce_model(commerce).items()}
+
+    lead = TableModel.from_json(_model_of_run(store, run_id, sales_settings.conn_id, read_lead))
+    check_lead_model(lead, sales_settings.conn_id)
+    commerce = _model_of_run(store, run_id, commerce_settings.conn_id, read_commerce)
+    return Tenant(lead, {name: TableModel.from_json(model) for name, model in commerce.items()})
+
+
 @dataclass(frozen=True)
 class _Step:
     """What every step task starts from: the run's params and id, the state store as this run sees
@@ -218,6 +262,10 @@ class _Step:
         """Dataverse; in a dry run, the client that plans its writes instead."""
         client = SalesClient.connect(SalesHook().settings())
         return DryRunSales(client, self.plan, legal_entity) if self.plan is not None else client
+
+    def tenant(self) -> Tenant:
+        """The tenant's tables, as this run read them (`tenant_of_run`)."""
+        return tenant_of_run(self.store, self.run_id, CommerceHook().settings(), SalesHook().settings())
 
     def measured(self, step: Callable[[], dict], *clients: CommerceClient | SalesClient) -> dict:
         """Runs the step with its clients open; adds what it sent to each system and what it cost,
@@ -285,22 +333,24 @@ def plan(step: str, entities: Iterable[str]) -> list[dict]:
 @fails_clearly
 def pull_prospects(legal_entity: str) -> dict:
     step = _step()
-    commerce, ids = step.commerce(legal_entity), step.options.prospect_ids(legal_entity)
-    return step.measured(lambda: sync.pull_prospects(commerce, step.store, legal_entity, step.run_id, ids), commerce)
+    commerce, ids, tenant = step.commerce(legal_entity), step.options.prospect_ids(legal_entity), step.tenant()
+    return step.measured(lambda: sync.pull_prospects(commerce, step.store, legal_entity, step.run_id, ids, tenant),
+                         commerce)  # fmt: skip
 
 
 @fails_clearly
 def push_leads(legal_entity: str, first_id: str, last_id: str) -> dict:
     step = _step()
-    sales = step.sales(legal_entity)
+    sales, tenant = step.sales(legal_entity), step.tenant()
     return step.measured(
-        lambda: sync.push_leads(sales, step.store, legal_entity, step.run_id, first_id, last_id), sales
+        lambda: sync.push_leads(sales, step.store, legal_entity, step.run_id, first_id, last_id, tenant), sales
     )
 
 
 @fails_clearly
 def correct_leads(legal_entity: str, first_id: str, last_id: str) -> dict:
     step = _step()
+    step.tenant()  # the lead columns it updates must exist: fails at once, naming a missing one
     sales = step.sales(legal_entity)
     return step.measured(
         lambda: sync.correct_leads(sales, step.store, legal_entity, step.run_id, first_id, last_id), sales
@@ -320,11 +370,11 @@ def read_outcomes() -> dict:
 def write_customers(legal_entity: str, first_id: str, last_id: str) -> dict:
     step = _step()
     settings = CommerceHook().settings()  # read once: the client and the customer group both need it
-    commerce, sales = step.commerce(legal_entity, settings), step.sales(legal_entity)
+    commerce, sales, tenant = step.commerce(legal_entity, settings), step.sales(legal_entity), step.tenant()
     return step.measured(
         lambda: reconcile.write_customers(
             commerce, sales, step.store, legal_entity, step.run_id, settings.customer_group, first_id, last_id,
-            settings.customer_account_template,
+            settings.customer_account_template, tenant,
         ),
         commerce,
         sales,
@@ -469,3 +519,17 @@ def check_sla() -> dict:
         return summary
     log.error("%s", message)
     raise SlaBreached(message.splitlines()[0])
+
+
+@fails_clearly
+def run_preflight() -> None:
+    """The read-only preflight (DAG `b2b_preflight`): logs its table, and fails, its first line
+    naming the failed checks, when one failed."""
+    rows = preflight.Preflight(CommerceHook().settings, SalesHook().settings).run()
+    outcome = preflight.verdict(rows)
+    log.info("Preflight of the connections %s and %s\n%s", CommerceHook.default_conn_name, SalesHook.default_conn_name,
+             preflight.table(rows))  # fmt: skip
+    if preflight.failed(rows):
+        log.error("%s", outcome)
+        raise PreflightFailed(outcome)
+    log.info("%s", outcome)

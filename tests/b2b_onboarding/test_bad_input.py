@@ -11,7 +11,7 @@ import pytest
 
 from b2b_onboarding import prospects, sync
 from b2b_onboarding.commerce import CommerceClient
-from b2b_onboarding.prospects import MAX_PROSPECT_ID_LENGTH, Prospect
+from b2b_onboarding.prospects import Prospect
 from b2b_onboarding.sales import SalesClient
 from b2b_onboarding.store import PROSPECT_COLUMNS, StateStore
 from d365_fakes.dataverse import company_id
@@ -19,12 +19,13 @@ from d365_fakes.dataverse import company_id
 RUN = "manual__bad_input"
 UNUSUAL_NAMES = ["李 小龙", "Zoë Żółć", "Amara 😀 Okafor"]
 
-# Every field with a length limit, and the limit (Dataverse's columns, HQ's ProspectId).
+# Every field with a length limit in the standard tenant, and the limit: the smaller of HQ's field
+# and the lead column it becomes (a one-word name is all last name, lastname holds 50).
 FIELD_LIMITS = {
-    "dataAreaId": 4, "ProspectId": MAX_PROSPECT_ID_LENGTH, "ProspectName": 100, "CompanyName": 100,
-    "PrimaryEmailAddress": 100, "PrimaryPhoneNumber": 50, "AddressStreet": 250, "AddressCity": 80,
-    "AddressStateId": 50, "AddressZipCode": 20, "AddressCountryRegionISOCode": 80, "CurrencyCode": 3,
-    "LanguageId": 7, "Note": 2000, "RetailChannelOperatingUnitPartyNumber": 40,
+    "dataAreaId": 4, "ProspectId": 20, "ProspectName": 50, "CompanyName": 100, "PrimaryEmailAddress": 100,
+    "PrimaryPhoneNumber": 50, "AddressStreet": 250, "AddressCity": 60, "AddressStateId": 10, "AddressZipCode": 10,
+    "AddressCountryRegionISOCode": 3, "CurrencyCode": 3, "LanguageId": 7, "Note": 1000,
+    "RetailChannelOperatingUnitPartyNumber": 40,
 }  # fmt: skip
 
 

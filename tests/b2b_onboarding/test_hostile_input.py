@@ -109,13 +109,20 @@ def test_a_hostile_key_writes_exactly_its_own_row_in_commerce(commerce, admin, c
     )
     with pytest.raises(D365Error) as missing:
         commerce.set_prospect_status("usmf", value, "Approved", "*")
-    organization = commerce.create_customer({"dataAreaId": "usrt", "CustomerAccount": value,
+    # HQ's customer accounts and hierarchy ids hold 20 characters: a longer value is refused whole.
+    key = value[:20]
+    if key != value:
+        with pytest.raises(D365Error) as too_long:
+            commerce.create_customer({"dataAreaId": "usrt", "CustomerAccount": value,
+                                      "PartyType": "Organization", "OrganizationName": "Engines Ltd"})  # fmt: skip
+        assert too_long.value.status == 400
+    organization = commerce.create_customer({"dataAreaId": "usrt", "CustomerAccount": key,
                                              "PartyType": "Organization", "OrganizationName": "Engines Ltd"})  # fmt: skip
     person = commerce.create_customer({"dataAreaId": "usrt", "CustomerAccount": "C-PERSON", "PartyType": "Person",
                                        "PersonLastName": "Lovelace", "PrimaryContactEmail": "ada@engines.example"})  # fmt: skip
-    commerce.create_hierarchy({"dataAreaId": "usrt", "CustomerHierarchyId": value, "Name": "Engines Ltd",
+    commerce.create_hierarchy({"dataAreaId": "usrt", "CustomerHierarchyId": key, "Name": "Engines Ltd",
                                "Purpose": "B2BOrganization", "OrganizationPartyNumber": organization["PartyNumber"]})  # fmt: skip
-    commerce.create_hierarchy_node({"CustomerHierarchyId": value, "NodePartyNumber": person["PartyNumber"],
+    commerce.create_hierarchy_node({"CustomerHierarchyId": key, "NodePartyNumber": person["PartyNumber"],
                                     "Role": "Admin", "NodeType": "Customer"})  # fmt: skip
 
     after = all_prospects(clerk)
@@ -127,9 +134,9 @@ def test_a_hostile_key_writes_exactly_its_own_row_in_commerce(commerce, admin, c
     assert [(mail["dataAreaId"], mail["ProspectId"]) for mail in admin.outbox()] == [
         ("usrt", value), (value.lower(), "P-3")
     ]  # fmt: skip
-    assert commerce.get_customer("usrt", value)["CustomerAccount"] == value
-    assert commerce.get_hierarchy(value)["CustomerHierarchyId"] == value
-    assert commerce.get_hierarchy_node(value, person["PartyNumber"])["CustomerHierarchyId"] == value
+    assert commerce.get_customer("usrt", key)["CustomerAccount"] == key
+    assert commerce.get_hierarchy(key)["CustomerHierarchyId"] == key
+    assert commerce.get_hierarchy_node(key, person["PartyNumber"])["CustomerHierarchyId"] == key
     assert admin.counts()["commerce"]["writes"] == {
         "Prospects": 2, "CustomersV3": 2, "CustomerHiearchies": 1, "CustomerHierarchyNodes": 1
     }  # fmt: skip

@@ -27,7 +27,8 @@ def test_each_bad_field_is_named_with_the_prospect():
 
 
 def test_missing_fields_and_over_long_ids_are_refused():
-    _, error = prospects.validate({"dataAreaId": "usrt", "ProspectId": "P" * (prospects.MAX_PROSPECT_ID_LENGTH + 1)})
+    _, error = prospects.validate({"dataAreaId": "usrt", "ProspectId": "P" * 21})
+    assert "ProspectId: 21 characters; Commerce's field Prospects.ProspectId holds at most 20 in this tenant" in error
     assert "ProspectId" in error and "ProspectName" in error and "PrimaryEmailAddress" in error
 
 

@@ -23,7 +23,7 @@ def bag(airflow_db):
 
 def test_every_dag_file_imports_without_errors(bag):
     assert bag.import_errors == {}
-    assert set(bag.dag_ids) == {"b2b_prospect_sync", "b2b_outcome_reconciliation"}
+    assert set(bag.dag_ids) == {"b2b_prospect_sync", "b2b_outcome_reconciliation", "b2b_preflight"}
 
 
 @pytest.mark.parametrize("dag_file", DAG_FILES, ids=lambda path: path.name)
@@ -92,7 +92,20 @@ def test_tasks_talking_to_a_system_use_its_pool_and_chunks_have_readable_names(b
 def test_tasks_retry_and_runs_do_not_pile_up(bag):
     for dag in bag.dags.values():
         assert dag.max_active_runs == 1
+        if dag.dag_id == "b2b_preflight":  # test_the_preflight_is_one_manual_task_that_is_its_run_s_verdict
+            continue
         assert all(task.retries >= 1 for task in dag.tasks if task.task_id not in ("check_sla", "all_tasks_succeeded"))
+
+
+def test_the_preflight_is_one_manual_task_that_is_its_run_s_verdict(bag):
+    """Triggered by hand; its one task is the run's only leaf, so its failure (any ✗) turns the run
+    red without a watcher. It neither retries (it would read the same tenant again) nor alerts
+    (whoever triggered it reads its table)."""
+    dag = bag.get_dag("b2b_preflight")
+    assert dag.schedule is None and dag.max_active_runs == 1
+    assert dag.task_ids == ["preflight"]
+    task = dag.get_task("preflight")
+    assert task.retries == 0 and not task.on_failure_callback and task.pool == "default_pool"
 
 
 # The Trigger form: the same run params on both DAGs, each with a type, a title and a description, and
@@ -131,6 +144,8 @@ def test_the_trigger_form_refuses_malformed_params(bag, conf):
 
 def test_every_task_reports_its_failure_through_the_product_callback(bag):
     for dag in bag.dags.values():
+        if dag.dag_id == "b2b_preflight":  # test_the_preflight_is_one_manual_task_that_is_its_run_s_verdict
+            continue
         for task in dag.tasks:
             if task.task_id == "all_tasks_succeeded":  # it names the failures the others reported: no second alert
                 assert not task.on_failure_callback
