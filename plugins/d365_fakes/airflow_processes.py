@@ -24,7 +24,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 POOLS = ROOT / "plugins" / "b2b_onboarding" / "pools.json"
-DAG_IDS = ("b2b_prospect_sync", "b2b_outcome_reconciliation")
+DAG_IDS = ("b2b_preflight", "b2b_prospect_sync", "b2b_outcome_reconciliation")
 LEGAL_ENTITIES = ["usrt", "usmf"]
 USERNAME = "admin"
 PASSWORD_FILE = "simple_auth_manager_passwords.json"

@@ -1,6 +1,7 @@
 """`make demo`: the whole onboarding flow, run by Airflow (`airflow dags test`, SQLite), against the
-fakes: seed prospects (and the cases real tenants bring: `stories`), sync, sellers decide, reconcile,
-sellers and clerks work on, run both DAGs again, judge the result."""
+fakes: check the tenant (the read-only preflight, the demo stops if it fails), seed prospects (and
+the cases real tenants bring: `stories`), sync, sellers decide, reconcile, sellers and clerks work
+on, run both DAGs again, judge the result."""
 
 from __future__ import annotations
 
@@ -38,6 +39,16 @@ def airflow(env: dict, log_name: str, *args: str) -> None:
         raise SystemExit(f"airflow {' '.join(args)} failed; see {log}")
 
 
+def preflight(env: dict) -> None:
+    """The product's read-only preflight of its connections, its table printed; the demo stops
+    when a check fails."""
+    result = subprocess.run([sys.executable, "-m", "b2b_onboarding.preflight"], env=env, capture_output=True, text=True)
+    print("\n".join(f"  {line}" for line in result.stdout.splitlines()))
+    if result.returncode != 0:
+        print(result.stderr[-4000:])
+        raise SystemExit("the preflight failed: fix what its table names, then run the demo again")
+
+
 def main() -> int:
     shutil.rmtree(OUT, ignore_errors=True)
     (OUT / "logs").mkdir(parents=True)
@@ -56,6 +67,9 @@ def main() -> int:
     with running_fakes(OUT / "fakes", cast.clients) as endpoints, FakeAdmin(endpoints) as admin:
         print(f"Fakes: Entra ID {endpoints.entra}, Commerce {endpoints.commerce}, Dataverse {endpoints.dataverse}")
         env.update(airflow_connections(endpoints, cast, LEGAL_ENTITIES, OUT / "state.db"))
+        admin.seed_companies(LEGAL_ENTITIES)  # dual-write's legal entities, set up before the integration
+        print("Preflight (python -m b2b_onboarding.preflight: reads only)")
+        preflight(env)
         seeded, plan = prospects(50, tuple(LEGAL_ENTITIES))
         admin.seed_prospects(seeded)
         print(f"Seeded {len(seeded)} B2B prospects (Pending) in {', '.join(LEGAL_ENTITIES)}")

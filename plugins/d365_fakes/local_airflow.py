@@ -121,7 +121,8 @@ Airflow is up: {base_url}
   DAGs   {', '.join(DAG_IDS)}, paused: a triggered run waits (queued) until its
          DAG is unpaused, by its toggle or the Trigger form's "Unpause ... on trigger" (ticked by default).
          Unpaused, a DAG also makes its latest scheduled run at once (a real one), then runs on schedule:
-         the sync every 15 minutes, the reconciliation at 02:00 UTC. Trigger the sync with dry_run first.
+         the sync every 15 minutes, the reconciliation at 02:00 UTC (b2b_preflight only by hand).
+         Trigger b2b_preflight first (it only reads), then the sync with dry_run.
   fakes  {seeded} (two bad records); sellers decide new leads every {SELLERS_EVERY_S} s.
   conns  {', '.join(CONNECTIONS_IN_DATABASE)} under Admin > Connections (change them there);
          d365_state, the state store ({_shown(home / 'state.db')}), as AIRFLOW_CONN_D365_STATE.
