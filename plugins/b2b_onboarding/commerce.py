@@ -10,7 +10,7 @@ import httpx
 
 from . import batch
 from .batch import BatchRequest, BatchResponse
-from .errors import D365Error
+from .errors import ConfigurationError, D365Error, via
 from .odata import ODataClient, key_segment, literal, request_id_of
 from .settings import ServiceSettings
 
@@ -33,6 +33,20 @@ CUSTOMER_FIELDS = ("dataAreaId", "CustomerAccount", "PartyType", "PartyNumber", 
                    "PersonFirstName", "PersonLastName", "PrimaryContactEmail")  # fmt: skip
 HIERARCHY_FIELDS = ("dataAreaId", "CustomerHierarchyId", "OrganizationPartyNumber", "Purpose")
 NODE_FIELDS = ("dataAreaId", "CustomerHierarchyId", "NodePartyNumber", "Role", "VersionRemoved")
+# HQ refuses a customer without a customer group of its legal entity (CustTable.CustGroup; "Customers
+# V3 entity": CUSTOMERGROUPID "This field is required."): the Commerce connection's extra names it.
+NO_CUSTOMER_GROUP = "no customer group configured: HQ requires one for every new customer"
+
+
+def required_customer_group(group: str | None, connection: str | None) -> str:
+    """The customer group of new customers (the Commerce connection's extra `customer_group`), or a
+    ConfigurationError naming the connection to fix: without it every customer create would fail."""
+    if not group:
+        raise ConfigurationError(
+            f"{via(SYSTEM, connection)}: {NO_CUSTOMER_GROUP}. Next step: set the connection's extra "
+            '"customer_group" to a customer group of each legal entity (e.g. "10"), then clear the task.'
+        )
+    return group
 
 
 def enum_literal(enum_name: str, member: str) -> str:

@@ -132,7 +132,7 @@ class D365Error(Exception):
         request_id = f" Request id: {self.request_id} (give it to Microsoft support)." if self.request_id else ""
         return (
             f"{via(self.system, self.connection)}: {self.operation}{subject} failed{tries} with {answer}: "
-            f"{one_line(self.message) or '(no message)'}.{request_id} Next step: {self.next_step}."
+            f"{one_line(self.message).rstrip('.') or '(no message)'}.{request_id} Next step: {self.next_step}."
         )
 
     def for_record(self, record: str) -> D365Error:

@@ -26,7 +26,7 @@ import pandas as pd
 
 from . import errors, redaction, report, tenant
 from .auth import token_provider
-from .commerce import CommerceClient
+from .commerce import NO_CUSTOMER_GROUP, CommerceClient
 from .commerce import SYSTEM as COMMERCE
 from .errors import D365Error
 from .sales import SYSTEM as DATAVERSE
@@ -371,9 +371,11 @@ class Preflight:
 
     def _customer_group(self, legal_entity: str) -> Callable[[], str]:
         def check() -> str:
-            group = self._settings[COMMERCE].customer_group
-            if not group:
-                return "none configured: customers are created without CustomerGroupId (HQ applies its default)"
+            conn_id, group = self._settings[COMMERCE].conn_id, self._settings[COMMERCE].customer_group
+            if not group:  # HQ refuses every new customer without one (commerce.required_customer_group)
+                raise _CheckFailed(f"connection {conn_id}: {NO_CUSTOMER_GROUP}",
+                                   f'set the extra "customer_group" of connection {conn_id} to a customer group of '
+                                   'each legal entity (e.g. "10")')  # fmt: skip
             found = self.commerce.customer_group(legal_entity, group)
             if found is None:
                 raise _CheckFailed(

@@ -13,7 +13,7 @@ import pandas as pd
 
 from . import bulk, customers, drift, rules
 from .batch import BatchRequest, BatchResponse
-from .commerce import CUSTOMER_FIELDS, HIERARCHY_FIELDS, NODE_FIELDS, CommerceClient
+from .commerce import CUSTOMER_FIELDS, HIERARCHY_FIELDS, NODE_FIELDS, CommerceClient, required_customer_group
 from .errors import D365Error, DecisionConflict
 from .per_record import Action, for_each_prospect, keep
 from .prospects import customer_account, prospect_hierarchy_id
@@ -292,7 +292,7 @@ def write_customers(
     store: StateStore,
     legal_entity: str,
     run_id: str,
-    customer_group: str | None = None,
+    customer_group: str | None,
     first_id: str | None = None,
     last_id: str | None = None,
     account_template: str | None = None,
@@ -302,14 +302,15 @@ def write_customers(
     customer of the prospect's legal entity, existing ones reused (`customers.choose`), missing ones
     created in one atomic changeset; an account without a number gets the organization's customer
     account (dual-write's mapping), and a number already set is never overwritten. The person's email
-    is the prospect's as HQ has it now, so the approval email and the customer agree."""
+    is the prospect's as HQ has it now, so the approval email and the customer agree. Every new
+    customer is of `customer_group` (HQ requires one): without it, a ConfigurationError before any call."""
+    common = {"CustomerGroupId": required_customer_group(customer_group, commerce.odata.connection)}
     todo = store.work("customers", legal_entity, first_id, last_id)
     accounts = {row["accountid"].lower(): row for row in sales.get_by_ids("accounts", "accountid",
                                                                           todo["account_id"].dropna(), ACCOUNT_COLUMNS)}  # fmt: skip
     contacts = {row["contactid"].lower(): row for row in sales.get_by_ids("contacts", "contactid",
                                                                           todo["contact_id"].dropna(), CONTACT_COLUMNS)}  # fmt: skip
     current = _current_prospects(commerce, legal_entity, todo) if len(todo) else {}
-    common = {"CustomerGroupId": customer_group} if customer_group else {}
     counts: Counter[str] = Counter()
 
     def email_of(row: dict) -> str:

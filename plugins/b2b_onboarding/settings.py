@@ -29,6 +29,8 @@ class ServiceSettings(BaseModel):
     ca_bundle: str | None = None
     timeout_s: float = Field(default=60.0, gt=0)
     legal_entities: tuple[str, ...] = ()
+    # Commerce: the customer group of new customers, which HQ requires (`commerce.required_customer_group`
+    # fails a task that writes customers without it); a customer group of every legal entity.
     customer_group: str | None = None
     # Commerce: the customer accounts of new customers. None: HQ's number sequence numbers them (the
     # default); else a template of `{legal_entity}`, `{prospect_id}` and `{role}` (ORG or ADM).
@@ -76,6 +78,11 @@ class ServiceSettings(BaseModel):
         except (ssl.SSLError, OSError, ValueError) as error:
             raise ValueError(f"the CA bundle file {path} holds no readable PEM certificate ({error})") from None
         return path
+
+    @field_validator("customer_group")
+    @classmethod
+    def _group(cls, group: str | None) -> str | None:
+        return (group or "").strip() or None
 
     @field_validator("customer_account_template")
     @classmethod

@@ -25,7 +25,7 @@ from airflow.sdk import get_current_context
 from airflow.sdk.exceptions import AirflowFailException
 
 from . import drift, errors, preflight, reconcile, report, rules, sync
-from .commerce import CommerceClient
+from .commerce import CommerceClient, required_customer_group
 from .dry_run import DryRunCommerce, DryRunSales, Plan
 from .errors import ConfigurationError
 from .hooks import CommerceHook, SalesHook, StateStoreHook
@@ -368,12 +368,14 @@ def read_outcomes() -> dict:
 
 @fails_clearly
 def write_customers(legal_entity: str, first_id: str, last_id: str) -> dict:
-    step = _step()
     settings = CommerceHook().settings()  # read once: the client and the customer group both need it
+    # HQ refuses every customer without a customer group: fail at once, before any call, dry run or not.
+    group = required_customer_group(settings.customer_group, settings.conn_id)
+    step = _step()
     commerce, sales, tenant = step.commerce(legal_entity, settings), step.sales(legal_entity), step.tenant()
     return step.measured(
         lambda: reconcile.write_customers(
-            commerce, sales, step.store, legal_entity, step.run_id, settings.customer_group, first_id, last_id,
+            commerce, sales, step.store, legal_entity, step.run_id, group, first_id, last_id,
             settings.customer_account_template, tenant,
         ),
         commerce,

@@ -286,7 +286,7 @@ def _commerce_model() -> dict[str, TableModel]:
     customers = (
         hq("dataAreaId", 4, True), hq("CustomerAccount", 20, True), hq("PartyType", 20, True), hq("PartyNumber", 40),
         hq("OrganizationName", 100), hq("PersonFirstName", 25), hq("PersonLastName", 25),
-        hq("PrimaryContactEmail", 255), hq("CustomerGroupId", 10), hq("SalesCurrencyCode", 3),
+        hq("PrimaryContactEmail", 255), hq("CustomerGroupId", 10, True), hq("SalesCurrencyCode", 3),
     )  # fmt: skip
     return {
         name: TableModel(COMMERCE_SYSTEM, name, {column.name: column for column in columns},

@@ -317,7 +317,7 @@ class CommerceState:
         with self._lock:
             _refuse_read_only(entity, "POST")
             fields = _checked_fields(self.tenant_entity(entity), body)
-            _check_limits(entity, fields)
+            _check_limits(self.tenant_entity(entity), fields)
             _require_mandatory(self.tenant_entity(entity), fields)
             row = entity.default_row() | fields
             if "dataAreaId" in entity.keys:
@@ -340,7 +340,7 @@ class CommerceState:
             row = self._find(entity, key, company, cross_company, url)
             _check_if_match(row, if_match)
             changes = _checked_fields(self.tenant_entity(entity), body)
-            _check_limits(entity, changes)
+            _check_limits(self.tenant_entity(entity), changes)
             for name, value in changes.items():
                 if entity.by_name[name].mandatory and not value:
                     raise _bad_request(f"Field '{name}' must be filled in.")
@@ -513,6 +513,13 @@ class CommerceState:
         if party_type == "Person" and not (row["PersonFirstName"] or row["PersonLastName"]):
             # A person's name may be a single word (a last name alone); it may not be empty.
             raise _bad_request("PersonFirstName or PersonLastName must be filled in for a customer of party type Person.")
+        group = row["CustomerGroupId"]
+        if group and (row["dataAreaId"].casefold(), group.casefold()) not in self._tables[CUSTOMER_GROUPS.name]:
+            # F&O's foreign-key validation of CustTable.CustGroup (CONTRACT.md, "Commerce HQ OData").
+            raise _bad_request(
+                f"Write failed for table row of type '{CUSTOMERS.type_name}'. Infolog: Error: The value '{group}' in "
+                "field 'Customer group' is not found in the relating table 'Customer groups'."
+            )
         entry = _UNIQUE_INDEXES["person_email"][1](row)
         other = None if entry is None else self._indexed("person_email", entry)
         if other is not None and _key_tuple(CUSTOMERS, other) != _key_tuple(CUSTOMERS, row):

@@ -529,7 +529,8 @@ def commerce_csdl_response(entity_types: Mapping[str, model.EntityType]) -> Resp
 
 def create_admin_router(commerce_tables: model.CommerceModel, dataverse_state: Any) -> APIRouter:
     """`/_admin` routes that make the tenant differ from the default one (undone by
-    `/_admin/reset`): `POST /model` (a column or key less, a key's index status) and
+    `/_admin/reset`): `POST /model` (a column or key less, a key's index status, a string column's
+    MaxLength, a choice's options) and
     `DELETE /dataverse/savedqueries/<name>` (a system view gone)."""
     router = APIRouter()
 

@@ -4,8 +4,8 @@ their table definitions from it, `metadata.py` serves it, and every write is val
 so what the metadata says and how the services behave cannot drift apart.
 
 `DataverseModel` and `CommerceModel` are a tenant's copy of it: the admin surface may remove
-columns or keys, or change a key's index status (a tenant configured otherwise); `reset()` puts the
-default tenant back.
+columns or keys, change a key's index status, a string column's MaxLength or a choice's options (a
+tenant configured otherwise); `reset()` puts the default tenant back.
 
 Lengths and options are Dataverse's and F&O's own (see CONTRACT.md, "Table model and metadata").
 """
@@ -13,9 +13,10 @@ Lengths and options are Dataverse's and F&O's own (see CONTRACT.md, "Table model
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from functools import cached_property
+from typing import Any
 
 _METADATA_IDS = uuid.uuid5(uuid.NAMESPACE_URL, "d365-fakes/metadata")
 
@@ -376,11 +377,21 @@ class DataverseModel:
         return self.entities[logical_name].by_name.get(column)
 
     def change(self, table: object, remove_columns: object = None, key_status: object = None,
-               remove_keys: object = None) -> None:
+               remove_keys: object = None, max_lengths: object = None, options: object = None) -> None:
         """One admin change; ValueError naming the field if it is wrong (then nothing changes)."""
         if not isinstance(table, str) or table not in self.entities:
             raise ValueError(f"table must be one of {', '.join(self.entities)}")
         entity = self.entities[table]
+        if max_lengths is not None:
+            changed = _checked_max_lengths(max_lengths, entity.by_name, _string_limits)
+            entity = replace(entity, attributes=tuple(
+                replace(a, max_length=changed[a.logical_name]) if a.logical_name in changed else a
+                for a in entity.attributes))
+        if options is not None:
+            chosen = _checked_options(options, entity.by_name)
+            entity = replace(entity, attributes=tuple(
+                replace(a, options=chosen[a.logical_name]) if a.logical_name in chosen else a
+                for a in entity.attributes))
         if remove_columns is not None:
             entity = entity.without(_columns_to_remove(remove_columns, entity.by_name, entity.primary_id))
         if key_status is not None:
@@ -395,6 +406,59 @@ class DataverseModel:
             if remove_keys:
                 entity = replace(entity, keys=())
         self.entities[table] = entity
+
+
+# The largest MaxLength Dataverse allows: StringAttributeMetadata.MaxSupportedLength 4000,
+# MemoAttributeMetadata.MaxSupportedLength 1048576 (the SDK's reference, Microsoft.Xrm.Sdk.Metadata).
+_DATAVERSE_MAX_LENGTHS = {"String": 4000, "Memo": 1048576}
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+def _string_limits(attribute: Attribute) -> int | None:
+    """The largest MaxLength a Dataverse column may have, None if it is not a text column."""
+    return _DATAVERSE_MAX_LENGTHS.get(attribute.type) if attribute.max_length is not None else None
+
+
+def _checked_max_lengths(lengths: object, existing: Mapping[str, Any],
+                         largest: Callable[[Any], int | None]) -> dict[str, int]:
+    """`{"lastname": 80}`: each a string column of the table, each a whole number from 1 to `largest`'s."""
+    if not isinstance(lengths, dict) or not lengths:
+        raise ValueError('max_lengths must be a non-empty object of column: length, e.g. {"lastname": 80}')
+    for column, length in lengths.items():
+        if column not in existing:
+            raise ValueError(f"max_lengths: {column} is not a column of the table")
+        limit = largest(existing[column])
+        if limit is None:
+            raise ValueError(f"max_lengths: {column} is not a string column")
+        if isinstance(length, bool) or not isinstance(length, int) or not 1 <= length <= limit:
+            raise ValueError(f"max_lengths: {column} must be a whole number from 1 to {limit}, not {length!r}")
+    return dict(lengths)
+
+
+def _checked_options(options: object, existing: Mapping[str, Attribute]) -> dict[str, tuple[Option, ...]]:
+    """`{"msdyn_b2bprospectstatus": {"Pending": 100000000, ...}}`: each a Picklist column of the
+    table; its options label -> value, labels non-empty, values distinct 32-bit whole numbers."""
+    if not isinstance(options, dict) or not options:
+        raise ValueError('options must be a non-empty object of column: {label: value}')
+    chosen = {}
+    for column, labelled in options.items():
+        attribute = existing.get(column)
+        if attribute is None:
+            raise ValueError(f"options: {column} is not a column of the table")
+        if attribute.type != "Picklist":
+            raise ValueError(f"options: {column} is a {attribute.type} column, not a Picklist (choice)")
+        if not isinstance(labelled, dict) or not labelled:
+            raise ValueError(f"options: {column} must be a non-empty object of label: value")
+        for label, value in labelled.items():
+            if not label.strip():
+                raise ValueError(f"options: {column} has an empty label")
+            if isinstance(value, bool) or not isinstance(value, int) or not _INT32[0] <= value <= _INT32[1]:
+                raise ValueError(
+                    f"options: {column}: the value of {label!r} must be a 32-bit whole number, not {value!r}")
+        if len(set(labelled.values())) != len(labelled):
+            raise ValueError(f"options: {column}: two options have the same value")
+        chosen[column] = tuple(Option(value, label) for label, value in labelled.items())
+    return chosen
 
 
 def _columns_to_remove(columns: object, existing: Mapping[str, object], protected: str) -> list[str]:
@@ -518,9 +582,9 @@ CUSTOMERS = EntityType(
         _text("PersonFirstName", 25),
         _text("PersonLastName", 25),
         _text("PrimaryContactEmail", 255),
-        # Choice: optional here. F&O's CustTable requires a customer group, but the product sends
-        # one only when its connection names `customer_group`; making it mandatory is the lead's call.
-        _text("CustomerGroupId", 10),
+        # Mandatory, a CustomerGroups row of the customer's company ("Customers V3 entity":
+        # CUSTOMERGROUPID "Specifies a foreign key to the Customer groups entity. This field is required.").
+        _text("CustomerGroupId", 10, mandatory=True),
         _text("SalesCurrencyCode", 3),
     ),
     server_assigned=frozenset({"PartyNumber"}),
@@ -590,15 +654,26 @@ class CommerceModel:
     def reset(self) -> None:
         self.entity_types: dict[str, EntityType] = dict(COMMERCE_ENTITY_TYPES)
 
-    def change(self, table: object, remove_columns: object = None) -> None:
+    def change(self, table: object, remove_columns: object = None, max_lengths: object = None) -> None:
         if not isinstance(table, str) or table not in self.entity_types:
             raise ValueError(f"table must be one of {', '.join(self.entity_types)}")
         entity = self.entity_types[table]
-        removed = _columns_to_remove(remove_columns, entity.by_name, "")
-        keys = [column for column in removed if column in entity.keys]
-        if keys:
-            raise ValueError(f"remove_columns: {keys[0]} is a key of {table} and cannot be removed")
-        self.entity_types[table] = entity.without(removed)
+        if max_lengths is not None:
+            changed = _checked_max_lengths(max_lengths, entity.by_name, _hq_string_limit)
+            entity = replace(entity, properties=tuple(
+                replace(p, max_length=changed[p.name]) if p.name in changed else p for p in entity.properties))
+        if remove_columns is not None:
+            removed = _columns_to_remove(remove_columns, entity.by_name, "")
+            keys = [column for column in removed if column in entity.keys]
+            if keys:
+                raise ValueError(f"remove_columns: {keys[0]} is a key of {table} and cannot be removed")
+            entity = entity.without(removed)
+        self.entity_types[table] = entity
+
+
+def _hq_string_limit(prop: Property) -> int | None:
+    """Choice: F&O documents no upper bound for an extended data type's string length; 8000 here."""
+    return 8000 if prop.kind == "string" else None
 
 
 def change_model(body: object, dataverse: DataverseModel, commerce: CommerceModel) -> None:
@@ -607,7 +682,8 @@ def change_model(body: object, dataverse: DataverseModel, commerce: CommerceMode
         raise ValueError('the body must be a JSON object: {"system": ..., "table": ..., <change>}')
     system = body.get("system")
     changes = {name: value for name, value in body.items() if name not in ("system", "table")}
-    allowed = {"dataverse": {"remove_columns", "key_status", "remove_keys"}, "commerce": {"remove_columns"}}
+    allowed = {"dataverse": {"remove_columns", "key_status", "remove_keys", "max_lengths", "options"},
+               "commerce": {"remove_columns", "max_lengths"}}
     if system not in allowed:
         raise ValueError('system must be "dataverse" or "commerce"')
     unknown = sorted(set(changes) - allowed[system])

@@ -174,9 +174,10 @@ class FakeAdmin:
 
     def change_model(self, **body: Any) -> None:
         """Make the tenant's tables differ from the default ones, in metadata and behaviour:
-        `system="dataverse", table="lead"` with `remove_columns=[...]`, `key_status="Failed"` or
-        `remove_keys=True`; `system="commerce", table="Prospects", remove_columns=[...]`. A wrong
-        field raises RuntimeError naming it. Undone by `reset`."""
+        `system="dataverse", table="lead"` with `remove_columns=[...]`, `key_status="Failed"`,
+        `remove_keys=True`, `max_lengths={"lastname": 80}` or `options={"msdyn_b2bprospectstatus":
+        {"Pending": 100000000, ...}}`; `system="commerce", table="Prospects"` with `remove_columns=[...]`
+        or `max_lengths={...}`. A wrong field raises RuntimeError naming it. Undone by `reset`."""
         self._checked(self._http.post("/model", json=body))
 
     def remove_saved_view(self, name: str) -> None:

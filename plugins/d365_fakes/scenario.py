@@ -22,6 +22,9 @@ OUTCOMES = {
     "untouched": ("Pending", None),
     "invalid": ("Pending", None),  # refused by validation: never becomes a lead
 }
+# The customer group of the customers the product creates (the Commerce connection's extra
+# `customer_group`): F&O demo data's "Wholesale customers", in every legal entity of the fakes.
+CUSTOMER_GROUP = "10"
 _PLAN = ("won", "lost", "disqualified", "untouched", "won", "qualified", "lost", "won")
 _NAMES = ("Ada Lovelace", "Seán O'Brien", "Zoë Żółć", "李 小龙", "Jean-Luc Picard", "Amara 😀 Okafor", "Cher")
 
@@ -68,6 +71,7 @@ def airflow_connections(
 
     return {
         "AIRFLOW_CONN_D365_COMMERCE": service(endpoints.commerce, {"legal_entities": legal_entities,
+                                                                   "customer_group": CUSTOMER_GROUP,
                                                                    **({"bulk": False} if naive else {})}),
         "AIRFLOW_CONN_D365_SALES": service(endpoints.dataverse, {"page_size": sales_page_size, **mode}),
         "AIRFLOW_CONN_D365_STATE": json.dumps({"conn_type": "generic", "schema": str(state_db),

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from d365_fakes.actors import Clerk, Seller
 from d365_fakes.dataverse import company_id
+from d365_fakes.scenario import CUSTOMER_GROUP
 
 LEGAL_ENTITY = "usrt"
 ONBOARDED = "Contoso Ltd"  # a company whose B2B customer hierarchy exists before the stories start
@@ -55,10 +56,11 @@ def seed(admin, seller: Seller, clerk: Clerk) -> Stories:
     stories = Stories(prospects, {"mary@contoso.example": "won", "linus@northwind.example": "won",
                                   "grace.hopper@navy.example": "won", "dale@adventure.example": "won"})  # fmt: skip
     stories.organization = clerk.create_customer({"dataAreaId": LEGAL_ENTITY, "PartyType": "Organization",
-                                                  "OrganizationName": ONBOARDED,
+                                                  "OrganizationName": ONBOARDED, "CustomerGroupId": CUSTOMER_GROUP,
                                                   "PrimaryContactEmail": "office@contoso.example"})  # fmt: skip
     olga = clerk.create_customer({"dataAreaId": LEGAL_ENTITY, "PartyType": "Person", "PersonFirstName": "Olga",
-                                  "PersonLastName": "First", "PrimaryContactEmail": "olga@contoso.example"})  # fmt: skip
+                                  "PersonLastName": "First", "PrimaryContactEmail": "olga@contoso.example",
+                                  "CustomerGroupId": CUSTOMER_GROUP})  # fmt: skip
     cross = {"cross-company": "true"}
     clerk.call("POST", "CustomerHiearchies", params=cross, json={
         "dataAreaId": LEGAL_ENTITY, "CustomerHierarchyId": HIERARCHY, "Name": ONBOARDED, "Purpose": "B2BOrganization",

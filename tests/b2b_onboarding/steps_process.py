@@ -17,6 +17,7 @@ from b2b_onboarding.commerce import CommerceClient
 from b2b_onboarding.sales import SalesClient
 from b2b_onboarding.settings import ServiceSettings
 from b2b_onboarding.store import StateStore
+from d365_fakes.scenario import CUSTOMER_GROUP
 
 LEGAL_ENTITY = "usrt"
 
@@ -31,7 +32,7 @@ def main(step: str, run_id: str) -> None:
         sync.push_leads(sales, store, LEGAL_ENTITY, run_id)
     elif step == "reconcile":
         reconcile.read_outcomes(sales, store, run_id)
-        reconcile.write_customers(commerce, sales, store, LEGAL_ENTITY, run_id)
+        reconcile.write_customers(commerce, sales, store, LEGAL_ENTITY, run_id, CUSTOMER_GROUP)
         reconcile.approve_won(commerce, store, LEGAL_ENTITY, run_id)
         reconcile.reject_lost(commerce, store, LEGAL_ENTITY, run_id)
     else:

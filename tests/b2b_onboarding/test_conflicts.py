@@ -14,6 +14,7 @@ from b2b_onboarding.sales import SalesClient
 from b2b_onboarding.store import StateStore
 from d365_fakes.actors import Clerk
 from d365_fakes.running import FakeAdmin
+from d365_fakes.scenario import CUSTOMER_GROUP
 
 RUN = "manual__conflicts"
 
@@ -42,7 +43,7 @@ def onboard(admin: FakeAdmin, store: StateStore, systems, count: int = 3) -> Non
 def reconcile_all(store: StateStore, systems, run_id: str = RUN) -> None:
     commerce, sales = systems
     reconcile.read_outcomes(sales, store, run_id)
-    reconcile.write_customers(commerce, sales, store, "usrt", run_id)
+    reconcile.write_customers(commerce, sales, store, "usrt", run_id, CUSTOMER_GROUP)
     reconcile.approve_won(commerce, store, "usrt", run_id)
     reconcile.reject_lost(commerce, store, "usrt", run_id)
 

@@ -24,7 +24,7 @@ from b2b_onboarding.store import StateStore
 from d365_fakes.actors import Clerk, Seller
 from d365_fakes.dataverse import company_id
 from d365_fakes.running import FakeAdmin
-from d365_fakes.scenario import OUTCOMES
+from d365_fakes.scenario import CUSTOMER_GROUP, OUTCOMES
 
 RUN = "manual__crash"
 STEPS = Path(__file__).with_name("steps_process.py")
@@ -129,7 +129,7 @@ def run_to_the_end(clients, store: StateStore, run_id: str) -> None:
     sync.pull_prospects(commerce, store, "usrt", run_id)
     sync.push_leads(sales, store, "usrt", run_id)
     reconcile.read_outcomes(sales, store, run_id)
-    reconcile.write_customers(commerce, sales, store, "usrt", run_id)
+    reconcile.write_customers(commerce, sales, store, "usrt", run_id, CUSTOMER_GROUP)
     reconcile.approve_won(commerce, store, "usrt", run_id)
     reconcile.reject_lost(commerce, store, "usrt", run_id)
 
@@ -157,7 +157,7 @@ def test_a_step_killed_right_after_a_write_ends_as_an_uninterrupted_run(world, a
         decide(admin, plan)
         reconcile.read_outcomes(sales, store, RUN)
     if "customers" in done_before:
-        reconcile.write_customers(commerce, sales, store, "usrt", RUN)
+        reconcile.write_customers(commerce, sales, store, "usrt", RUN, CUSTOMER_GROUP)
     if "approvals" in done_before:
         reconcile.approve_won(commerce, store, "usrt", RUN)
     writes_before = admin.counts()[system]["writes"]

@@ -18,7 +18,7 @@ from b2b_onboarding.dry_run import DryRunCommerce, DryRunSales, Plan
 from b2b_onboarding.sales import SalesClient
 from b2b_onboarding.store import DryRunStore, StateStore
 from d365_fakes.running import FakeAdmin
-from d365_fakes.scenario import PLANNED_WRITE_TABLES
+from d365_fakes.scenario import CUSTOMER_GROUP, PLANNED_WRITE_TABLES
 
 COMMERCE_PAGE_SIZE = 4  # every read crosses pages
 STORE_TABLES = ("b2b_prospects", "b2b_transitions", "b2b_delta_links", "b2b_drift_findings", "b2b_anomalies")
@@ -73,7 +73,7 @@ def run_sync(commerce, sales, store, run_id: str, prospect_ids=None) -> dict:
 
 def run_reconciliation(commerce, sales, store, run_id: str, keys=None) -> None:
     reconcile.read_outcomes(sales, store, run_id, keys)
-    reconcile.write_customers(commerce, sales, store, "usrt", run_id)
+    reconcile.write_customers(commerce, sales, store, "usrt", run_id, CUSTOMER_GROUP)
     reconcile.approve_won(commerce, store, "usrt", run_id)
     reconcile.reject_lost(commerce, store, "usrt", run_id)
 
@@ -148,16 +148,18 @@ def test_a_dry_run_plans_no_create_for_a_customer_an_interrupted_run_already_mad
     account = sales.get_by_ids("accounts", "accountid", [row["account_id"]], ["accountid", "name"])[0]
     derived = {"CustomerAccount": "USRT-P-000001-ORG"} if template else {}
     made = commerce.create_customer({"dataAreaId": "usrt", "PartyType": "Organization", "OrganizationName": account["name"],
-                                     "PrimaryContactEmail": "p1@engines.example", **derived})  # fmt: skip
+                                     "PrimaryContactEmail": "p1@engines.example", "CustomerGroupId": CUSTOMER_GROUP,
+                                     **derived})  # fmt: skip
 
     plan = Plan()
     dry_commerce, dry_sales = dry_clients(systems, plan)
     before = writes(admin)
     reconcile.write_customers(dry_commerce, dry_sales, DryRunStore(str(store.engine.url), "manual__dry"), "usrt",
-                              "manual__dry", account_template=template)  # fmt: skip
+                              "manual__dry", CUSTOMER_GROUP, account_template=template)  # fmt: skip
     assert writes(admin) == before
     assert Counter(plan.frame()["operation"]) == {"create Person customer": 1, "set account number": 1}
-    reconcile.write_customers(commerce, sales, store, "usrt", "manual__reconcile", account_template=template)
+    reconcile.write_customers(commerce, sales, store, "usrt", "manual__reconcile", CUSTOMER_GROUP,
+                              account_template=template)
     assert writes(admin) - before == planned(plan)
     tracked = store.frame().set_index("prospect_id").loc["P-000001"]
     assert (tracked["org_customer_account"], tracked["org_party_number"]) == (made["CustomerAccount"], made["PartyNumber"])

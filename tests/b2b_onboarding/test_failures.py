@@ -56,7 +56,7 @@ def test_a_multi_line_service_message_stays_whole_on_the_first_line():
     assert str(error) == (
         "Commerce headquarters via Airflow connection 'd365_commerce': create customer for usrt/P-1 failed with HTTP "
         "400 E1: Write failed for table row of type 'CustTable'. Infolog: Field 'Name' must be filled in. Update has "
-        "been canceled.. Next step: fix the record or the request named above; the record is kept and retried on the "
+        "been canceled. Next step: fix the record or the request named above; the record is kept and retried on the "
         "next run."
     )
     assert first_line(error) == str(error)

@@ -54,3 +54,36 @@ def test_a_missing_connection_is_named_with_what_to_do(monkeypatch):
     with pytest.raises(ConfigurationError, match=r"^Airflow connection 'd365_sales' \(Dynamics 365 Sales \(Dataverse\)\) "
                                                  r"is not defined\. Next step: add it"):  # fmt: skip
         SalesHook().settings()
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry run"])
+@pytest.mark.parametrize("group", [None, "", "  "], ids=["unset", "empty", "blank"])
+def test_writing_customers_without_a_customer_group_fails_at_once_naming_the_connection(monkeypatch, dry_run, group):
+    """HQ refuses every customer without a customer group: the task fails before any call, without
+    retries, in a dry run alike; the Sales connection needs none."""
+    from b2b_onboarding import tasks
+
+    extra = {"tenant_id": "t-1", "legal_entities": ["usrt"]} | ({} if group is None else {"customer_group": group})
+    monkeypatch.setenv("AIRFLOW_CONN_D365_COMMERCE", json.dumps({
+        "conn_type": "generic", "host": "https://contoso.operations.dynamics.com", "login": "app", "password": "s",
+        "extra": extra}))  # fmt: skip
+    monkeypatch.setenv("AIRFLOW_CONN_D365_SALES", json.dumps({
+        "conn_type": "generic", "host": "https://contoso.crm.dynamics.com", "login": "app", "password": "s",
+        "extra": {"tenant_id": "t-1"}}))  # fmt: skip
+    monkeypatch.setattr(tasks, "_context", lambda: {"params": {"dry_run": dry_run}, "run_id": "manual__test"})
+    assert SalesHook().settings().customer_group is None
+    with pytest.raises(AirflowFailException) as failed:
+        tasks.write_customers("usrt", "P-000001", "P-000009")
+    assert str(failed.value) == (
+        "Commerce headquarters via Airflow connection 'd365_commerce': no customer group configured: HQ requires one "
+        'for every new customer. Next step: set the connection\'s extra "customer_group" to a customer group of each '
+        'legal entity (e.g. "10"), then clear the task.'
+    )
+    assert isinstance(failed.value.__cause__, ConfigurationError)
+
+
+def test_a_customer_group_is_read_trimmed(monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_D365_COMMERCE", json.dumps({
+        "conn_type": "generic", "host": "https://contoso.operations.dynamics.com", "login": "app", "password": "s",
+        "extra": {"tenant_id": "t-1", "customer_group": " 10 "}}))  # fmt: skip
+    assert CommerceHook().settings().customer_group == "10"

@@ -23,6 +23,7 @@ from b2b_onboarding.sales import SalesClient, lead_id_of
 from d365_fakes.actors import Clerk
 from d365_fakes.dataverse import company_id
 from d365_fakes.running import FakeAdmin
+from d365_fakes.scenario import CUSTOMER_GROUP
 from hostile_strings import HOSTILE_STRINGS, HOSTILE_VALID_PROSPECT_IDS
 
 COMMERCE_PAGE_SIZE = 4
@@ -113,13 +114,14 @@ def test_a_hostile_key_writes_exactly_its_own_row_in_commerce(commerce, admin, c
     key = value[:20]
     if key != value:
         with pytest.raises(D365Error) as too_long:
-            commerce.create_customer({"dataAreaId": "usrt", "CustomerAccount": value,
+            commerce.create_customer({"dataAreaId": "usrt", "CustomerAccount": value, "CustomerGroupId": CUSTOMER_GROUP,
                                       "PartyType": "Organization", "OrganizationName": "Engines Ltd"})  # fmt: skip
         assert too_long.value.status == 400
-    organization = commerce.create_customer({"dataAreaId": "usrt", "CustomerAccount": key,
+    organization = commerce.create_customer({"dataAreaId": "usrt", "CustomerAccount": key, "CustomerGroupId": CUSTOMER_GROUP,
                                              "PartyType": "Organization", "OrganizationName": "Engines Ltd"})  # fmt: skip
     person = commerce.create_customer({"dataAreaId": "usrt", "CustomerAccount": "C-PERSON", "PartyType": "Person",
-                                       "PersonLastName": "Lovelace", "PrimaryContactEmail": "ada@engines.example"})  # fmt: skip
+                                       "PersonLastName": "Lovelace", "PrimaryContactEmail": "ada@engines.example",
+                                       "CustomerGroupId": CUSTOMER_GROUP})  # fmt: skip
     commerce.create_hierarchy({"dataAreaId": "usrt", "CustomerHierarchyId": key, "Name": "Engines Ltd",
                                "Purpose": "B2BOrganization", "OrganizationPartyNumber": organization["PartyNumber"]})  # fmt: skip
     commerce.create_hierarchy_node({"CustomerHierarchyId": key, "NodePartyNumber": person["PartyNumber"],
@@ -269,7 +271,7 @@ def test_prospects_with_hostile_ids_names_and_companies_go_through_the_flow(worl
         decided = admin.decide([{"msdyn_prospectid": prospect_key("usrt", prospect_id), "outcome": outcome}
                                 for prospect_id, outcome in outcome_of.items()])  # fmt: skip
         reconcile.read_outcomes(sales, store, RUN)
-        reconcile.write_customers(commerce, sales, store, "usrt", RUN, account_template=template)
+        reconcile.write_customers(commerce, sales, store, "usrt", RUN, CUSTOMER_GROUP, account_template=template)
         reconcile.approve_won(commerce, store, "usrt", RUN)
         reconcile.reject_lost(commerce, store, "usrt", RUN)
         leads = [row for page in sales.iter_commerce_lead_pages() for row in page]

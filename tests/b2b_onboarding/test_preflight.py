@@ -69,10 +69,10 @@ def test_the_default_tenant_passes_every_check_and_nothing_is_written(world, ten
     assert preflight.verdict(list(rows.values())).startswith(f"Preflight passed: all {len(rows)} checks ✓")
 
 
-def test_without_a_customer_group_its_row_says_none_configured(world, tenant):
-    rows = run(world, commerce={"customer_group": None})
-    assert {rows[("Customer group in usrt", HQ)].status, rows[("Customer group in usmf", HQ)].status} == {PASSED}
-    assert "none configured" in rows[("Customer group in usrt", HQ)].detail
+def test_a_customer_group_of_each_legal_entity_passes_its_rows(world, tenant):
+    rows = run(world)
+    for legal_entity in LEGAL_ENTITIES:
+        assert rows[(f"Customer group in {legal_entity}", HQ)].detail == f"{CUSTOMER_GROUP}: Retail customers"
 
 
 def _integration(world) -> str:
@@ -111,6 +111,10 @@ MISCONFIGURATIONS = {
     "an unknown legal entity": (
         None, {"commerce": {"legal_entities": ["usrt", "zzzz"]}},
         {("Legal entity zzzz", HQ), ("Legal entity zzzz", DV)}, "zzzz"),
+    "no customer group configured": (
+        None, {"commerce": {"customer_group": None}},
+        {("Customer group in usrt", HQ), ("Customer group in usmf", HQ)},
+        'no customer group configured: HQ requires one for every new customer set the extra "customer_group"'),
     "an unknown customer group": (
         None, {"commerce": {"customer_group": "NO-SUCH-GROUP"}},
         {("Customer group in usrt", HQ), ("Customer group in usmf", HQ)}, "NO-SUCH-GROUP"),

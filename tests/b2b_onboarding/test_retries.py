@@ -18,6 +18,7 @@ from b2b_onboarding.sales import SalesClient
 from d365_fakes.actors import Clerk, Seller
 from d365_fakes.dataverse import company_id
 from d365_fakes.running import FakeAdmin
+from d365_fakes.scenario import CUSTOMER_GROUP
 from d365_fakes.tls import ensure_tls
 
 RUN = "manual__retries"
@@ -79,7 +80,8 @@ def test_server_and_gateway_failures_of_a_read_are_retried(sales, admin, status)
 
 def test_a_post_not_known_to_be_repeatable_is_not_repeated_when_the_service_may_have_acted(world, admin):
     commerce = connect(world, CommerceClient, world.endpoints.commerce)
-    customer = {"dataAreaId": "usrt", "CustomerAccount": "C-1", "PartyType": "Organization", "OrganizationName": "X"}
+    customer = {"dataAreaId": "usrt", "CustomerAccount": "C-1", "PartyType": "Organization", "OrganizationName": "X",
+                "CustomerGroupId": CUSTOMER_GROUP}
     admin.add_fault(system="commerce", status=502, count=1, method="POST")
     before = requests_to(admin, "commerce")
 
@@ -177,7 +179,7 @@ def two_won(world, admin, store) -> tuple[CommerceClient, SalesClient]:
 
 def test_an_approval_answered_too_late_is_repeated_without_a_second_email(world, admin, store):
     commerce, sales = two_won(world, admin, store)
-    reconcile.write_customers(commerce, sales, store, "usrt", RUN)
+    reconcile.write_customers(commerce, sales, store, "usrt", RUN, CUSTOMER_GROUP)
     impatient = connect(world, CommerceClient, world.endpoints.commerce, timeout_s=0.5)
     admin.add_fault(system="commerce", kind="slow", delay_s=1.5, phase="after", route=r"\$batch", count=1)
 
@@ -199,13 +201,13 @@ def test_customers_numbered_by_hq_answered_too_late_are_not_sent_again_and_the_r
 
     # HQ numbers the customers: a repeat of the changeset would make two more, so it is not repeated.
     with pytest.raises(D365Error):
-        reconcile.write_customers(impatient, sales, store, "usrt", RUN)
+        reconcile.write_customers(impatient, sales, store, "usrt", RUN, CUSTOMER_GROUP)
     assert admin.faults()["served"]["commerce"] == {"slow": 1} and impatient.odata.retried == 0
     clerk = Clerk(world.endpoints, world.cast.clerk["client_id"], world.cast.clerk["client_secret"])
     made = {(row["PartyType"], row["PrimaryContactEmail"]): row["CustomerAccount"] for row in clerk.all("CustomersV3")}
     assert len(made) == 4
 
-    result = reconcile.write_customers(commerce, sales, store, "usrt", "manual__rerun")
+    result = reconcile.write_customers(commerce, sales, store, "usrt", "manual__rerun", CUSTOMER_GROUP)
 
     assert result["already done"] == 2 and result["existing customers reused"] == 4 and "written" not in result
     assert len(clerk.all("CustomersV3")) == 4

@@ -16,7 +16,7 @@ from b2b_onboarding.sales import SalesClient
 from d365_fakes.actors import Seller
 from d365_fakes.dataverse import company_id
 from d365_fakes.running import FakeAdmin, running_fakes
-from d365_fakes.scenario import Cast
+from d365_fakes.scenario import CUSTOMER_GROUP, Cast
 
 RUN = "manual__test"
 
@@ -88,8 +88,8 @@ def test_an_organization_left_without_its_person_is_finished_not_doubled(world, 
         # An earlier run's one-by-one path made the organization, then failed before the person.
         account = sales.get_by_ids("accounts", "accountid", [store.frame().loc[0, "account_id"]], ("name",))[0]
         made = clerk.create_customer({"dataAreaId": "usrt", "PartyType": "Organization", "OrganizationName": account["name"],
-                                      "PrimaryContactEmail": "p1@engines.example"})  # fmt: skip
-        result = reconcile.write_customers(commerce, sales, store, "usrt", RUN)
+                                      "PrimaryContactEmail": "p1@engines.example", "CustomerGroupId": CUSTOMER_GROUP})  # fmt: skip
+        result = reconcile.write_customers(commerce, sales, store, "usrt", RUN, CUSTOMER_GROUP)
         reconcile.approve_won(commerce, store, "usrt", RUN)
         row = store.frame().loc[0]
         [numbered] = sales.get_by_ids("accounts", "accountid", [row["account_id"]], ("accountnumber",))
@@ -113,13 +113,14 @@ def test_a_customer_account_template_numbers_customers_with_the_legal_entity_and
         admin.decide([{"msdyn_prospectid": f"{le}:{pid}", "outcome": "qualified"} for le, pid in keys])
         reconcile.read_outcomes(sales, store, RUN)
         for legal_entity, _ in keys:
-            reconcile.write_customers(commerce, sales, store, legal_entity, RUN, account_template=template)
+            reconcile.write_customers(commerce, sales, store, legal_entity, RUN, CUSTOMER_GROUP, account_template=template)
         writes = admin.counts()["commerce"]["writes"]["CustomersV3"]
         # As if the store had lost them: the rerun finds the customers by their templated accounts.
         forgotten = dict.fromkeys(("org_customer_account", "person_customer_account", "org_party_number",
                                    "person_party_number"))  # fmt: skip
         store.update_many([(key, forgotten, None) for key in keys], RUN)
-        again = [reconcile.write_customers(commerce, sales, store, le, RUN, account_template=template) for le, _ in keys]
+        again = [reconcile.write_customers(commerce, sales, store, le, RUN, CUSTOMER_GROUP, account_template=template)
+                 for le, _ in keys]
         numbers = sorted(row["accountnumber"] for row in sales.get_by_ids("accounts", "accountid",
                                                                            store.frame()["account_id"], ("accountnumber",)))  # fmt: skip
     accounts = sorted(row["CustomerAccount"] for le, _ in keys for row in clerk.customers(le))
@@ -161,3 +162,22 @@ def test_a_legal_entity_without_its_cdm_companies_row_fails_at_once_naming_it_an
     message = str(raised.value)
     assert message.startswith("Dataverse (Sales): legal entity 'dezz' has no row in cdm_companies")
     assert "Next step: add the legal entity to Dataverse" in message
+
+
+def test_customers_are_created_in_the_connections_customer_group_and_never_without_one(world, admin, store, clerk):
+    admin.seed_prospects([request(1)])
+    commerce, sales = clients(world)
+    with commerce.odata, sales.odata:
+        won(admin, store, commerce, sales, 1)
+        before = admin.counts()["commerce"]["requests"]
+        with pytest.raises(ConfigurationError, match=r"^Commerce headquarters via Airflow connection 'd365_test': no "
+                                                     "customer group configured: HQ requires one for every new customer"):  # fmt: skip
+            reconcile.write_customers(commerce, sales, store, "usrt", RUN, None)
+        assert admin.counts()["commerce"]["requests"] == before  # refused before any call
+        # A group HQ does not know in the legal entity: HQ refuses the customer, the record waits for the next run.
+        unknown = reconcile.write_customers(commerce, sales, store, "usrt", RUN, "NO-SUCH")
+        assert unknown["failed one by one"] == 1 and clerk.customers("usrt") == []
+        assert "The value 'NO-SUCH' in field 'Customer group' is not found" in store.frame().loc[0, "last_error"]
+        reconcile.write_customers(commerce, sales, store, "usrt", RUN, "20")
+    assert sorted((row["PartyType"], row["CustomerGroupId"]) for row in clerk.customers("usrt")) == [
+        ("Organization", "20"), ("Person", "20")]

@@ -162,16 +162,19 @@ def test_clerk_corrects_a_pending_prospect(clerk: Clerk, world: World) -> None:
 
 
 def test_clerk_creates_and_lists_customers_per_legal_entity(clerk: Clerk) -> None:
-    usrt = clerk.create_customer({"dataAreaId": "usrt", "PartyType": "Organization", "OrganizationName": "Contoso"})
-    default = clerk.create_customer({"PartyType": "Person", "PersonFirstName": "Ann", "PersonLastName": "Lee",
-                                     "PrimaryContactEmail": "ann@contoso.test"})  # fmt: skip
+    usrt = clerk.create_customer({"dataAreaId": "usrt", "CustomerGroupId": "10", "PartyType": "Organization",
+                                  "OrganizationName": "Contoso"})  # fmt: skip
+    default = clerk.create_customer({"CustomerGroupId": "10", "PartyType": "Person", "PersonFirstName": "Ann",
+                                     "PersonLastName": "Lee", "PrimaryContactEmail": "ann@contoso.test"})  # fmt: skip
     assert (usrt["dataAreaId"], usrt["CustomerAccount"]) == ("usrt", "USRT-000001")
     assert (default["dataAreaId"], default["CustomerAccount"]) == ("usmf", "USMF-000001")  # the clerk's default company
     assert [row["PartyNumber"] for row in clerk.customers("usrt")] == [usrt["PartyNumber"]]
     assert [row["PersonLastName"] for row in clerk.customers("usmf")] == ["Lee"]
     assert clerk.customers("o'brien") == []
     with pytest.raises(RuntimeError, match="OrganizationName must be filled in"):
-        clerk.create_customer({"dataAreaId": "usrt", "PartyType": "Organization"})
+        clerk.create_customer({"dataAreaId": "usrt", "CustomerGroupId": "10", "PartyType": "Organization"})
+    with pytest.raises(RuntimeError, match="Field 'CustomerGroupId' must be filled in"):
+        clerk.create_customer({"dataAreaId": "usrt", "PartyType": "Organization", "OrganizationName": "No group"})
     assert len(clerk.all(CUSTOMERS.name)) == 2 and clerk.all(PROSPECTS.name) == []
 
 

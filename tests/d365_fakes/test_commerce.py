@@ -4,7 +4,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from d365_fakes.clients import ClientRegistration
-from d365_fakes.commerce import CUSTOMERS, PROSPECTS, CommerceState, ODataError, create_app
+from d365_fakes.commerce import CUSTOMER_GROUPS, CUSTOMERS, PROSPECTS, CommerceState, ODataError, create_app
 from d365_fakes.tokens import TokenIssuer
 
 COMMERCE = "https://commerce.test"
@@ -326,13 +326,13 @@ def test_other_status_moves_are_400(api, state, status):
 
 
 def organization(api, name="Contoso"):
-    response = api.post("/data/CustomersV3", json={"PartyType": "Organization", "OrganizationName": name})
+    response = api.post("/data/CustomersV3", json={"CustomerGroupId": "10", "PartyType": "Organization", "OrganizationName": name})
     assert response.status_code == 201, response.text
     return response.json()
 
 
 def person(api, email="ann@contoso.test", **fields):
-    return api.post("/data/CustomersV3", json={"PartyType": "Person", "PersonFirstName": "Ann",
+    return api.post("/data/CustomersV3", json={"CustomerGroupId": "10", "PartyType": "Person", "PersonFirstName": "Ann",
                                                "PersonLastName": "O'Brien", "PrimaryContactEmail": email, **fields})
 
 
@@ -341,7 +341,7 @@ def test_customers_get_accounts_and_party_numbers(api):
     second = person(api, PartyNumber="999").json()
     assert (first["dataAreaId"], first["CustomerAccount"], first["PartyNumber"]) == ("usrt", "USRT-000001", "000000001")
     assert (second["CustomerAccount"], second["PartyNumber"]) == ("USRT-000002", "000000002")
-    chosen = api.post("/data/CustomersV3", json={"CustomerAccount": "US-042", "PartyType": "Organization",
+    chosen = api.post("/data/CustomersV3", json={"CustomerAccount": "US-042", "CustomerGroupId": "10", "PartyType": "Organization",
                                                  "OrganizationName": "Fabrikam"}).json()
     assert chosen["CustomerAccount"] == "US-042"
 
@@ -355,9 +355,44 @@ def test_customers_get_accounts_and_party_numbers(api):
     ],
 )
 def test_customer_party_rules(api, body, message):
-    response = api.post("/data/CustomersV3", json=body)
+    response = api.post("/data/CustomersV3", json={"CustomerGroupId": "10", **body})
     assert response.status_code == 400
     assert message in inner_message(response)
+
+
+NOT_A_GROUP = ("Write failed for table row of type 'CustomerV3'. Infolog: Error: The value '{}' in field 'Customer "
+               "group' is not found in the relating table 'Customer groups'.")
+
+
+@pytest.mark.parametrize(
+    ("group", "message"),
+    [
+        (None, "Field 'CustomerGroupId' must be filled in."),
+        ("", "Field 'CustomerGroupId' must be filled in."),
+        ("NO-SUCH", NOT_A_GROUP.format("NO-SUCH")),
+    ],
+)
+def test_a_customer_needs_a_customer_group_of_its_company(api, state, group, message):
+    """CustTable requires a customer group, one of the customer's company (F&O's foreign key)."""
+    body = {"PartyType": "Organization", "OrganizationName": "Contoso"} | ({} if group is None else {"CustomerGroupId": group})
+    response = api.post("/data/CustomersV3", json=body)
+    assert (response.status_code, inner_message(response)) == (400, message)
+    assert state.visible_rows(CUSTOMERS, "usrt", True) == [] and state.counts()["writes"]["CustomersV3"] == 0
+
+
+def test_a_customer_group_is_checked_in_the_customers_company_on_create_and_update(api, state):
+    with state.transaction():  # usmf without group 90: the groups are per company
+        state._store(CUSTOMER_GROUPS, ("usmf", "90"), None)
+    refused = api.post("/data/CustomersV3", json={"dataAreaId": "usmf", "CustomerGroupId": "90", "PartyType": "Organization",
+                                                  "OrganizationName": "Contoso"})  # fmt: skip
+    assert (refused.status_code, inner_message(refused)) == (400, NOT_A_GROUP.format("90"))
+    created = organization(api)  # usrt, group 10
+    assert created["CustomerGroupId"] == "10"
+    url = key_url("CustomersV3", dataAreaId="usrt", CustomerAccount=created["CustomerAccount"])
+    assert api.patch(url, json={"CustomerGroupId": "90"}).status_code == 204  # usrt has 90
+    assert inner_message(api.patch(url, json={"CustomerGroupId": "NO-SUCH"})) == NOT_A_GROUP.format("NO-SUCH")
+    assert inner_message(api.patch(url, json={"CustomerGroupId": ""})) == "Field 'CustomerGroupId' must be filled in."
+    assert api.get(url).json()["CustomerGroupId"] == "90"
 
 
 def test_person_email_is_unique_per_legal_entity(api, make_client):
@@ -473,10 +508,10 @@ def test_rows_handed_out_do_not_change_under_later_writes(api, state):
 def test_the_indexed_rules_hold_on_large_tables(state):
     """Create rules use indexes, not scans (speed is `make bench`'s business); they still bite."""
     for n in range(20_000):
-        state.create(CUSTOMERS, {"PartyType": "Person", "PersonLastName": "Lee", "PrimaryContactEmail": f"p{n}@x.test"},
+        state.create(CUSTOMERS, {"CustomerGroupId": "10", "PartyType": "Person", "PersonLastName": "Lee", "PrimaryContactEmail": f"p{n}@x.test"},
                      "usrt")
     with pytest.raises(ODataError, match="already the primary contact email of customer USRT-020000"):
-        state.create(CUSTOMERS, {"PartyType": "Person", "PersonLastName": "Lee", "PrimaryContactEmail": "P19999@x.test"},
+        state.create(CUSTOMERS, {"CustomerGroupId": "10", "PartyType": "Person", "PersonLastName": "Lee", "PrimaryContactEmail": "P19999@x.test"},
                      "usrt")
 
 
@@ -487,7 +522,7 @@ def customer_in(api, company=None, party_type="Organization", **fields):
     """A customer created in `company` (None: the payload names none, so the caller's default company)."""
     names = {"OrganizationName": "Contoso"} if party_type == "Organization" else {"PersonLastName": "Lee"}
     where = {} if company is None else {"dataAreaId": company}
-    response = api.post("/data/CustomersV3", json={**where, "PartyType": party_type, **names, **fields})
+    response = api.post("/data/CustomersV3", json={**where, "CustomerGroupId": "10", "PartyType": party_type, **names, **fields})
     assert response.status_code == 201, response.text
     return response.json()
 
@@ -504,17 +539,17 @@ def test_customer_accounts_come_from_a_sequence_per_company(api, make_client):
     assert customer_in(make_client(OTHER))["CustomerAccount"] == "USMF-000002"  # usmf, the caller's default company
     assert customer_in(api, "usrt", "Person", PrimaryContactEmail="a@b.test")["PartyNumber"] == "000000006"
     duplicate = api.post("/data/CustomersV3", json={"dataAreaId": "usmf", "CustomerAccount": "USMF-000001",
-                                                    "PartyType": "Organization", "OrganizationName": "Again"})
+                                                    "CustomerGroupId": "10", "PartyType": "Organization", "OrganizationName": "Again"})
     assert duplicate.status_code == 400 and "The record already exists" in inner_message(duplicate)
 
 
 def test_a_sequence_skips_many_chosen_values_once(state):
     for n in range(1, 2001):
-        state.create(CUSTOMERS, {"CustomerAccount": f"USRT-{n:06d}", "PartyType": "Organization", "OrganizationName": "X"}, "usrt")
-    drawn = [state.create(CUSTOMERS, {"PartyType": "Organization", "OrganizationName": "Y"}, "usrt")["CustomerAccount"]
+        state.create(CUSTOMERS, {"CustomerAccount": f"USRT-{n:06d}", "CustomerGroupId": "10", "PartyType": "Organization", "OrganizationName": "X"}, "usrt")
+    drawn = [state.create(CUSTOMERS, {"CustomerGroupId": "10", "PartyType": "Organization", "OrganizationName": "Y"}, "usrt")["CustomerAccount"]
              for _ in range(3)]
     assert drawn == ["USRT-002001", "USRT-002002", "USRT-002003"]
-    assert state.create(CUSTOMERS, {"PartyType": "Organization", "OrganizationName": "Z"}, "usmf")["CustomerAccount"] == "USMF-000001"
+    assert state.create(CUSTOMERS, {"CustomerGroupId": "10", "PartyType": "Organization", "OrganizationName": "Z"}, "usmf")["CustomerAccount"] == "USMF-000001"
 
 
 def test_a_hierarchy_is_created_in_the_company_its_payload_names(api, make_client):
@@ -655,8 +690,8 @@ def test_correcting_a_pending_prospect_changes_its_etag(api, state):
 def test_a_rolled_back_write_frees_its_company_numbers(state):
     with pytest.raises(ODataError):
         with state.transaction():
-            state.create(CUSTOMERS, {"dataAreaId": "usmf", "CustomerAccount": "USMF-000001", "PartyType": "Organization",
+            state.create(CUSTOMERS, {"dataAreaId": "usmf", "CustomerAccount": "USMF-000001", "CustomerGroupId": "10", "PartyType": "Organization",
                                      "OrganizationName": "X"}, "usrt")
-            state.create(CUSTOMERS, {"PartyType": "Robot"}, "usrt")
+            state.create(CUSTOMERS, {"CustomerGroupId": "10", "PartyType": "Robot"}, "usrt")
     assert state.visible_rows(CUSTOMERS, "usrt", True) == []
-    assert state.create(CUSTOMERS, {"PartyType": "Organization", "OrganizationName": "Y"}, "usmf")["CustomerAccount"] == "USMF-000001"
+    assert state.create(CUSTOMERS, {"CustomerGroupId": "10", "PartyType": "Organization", "OrganizationName": "Y"}, "usmf")["CustomerAccount"] == "USMF-000001"

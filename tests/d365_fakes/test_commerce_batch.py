@@ -108,11 +108,11 @@ def statuses(parsed):
 
 
 def organization(name="Contoso", **fields):
-    return {"PartyType": "Organization", "OrganizationName": name, **fields}
+    return {"CustomerGroupId": "10", "PartyType": "Organization", "OrganizationName": name, **fields}
 
 
 def person(email, **fields):
-    return {"PartyType": "Person", "PersonFirstName": "Ann", "PrimaryContactEmail": email, **fields}
+    return {"CustomerGroupId": "10", "PartyType": "Person", "PersonFirstName": "Ann", "PrimaryContactEmail": email, **fields}
 
 
 def test_reads_and_a_changeset_in_one_batch(api, state):
@@ -193,7 +193,7 @@ def test_a_failed_changeset_leaves_no_row_no_email_and_no_write_behind(api, stat
 
 
 def test_processing_stops_at_the_first_failure_without_continue_on_error(api, state):
-    failing = changeset(request("POST", "CustomersV3", {"PartyType": "Robot"}, content_id="1"))
+    failing = changeset(request("POST", "CustomersV3", {"CustomerGroupId": "10", "PartyType": "Robot"}, content_id="1"))
     later = changeset(request("POST", "CustomersV3", organization()))
 
     parsed = answers(send(api, request("GET", "Prospects"), failing, later))
@@ -203,7 +203,7 @@ def test_processing_stops_at_the_first_failure_without_continue_on_error(api, st
 
 
 def test_continue_on_error_runs_the_later_parts(api, state):
-    failing = changeset(request("POST", "CustomersV3", {"PartyType": "Robot"}))
+    failing = changeset(request("POST", "CustomersV3", {"CustomerGroupId": "10", "PartyType": "Robot"}))
     later = changeset(request("POST", "CustomersV3", organization()))
 
     response = send(api, failing, request("GET", "NoSuchEntities"), later, prefer="odata.continue-on-error")

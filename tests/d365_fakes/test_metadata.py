@@ -217,6 +217,7 @@ def test_hq_csdl_has_lengths_nullability_and_enums(hq: TestClient) -> None:
     assert prospect["B2BProspectStatus"]["Type"] == "Microsoft.Dynamics.DataEntities.RetailB2BProspectStatus"
     customer = {prop.get("Name"): prop.attrib for prop in types["CustomerV3"].iter(f"{EDM}Property")}
     assert (customer["CustomerAccount"]["MaxLength"], customer["PartyType"]["Nullable"]) == ("20", "false")
+    assert (customer["CustomerGroupId"]["MaxLength"], customer["CustomerGroupId"]["Nullable"]) == ("10", "false")
     enums = {element.get("Name"): {m.get("Name"): int(m.get("Value")) for m in element.iter(f"{EDM}Member")}
              for element in root.iter(f"{EDM}EnumType")}
     assert enums["RetailB2BProspectStatus"] == {"Pending": 0, "Approved": 1, "Rejected": 2, "Unknown": 3}
@@ -298,12 +299,87 @@ def test_a_key_not_active_or_removed_cannot_address_rows(api: TestClient) -> Non
         ({"system": "dataverse", "table": "lead", "remove_keys": "yes"}, "remove_keys must be"),
         ({"system": "commerce", "table": "Prospects", "key_status": "Failed"}, "unknown field(s) for commerce: key_status"),
         ({"system": "commerce", "table": "Prospects", "remove_columns": ["ProspectId"]}, "ProspectId is a key"),
+        ({"system": "dataverse", "table": "lead", "max_lengths": {"nope": 80}}, "max_lengths: nope is not a column"),
+        ({"system": "dataverse", "table": "lead", "max_lengths": {"leadsourcecode": 80}}, "leadsourcecode is not a string"),
+        ({"system": "dataverse", "table": "lead", "max_lengths": {"lastname": 0}}, "lastname must be a whole number"),
+        ({"system": "dataverse", "table": "lead", "max_lengths": {"lastname": 4001}}, "from 1 to 4000"),
+        ({"system": "dataverse", "table": "lead", "max_lengths": {"lastname": "80"}}, "lastname must be a whole number"),
+        ({"system": "dataverse", "table": "lead", "max_lengths": {}}, "max_lengths must be"),
+        ({"system": "dataverse", "table": "lead", "options": {"nope": {"A": 1}}}, "options: nope is not a column"),
+        ({"system": "dataverse", "table": "lead", "options": {"lastname": {"A": 1}}}, "lastname is a String column"),
+        ({"system": "dataverse", "table": "lead", "options": {"statuscode": {"A": 1}}}, "statuscode is a Status column"),
+        ({"system": "dataverse", "table": "lead", "options": {"leadsourcecode": {}}}, "leadsourcecode must be"),
+        ({"system": "dataverse", "table": "lead", "options": {"leadsourcecode": {"Web": "8"}}}, "'Web' must be a 32-bit"),
+        ({"system": "dataverse", "table": "lead", "options": {"leadsourcecode": {"Web": 2**31}}}, "'Web' must be a 32-bit"),
+        ({"system": "dataverse", "table": "lead", "options": {"leadsourcecode": {"A": 1, "B": 1}}}, "the same value"),
+        ({"system": "commerce", "table": "Prospects", "max_lengths": {"B2BProspectStatus": 10}}, "B2BProspectStatus is not a string"),
+        ({"system": "commerce", "table": "Prospects", "options": {"B2BProspectStatus": {"A": 1}}}, "unknown field(s) for commerce: options"),
     ],
 )
 def test_a_wrong_model_change_is_refused_naming_the_field(api: TestClient, body: object, named: str) -> None:
     response = api.post(admin_url(api, "model"), json=body)
     assert response.status_code == 400 and named in response.json()["error"], response.text
     assert ok(api.get(f"{LEAD}/Keys"))["value"][0]["EntityKeyIndexStatus"] == "Active"  # nothing changed
+    assert ok(api.get(f"{LEAD}/Attributes(LogicalName='lastname')"))["MaxLength"] == 50
+
+
+def picklist(api: TestClient, column: str) -> dict:
+    url = (f"{LEAD}/Attributes(LogicalName='{column}')/Microsoft.Dynamics.CRM.PicklistAttributeMetadata"
+           "?$select=LogicalName&$expand=OptionSet($select=Options)")
+    return {labels(option)[0]: option["Value"] for option in ok(api.get(url))["OptionSet"]["Options"]}
+
+
+def test_a_dataverse_column_of_another_length_is_served_and_enforced_until_reset(api: TestClient) -> None:
+    assert change_model(api, system="dataverse", table="lead", max_lengths={"lastname": 80, "companyname": 40}).status_code == 204
+    lastname = ok(api.get(f"{LEAD}/Attributes(LogicalName='lastname')/Microsoft.Dynamics.CRM.StringAttributeMetadata"
+                          "?$select=MaxLength,DatabaseLength"))
+    assert (lastname["MaxLength"], lastname["DatabaseLength"]) == (80, 160)
+    expanded = ok(api.get(f"{LEAD}/Attributes/Microsoft.Dynamics.CRM.StringAttributeMetadata?$select=LogicalName,MaxLength"))
+    assert {row["LogicalName"]: row["MaxLength"] for row in expanded["value"]}["companyname"] == 40
+    assert api.post("leads", json={"lastname": "L" * 80, "companyname": "C" * 40}).status_code == 204
+    assert error_of(api.post("leads", json={"lastname": "L" * 81}), 400)["message"].endswith("maximum allowed length of '80'.")
+    assert error_of(api.post("leads", json={"companyname": "C" * 41}), 400)["message"].endswith("length of '40'.")
+    assert ok(api.get(f"{LEAD}/Attributes(LogicalName='firstname')"))["MaxLength"] == 50  # the others as they were
+
+    assert api.post(admin_url(api, "reset")).status_code == 204
+    assert ok(api.get(f"{LEAD}/Attributes(LogicalName='lastname')"))["MaxLength"] == 50
+    assert error_of(api.post("leads", json={"lastname": "L" * 51}), 400)["code"] == "0x80044331"
+
+
+def test_a_choice_with_the_tenants_option_values_is_served_and_enforced_until_reset(api: TestClient) -> None:
+    tenant_values = {"Pending": 100000000, "Approved": 100000001, "Rejected": 100000002, "Unknown": 100000003}
+    assert picklist(api, "msdyn_b2bprospectstatus") == {"Pending": 0, "Approved": 1, "Rejected": 2, "Unknown": 3}
+    assert change_model(api, system="dataverse", table="lead", options={"msdyn_b2bprospectstatus": tenant_values}).status_code == 204
+
+    assert picklist(api, "msdyn_b2bprospectstatus") == tenant_values
+    assert api.post("leads", json={"msdyn_b2bprospectstatus": 100000001}).status_code == 204
+    refused = error_of(api.post("leads", json={"msdyn_b2bprospectstatus": 0}), 400)
+    assert refused["message"].endswith("Accepted Values: 100000000,100000001,100000002,100000003")
+    formatted = ok(api.get("leads?$select=msdyn_b2bprospectstatus",
+                           headers={"Prefer": 'odata.include-annotations="OData.Community.Display.V1.FormattedValue"'}))
+    assert formatted["value"][0]["msdyn_b2bprospectstatus@OData.Community.Display.V1.FormattedValue"] == "Approved"
+    assert picklist(api, "leadsourcecode")["Web"] == 8  # the other choices as they were
+
+    assert api.post(admin_url(api, "reset")).status_code == 204
+    assert picklist(api, "msdyn_b2bprospectstatus")["Pending"] == 0
+    assert api.post("leads", json={"msdyn_b2bprospectstatus": 0}).status_code == 204
+
+
+def test_an_hq_field_of_another_length_is_served_and_enforced_until_reset(hq: TestClient) -> None:
+    def max_length(field: str) -> str | None:
+        root = ElementTree.fromstring(hq.get("/data/$metadata").content)
+        prospect = next(element for element in root.iter(f"{EDM}EntityType") if element.get("Name") == "Prospect")
+        return next(prop.get("MaxLength") for prop in prospect.iter(f"{EDM}Property") if prop.get("Name") == field)
+
+    assert change_model(hq, system="commerce", table="Prospects", max_lengths={"ProspectName": 30}).status_code == 204
+    assert max_length("ProspectName") == "30"
+    refused = hq.post("/data/Prospects", json={"ProspectName": "n" * 31})
+    assert refused.status_code == 400
+    assert "'ProspectName' is 31 characters long; the field holds at most 30" in refused.json()["error"]["innererror"]["message"]
+    assert hq.post("/data/Prospects", json={"ProspectName": "n" * 30}).status_code == 201
+    assert hq.post(admin_url(hq, "reset")).status_code == 204
+    assert max_length("ProspectName") == "100"
+    assert hq.post("/data/Prospects", json={"ProspectName": "n" * 31}).status_code == 201
 
 
 def test_a_removed_hq_field_is_gone_from_metadata_and_entity_set_until_reset(hq: TestClient, states) -> None:

@@ -97,6 +97,27 @@ def test_one_invalid_target_fails_the_whole_bulk_request(api: TestClient, action
     assert len(ok(api.get("leads"))["value"]) == 3
 
 
+@pytest.mark.parametrize("action", [UPSERT, CREATE])
+def test_a_tenants_own_lengths_and_options_are_what_its_writes_are_held_to(api: TestClient, action: str) -> None:
+    tenant_values = {"Pending": 100000000, "Approved": 100000001, "Rejected": 100000002, "Unknown": 100000003}
+    changed = api.post(str(api.base_url.copy_with(path="/_admin/model")), json={
+        "system": "dataverse", "table": "lead", "max_lengths": {"lastname": 30}})
+    assert changed.status_code == 204
+    changed = api.post(str(api.base_url.copy_with(path="/_admin/model")), json={
+        "system": "dataverse", "table": "lead", "options": {"msdyn_b2bprospectstatus": tenant_values}})
+    assert changed.status_code == 204
+    assert lead_lengths(api)["lastname"] == 30 and lead_options(api)["msdyn_b2bprospectstatus"] == set(tenant_values.values())
+
+    fits = ("P-1", {"lastname": "x" * 30, "msdyn_b2bprospectstatus": 100000000})
+    too_long = ("P-2", {"lastname": "x" * 31})
+    standard_value = ("P-3", {"msdyn_b2bprospectstatus": 0})
+    assert error_of(api.post(action, json=targets(action, fits, too_long)), 400)["message"].endswith("length of '30'.")
+    assert error_of(api.post(action, json=targets(action, fits, standard_value)), 400)["code"] == RANGE_CODE
+    assert ok(api.get("leads"))["value"] == []
+    assert api.post(action, json=targets(action, fits)).status_code in (200, 204)
+    assert [row["msdyn_b2bprospectstatus"] for row in ok(api.get("leads"))["value"]] == [100000000]
+
+
 # --- HQ --------------------------------------------------------------------------------------------
 
 
@@ -123,9 +144,14 @@ def test_hq_refuses_an_unknown_enum_member_and_a_missing_mandatory_field(hq: Tes
         "The value 'Maybe' of property 'B2BProspectStatus' is not a member of enum type "
         "'Microsoft.Dynamics.DataEntities.RetailB2BProspectStatus' (members: Pending, Approved, Rejected, Unknown).")
     assert inner(hq.post("/data/CustomersV3", json={"OrganizationName": "Contoso"})) == "Field 'PartyType' must be filled in."
-    customer = hq.post("/data/CustomersV3", json={"PartyType": "Organization", "OrganizationName": "Contoso"})
+    assert inner(hq.post("/data/CustomersV3", json={"PartyType": "Organization", "OrganizationName": "Contoso"})) == (
+        "Field 'CustomerGroupId' must be filled in.")
+    customer = hq.post("/data/CustomersV3", json={"PartyType": "Organization", "OrganizationName": "Contoso",
+                                                  "CustomerGroupId": "10"})  # fmt: skip
     assert customer.status_code == 201
     assert inner(hq.patch(customer.headers["Location"], json={"PartyType": ""})) == "Field 'PartyType' must be filled in."
+    assert inner(hq.patch(customer.headers["Location"], json={"CustomerGroupId": ""})) == (
+        "Field 'CustomerGroupId' must be filled in.")
 
 
 def test_an_invalid_request_in_a_changeset_rolls_the_changeset_back(hq: TestClient, states) -> None:

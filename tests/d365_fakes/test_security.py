@@ -236,7 +236,7 @@ def test_hq_refuses_an_access_level_the_roles_do_not_grant_in_fo_shape(tenant):
     assert "ProspectsEntityDelete" in error["innererror"]["message"]
 
     tenant.revoke("commerce", "CustomersV3EntityCreate")
-    created = api.post("CustomersV3", json={"PartyType": "Organization", "OrganizationName": "Contoso"})
+    created = api.post("CustomersV3", json={"CustomerGroupId": "10", "PartyType": "Organization", "OrganizationName": "Contoso"})
     assert created.status_code == 403
     assert "has no Create access to data entity CustomersV3" in created.json()["error"]["innererror"]["message"]
     assert api.get("CustomersV3").status_code == 200

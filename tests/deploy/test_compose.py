@@ -46,6 +46,7 @@ TENANT = {
     "D365_COMMERCE_URL": "https://contoso.operations.dynamics.com",
     "D365_SALES_URL": "https://contoso.crm.dynamics.com",
     "D365_LEGAL_ENTITIES": "usrt,usmf,demf",
+    "D365_CUSTOMER_GROUP": "B2B",
     "D365_CA_BUNDLE": "",
 }
 COMPOSE_PORTS = {"entra": 8441, "commerce": 8442, "dataverse": 8443}  # the fakes' defaults
@@ -194,8 +195,10 @@ def test_the_connections_name_the_tenant_from_the_environment(production: dict) 
         assert settings.client_secret.get_secret_value() == SECRETS["D365_CLIENT_SECRET"]
         assert settings.verify is True  # the system trust store, not the demo's CA
     commerce = json.loads(env["AIRFLOW_CONN_D365_COMMERCE"])
-    assert ServiceSettings.from_connection("d365_commerce", commerce["host"], "x", "y", commerce["extra"]).legal_entities == (
-        "usrt", "usmf", "demf")  # fmt: skip
+    settings = ServiceSettings.from_connection("d365_commerce", commerce["host"], "x", "y", commerce["extra"])
+    assert (settings.legal_entities, settings.customer_group) == (("usrt", "usmf", "demf"), "B2B")
+    sales = json.loads(env["AIRFLOW_CONN_D365_SALES"])
+    assert "customer_group" not in sales["extra"]  # the Sales connection needs none
 
 
 def airflow_settings(config: dict) -> set[tuple[str, str]]:
@@ -309,6 +312,7 @@ def test_the_demo_connections_authenticate_against_the_demo_fakes(demo: dict, tm
                 settings[conn_id] = ServiceSettings.from_connection(conn_id, conn["host"], conn["login"],
                                                                     conn["password"], conn["extra"])  # fmt: skip
             assert settings["d365_commerce"].legal_entities == ("usrt", "usmf")
+            assert settings["d365_commerce"].customer_group == "10"  # in every legal entity of the fakes
             with httpx.Client(verify=settings["d365_commerce"].verify, timeout=30) as http:
                 for conn_id, path in (("d365_commerce", "/data/Prospects?cross-company=true&$count=true&$top=1"),
                                       ("d365_sales", "/api/data/v9.2/WhoAmI")):  # fmt: skip

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,17 @@ class AirflowServices(AirflowProcesses):
                     time.sleep(1)
         backfills = self.api("GET", "/backfills", params={"dag_id": dag_id, "limit": 100})["backfills"]
         return max(backfills, key=lambda backfill: backfill["id"])
+
+    def no_scheduled_run_within(self, dag_id: str, seconds: float) -> None:
+        """Waits out the DAG's next scheduled run (and the runs active then) if the scheduler would make
+        it within `seconds`: a run triggered next stays the DAG's latest, the one its list shows, that long."""
+        run_after = self.api("GET", f"/dags/{dag_id}")["next_dagrun_run_after"]
+        if run_after is None:
+            return
+        wait = (datetime.fromisoformat(run_after) - datetime.now(timezone.utc)).total_seconds()
+        if wait < seconds:
+            time.sleep(max(wait, 0) + 5)  # the scheduler makes the run shortly after its time
+            self.wait_idle([dag_id])
 
     def trigger(self, dag_id: str, conf: dict | None = None) -> str:
         """A manual run, as the UI's Trigger button makes it; its run id."""

@@ -187,6 +187,8 @@ def test_a_wrong_secret_turns_the_run_red_on_call_sees_why_in_one_line_and_the_f
     with services.admin() as admin:
         admin.seed_prospects(seeded)
     secret = services.cast.integration["client_secret"]
+    # The DAG list shows a DAG's latest run: no scheduled run may come after this test's until it is checked.
+    services.no_scheduled_run_within(SYNC, 300)
     services.set_password("d365_sales", "pasted-wrong-" + uuid.uuid4().hex)  # Entra ID refuses it
     try:
         run_id = services.trigger(SYNC)

@@ -31,7 +31,7 @@ from d365_fakes import stories
 from d365_fakes.actors import Clerk, Seller
 from d365_fakes.dataverse import company_id
 from d365_fakes.running import FakeAdmin
-from d365_fakes.scenario import total_writes
+from d365_fakes.scenario import CUSTOMER_GROUP, total_writes
 
 pytestmark = pytest.mark.e2e
 
@@ -70,8 +70,10 @@ def test_seller_stories(world, dags):
         plan = dict(told.plan)
         # More of what real tenants bring (S-000011 on).
         pat = clerk.create_customer({"dataAreaId": LE, "PartyType": "Person", "PersonFirstName": "Pat",
-                                     "PersonLastName": "Known", "PrimaryContactEmail": "pat@contoso.example"})  # fmt: skip
-        usmf_org = clerk.create_customer({"dataAreaId": "usmf", "PartyType": "Organization", "OrganizationName": "Litware"})
+                                     "PersonLastName": "Known", "PrimaryContactEmail": "pat@contoso.example",
+                                     "CustomerGroupId": CUSTOMER_GROUP})  # fmt: skip
+        usmf_org = clerk.create_customer({"dataAreaId": "usmf", "PartyType": "Organization", "OrganizationName": "Litware",
+                                          "CustomerGroupId": CUSTOMER_GROUP})  # fmt: skip
         extra = [
             prospect(11, "Clash Corp", "clash@clash.example"),  # corrected in HQ where the seller edited too
             prospect(12, "Case Corp", "case@case.example"),  # a seller keyed its lead by hand, in capitals, untagged
