@@ -253,19 +253,28 @@ class _Step:
     store: StateStore
     plan: Plan | None
 
-    def commerce(self, legal_entity: str | None = None, settings: ServiceSettings | None = None) -> CommerceClient:
+    # Each connection's settings, read once per task: its client and the tenant's models both need them.
+    @functools.cached_property
+    def commerce_settings(self) -> ServiceSettings:
+        return CommerceHook().settings()
+
+    @functools.cached_property
+    def sales_settings(self) -> ServiceSettings:
+        return SalesHook().settings()
+
+    def commerce(self, legal_entity: str | None = None) -> CommerceClient:
         """Commerce HQ; in a dry run, the client that plans its writes instead."""
-        client = CommerceClient.connect(settings or CommerceHook().settings())
+        client = CommerceClient.connect(self.commerce_settings)
         return DryRunCommerce(client, self.plan, legal_entity) if self.plan is not None else client
 
     def sales(self, legal_entity: str | None = None) -> SalesClient:
         """Dataverse; in a dry run, the client that plans its writes instead."""
-        client = SalesClient.connect(SalesHook().settings())
+        client = SalesClient.connect(self.sales_settings)
         return DryRunSales(client, self.plan, legal_entity) if self.plan is not None else client
 
     def tenant(self) -> Tenant:
         """The tenant's tables, as this run read them (`tenant_of_run`)."""
-        return tenant_of_run(self.store, self.run_id, CommerceHook().settings(), SalesHook().settings())
+        return tenant_of_run(self.store, self.run_id, self.commerce_settings, self.sales_settings)
 
     def measured(self, step: Callable[[], dict], *clients: CommerceClient | SalesClient) -> dict:
         """Runs the step with its clients open; adds what it sent to each system and what it cost,
@@ -368,11 +377,11 @@ def read_outcomes() -> dict:
 
 @fails_clearly
 def write_customers(legal_entity: str, first_id: str, last_id: str) -> dict:
-    settings = CommerceHook().settings()  # read once: the client and the customer group both need it
+    step = _step()
+    settings = step.commerce_settings
     # HQ refuses every customer without a customer group: fail at once, before any call, dry run or not.
     group = required_customer_group(settings.customer_group, settings.conn_id)
-    step = _step()
-    commerce, sales, tenant = step.commerce(legal_entity, settings), step.sales(legal_entity), step.tenant()
+    commerce, sales, tenant = step.commerce(legal_entity), step.sales(legal_entity), step.tenant()
     return step.measured(
         lambda: reconcile.write_customers(
             commerce, sales, step.store, legal_entity, step.run_id, group, first_id, last_id,

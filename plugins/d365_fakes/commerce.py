@@ -316,9 +316,10 @@ class CommerceState:
         """The new row (read-only)."""
         with self._lock:
             _refuse_read_only(entity, "POST")
-            fields = _checked_fields(self.tenant_entity(entity), body)
-            _check_limits(self.tenant_entity(entity), fields)
-            _require_mandatory(self.tenant_entity(entity), fields)
+            tenant = self.tenant_entity(entity)
+            fields = _checked_fields(tenant, body)
+            _check_limits(tenant, fields)
+            _require_mandatory(tenant, fields)
             row = entity.default_row() | fields
             if "dataAreaId" in entity.keys:
                 row["dataAreaId"] = (row["dataAreaId"] or company).lower()
@@ -339,8 +340,9 @@ class CommerceState:
             _refuse_read_only(entity, "PATCH")
             row = self._find(entity, key, company, cross_company, url)
             _check_if_match(row, if_match)
-            changes = _checked_fields(self.tenant_entity(entity), body)
-            _check_limits(self.tenant_entity(entity), changes)
+            tenant = self.tenant_entity(entity)
+            changes = _checked_fields(tenant, body)
+            _check_limits(tenant, changes)
             for name, value in changes.items():
                 if entity.by_name[name].mandatory and not value:
                     raise _bad_request(f"Field '{name}' must be filled in.")
