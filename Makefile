@@ -4,9 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Puts plugins/ on the venv's sys.path, so that `.venv/bin/python -m d365_fakes ...` works from any
-# directory without PYTHONPATH (until the packages are installed as packages).
-PLUGINS_PTH := $(VENV)/lib/python3.11/site-packages/b2b_onboarding_plugins.pth
 
 export AIRFLOW_HOME ?= $(CURDIR)/.airflow
 export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
@@ -15,19 +12,18 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 
 .PHONY: install demo test airflow e2e-distributed bench chaos fakes constraints clean
 
-install: $(PLUGINS_PTH)
+install: $(STAMP)
 
-$(PLUGINS_PTH): $(STAMP)
-	echo '$(CURDIR)/plugins' > $@
-
-$(STAMP): requirements.txt constraints.txt
+# The provider package and the fakes, editable (their sources are imported where they are), with the
+# test tools; Airflow finds the provider and its UI plugin by their entry points, as in production.
+$(STAMP): pyproject.toml fakes/pyproject.toml requirements.txt requirements-dev.txt constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and "Python 3.11 is required (set PYTHON=...)")'
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt -c constraints.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -e . -e ./fakes -r requirements-dev.txt -c constraints.txt
 	touch $@
 
 demo: install
-	$(BIN)/python -m d365_fakes.demo
+	$(BIN)/python -m b2b_drivers.demo
 
 test: install
 	$(BIN)/python -m pytest
@@ -35,7 +31,7 @@ test: install
 # The next command after `make demo`: Airflow's UI on http://127.0.0.1:8080 with the product and the
 # fakes, in the foreground until Ctrl-C (README, "Try it locally"). State and logs in .airflow/.
 airflow: install
-	$(BIN)/python -m d365_fakes.local_airflow $(AIRFLOW_ARGS)
+	$(BIN)/python -m b2b_drivers.local_airflow $(AIRFLOW_ARGS)
 
 # Not part of `make test` (run by .ci/run): the demo's story on CeleryExecutor with two workers, on
 # the machine's PostgreSQL (127.0.0.1:5432) and Redis (127.0.0.1:6379). Skipped when either is absent,
@@ -45,11 +41,11 @@ e2e-distributed: install
 
 # Not part of `make test`: the flow at 100,000 prospects, and bulk vs naive side by side (README, Performance).
 bench: install
-	$(BIN)/python -m d365_fakes.bench $(BENCH_ARGS)
+	$(BIN)/python -m b2b_drivers.bench $(BENCH_ARGS)
 
 # The flow under faults, kills, an overlapping run and a backfill, then its invariants (run by .ci/run).
 chaos: install
-	$(BIN)/python -m d365_fakes.chaos $(CHAOS_ARGS)
+	$(BIN)/python -m b2b_drivers.chaos $(CHAOS_ARGS)
 
 # Serve the fakes in the foreground, for exploring them by hand.
 fakes: install
@@ -58,7 +54,7 @@ fakes: install
 # Regenerate the full pin list from a clean environment built from requirements.txt alone.
 constraints:
 	rm -rf /tmp/b2b-constraints-venv && $(PYTHON) -m venv /tmp/b2b-constraints-venv
-	/tmp/b2b-constraints-venv/bin/pip install --quiet -r requirements.txt
+	/tmp/b2b-constraints-venv/bin/pip install --quiet -e . -e ./fakes -r requirements-dev.txt
 	/tmp/b2b-constraints-venv/bin/pip freeze --exclude-editable > constraints.txt
 
 clean:

@@ -19,38 +19,21 @@ README, Runbook, "The run is red".
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 from airflow.sdk import Param, dag, task
 
-CHUNK = "{{ task.op_kwargs['legal_entity'] }} {{ task.op_kwargs['first_id'] }}…{{ task.op_kwargs['last_id'] }}"
-
-
-def task_failed(context) -> None:
-    from b2b_onboarding import notify
-
-    notify.task_failed(context)
+from b2b_onboarding.airflow.params import CHUNK, DEFAULT_ARGS, START_DATE, TAGS, run_params
 
 
 @dag(
     schedule="0 2 * * *",
-    start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    start_date=START_DATE,
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=5), "on_failure_callback": task_failed},
+    default_args={**DEFAULT_ARGS, "retry_delay": timedelta(minutes=5)},
     params={
-        "dry_run": Param(False, type=["null", "boolean"], title="Dry run",
-                         description="Read Commerce, Sales and the state store, and log every write this run would "
-                                     "make (system, operation, legal entity, prospect, what) without making any."),
-        "legal_entities": Param([], type=["null", "array"], items={"type": "string"}, title="Legal entities",
-                                description="Only these legal entities (dataAreaId, e.g. usrt), one per line. "
-                                            "Empty: those of the connection d365_commerce."),
-        "prospect_ids": Param([], type=["null", "array"], items={"type": "string", "pattern": "^[^/]+/.+$"},
-                              title="Prospects (targeted rerun)",
-                              description="Only these prospects, as <legal entity>/<prospect id> (e.g. usrt/P-000123), "
-                                          "one per line: every step works on them alone (their leads and "
-                                          "opportunities read by id). Empty: every prospect."),
-        "chunk_size": Param(5000, type=["null", "integer"], minimum=1, title="Chunk size", description="Prospects per mapped task."),
+        **run_params(),
         "sla_days": Param(3, type=["null", "integer"], minimum=0, title="SLA (days)",
                           description="check_sla fails when a prospect has waited undecided (Pending in Commerce) "
                                       "longer than this many days since it was first pulled, or an anomaly is open."),
@@ -59,71 +42,71 @@ def task_failed(context) -> None:
             description="A lead qualified this long ago with no opportunity (none created at qualification or "
                         "since) is reported as the anomaly qualified_without_opportunity."),
     },  # fmt: skip
-    tags=["dynamics365", "b2b-onboarding"],
+    tags=TAGS,
     doc_md=__doc__,
 )
 def b2b_outcome_reconciliation():
     @task
     def legal_entities() -> list[str]:
-        from b2b_onboarding import tasks
+        from b2b_onboarding.airflow import tasks
 
         return tasks.legal_entities()
 
     @task(pool="d365_sales")
     def read_outcomes() -> dict:
-        from b2b_onboarding import tasks
+        from b2b_onboarding.airflow import tasks
 
         return tasks.read_outcomes()
 
     # Planning runs even when an earlier mapped step had no chunks (and so was skipped).
     @task(trigger_rule="none_failed")
     def plan(step: str, entities: list[str]) -> list[dict]:
-        from b2b_onboarding import tasks
+        from b2b_onboarding.airflow import tasks
 
         return tasks.plan(step, entities)
 
     @task(map_index_template=CHUNK, pool="d365_commerce")
     def write_customers(legal_entity: str, first_id: str, last_id: str) -> dict:
-        from b2b_onboarding import tasks
+        from b2b_onboarding.airflow import tasks
 
         return tasks.write_customers(legal_entity, first_id, last_id)
 
     @task(map_index_template=CHUNK, pool="d365_commerce")
     def approve_won(legal_entity: str, first_id: str, last_id: str) -> dict:
-        from b2b_onboarding import tasks
+        from b2b_onboarding.airflow import tasks
 
         return tasks.approve_won(legal_entity, first_id, last_id)
 
     @task(map_index_template=CHUNK, pool="d365_commerce")
     def reject_lost(legal_entity: str, first_id: str, last_id: str) -> dict:
-        from b2b_onboarding import tasks
+        from b2b_onboarding.airflow import tasks
 
         return tasks.reject_lost(legal_entity, first_id, last_id)
 
     @task(trigger_rule="none_failed", pool="d365_sales")
     def check_drift(entities: list[str]) -> dict:
-        from b2b_onboarding import tasks
+        from b2b_onboarding.airflow import tasks
 
         return tasks.check_drift(entities)
 
     # Runs whatever happened before it, and says what is missing.
     @task(trigger_rule="all_done")
     def report() -> None:
-        from b2b_onboarding import tasks
+        from b2b_onboarding.airflow import tasks
 
         tasks.report_run()
 
     # Runs whatever happened before it; retrying would not change its answer.
     @task(trigger_rule="all_done", retries=0)
     def check_sla() -> dict:
-        from b2b_onboarding import tasks
+        from b2b_onboarding.airflow import tasks
 
         return tasks.check_sla()
 
     # The run's last task: red when any task failed for good (README, Runbook, "The run is red").
     @task(trigger_rule="all_done", retries=0, on_failure_callback=[])
     def all_tasks_succeeded() -> None:
-        from b2b_onboarding import tasks
+        from b2b_onboarding.airflow import tasks
 
         tasks.all_tasks_succeeded()
 

@@ -8,22 +8,22 @@ write access, which HQ shows only by answering a write, is left to the first run
 
 The log shows one row per check: the check, the system, ✓ / ✗ / – (not checked: a check it
 depends on failed), what was found, and the next step. The run is red when any check failed, its
-first line naming them. The same checks from a shell: `python -m b2b_onboarding.preflight`.
+first line naming them. The same checks from a shell: `python -m b2b_onboarding.flow.preflight`.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-
 from airflow.sdk import dag, task
+
+from b2b_onboarding.airflow.params import START_DATE, TAGS
 
 
 @dag(
     schedule=None,
-    start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    start_date=START_DATE,
     catchup=False,
     max_active_runs=1,
-    tags=["dynamics365", "b2b-onboarding"],
+    tags=TAGS,
     doc_md=__doc__,
 )
 def b2b_preflight():
@@ -31,7 +31,7 @@ def b2b_preflight():
     # triggered it reads the table (no alert).
     @task(retries=0)
     def preflight() -> None:
-        from b2b_onboarding import tasks
+        from b2b_onboarding.airflow import tasks
 
         tasks.run_preflight()
 

@@ -19,91 +19,71 @@ README, Runbook, "The run is red".
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
-from airflow.sdk import Param, dag, task
+from airflow.sdk import dag, task
 
-CHUNK = "{{ task.op_kwargs['legal_entity'] }} {{ task.op_kwargs['first_id'] }}…{{ task.op_kwargs['last_id'] }}"
-
-
-def task_failed(context) -> None:
-    from b2b_onboarding import notify
-
-    notify.task_failed(context)
+from b2b_onboarding.airflow.params import CHUNK, DEFAULT_ARGS, START_DATE, TAGS, run_params
 
 
 @dag(
     schedule="*/15 * * * *",
-    start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    start_date=START_DATE,
     catchup=False,
     max_active_runs=1,
-    default_args={"retries": 2, "retry_delay": timedelta(minutes=1), "on_failure_callback": task_failed},
-    params={
-        "dry_run": Param(False, type=["null", "boolean"], title="Dry run",
-                         description="Read Commerce, Sales and the state store, and log every write this run would "
-                                     "make (system, operation, legal entity, prospect, what) without making any."),
-        "legal_entities": Param([], type=["null", "array"], items={"type": "string"}, title="Legal entities",
-                                description="Only these legal entities (dataAreaId, e.g. usrt), one per line. "
-                                            "Empty: those of the connection d365_commerce."),
-        "prospect_ids": Param([], type=["null", "array"], items={"type": "string", "pattern": "^[^/]+/.+$"},
-                              title="Prospects (targeted rerun)",
-                              description="Only these prospects, as <legal entity>/<prospect id> (e.g. usrt/P-000123), "
-                                          "one per line, each read from Commerce by its key (it must be a Pending B2B "
-                                          "prospect): rerun a bad record fixed in HQ. Empty: every Pending prospect."),
-        "chunk_size": Param(5000, type=["null", "integer"], minimum=1, title="Chunk size",
-                            description="Prospects per mapped push or correction task."),
-    },  # fmt: skip
-    tags=["dynamics365", "b2b-onboarding"],
+    default_args={**DEFAULT_ARGS, "retry_delay": timedelta(minutes=1)},
+    params=run_params(),
+    tags=TAGS,
     doc_md=__doc__,
 )
 def b2b_prospect_sync():
     @task
     def legal_entities() -> list[str]:
-        from b2b_onboarding import tasks
+        from b2b_onboarding.airflow import tasks
 
         return tasks.legal_entities()
 
     @task(map_index_template="{{ task.op_kwargs['legal_entity'] }}", pool="d365_commerce")
     def pull_prospects(legal_entity: str) -> dict:
-        from b2b_onboarding import tasks
+        from b2b_onboarding.airflow import tasks
 
         return tasks.pull_prospects(legal_entity)
 
     @task
     def plan_push(entities: list[str]) -> list[dict]:
-        from b2b_onboarding import tasks
+        from b2b_onboarding.airflow import tasks
 
         return tasks.plan("push", entities)
 
     @task(map_index_template=CHUNK, pool="d365_sales")
     def push_leads(legal_entity: str, first_id: str, last_id: str) -> dict:
-        from b2b_onboarding import tasks
+        from b2b_onboarding.airflow import tasks
 
         return tasks.push_leads(legal_entity, first_id, last_id)
 
     @task
     def plan_corrections(entities: list[str]) -> list[dict]:
-        from b2b_onboarding import tasks
+        from b2b_onboarding.airflow import tasks
 
         return tasks.plan("correct", entities)
 
     @task(map_index_template=CHUNK, pool="d365_sales")
     def correct_leads(legal_entity: str, first_id: str, last_id: str) -> dict:
-        from b2b_onboarding import tasks
+        from b2b_onboarding.airflow import tasks
 
         return tasks.correct_leads(legal_entity, first_id, last_id)
 
     # Runs whatever happened before it, and says what is missing.
     @task(trigger_rule="all_done")
     def report() -> None:
-        from b2b_onboarding import tasks
+        from b2b_onboarding.airflow import tasks
 
         tasks.report_run()
 
     # The run's last task: red when any task failed for good (README, Runbook, "The run is red").
     @task(trigger_rule="all_done", retries=0, on_failure_callback=[])
     def all_tasks_succeeded() -> None:
-        from b2b_onboarding import tasks
+        from b2b_onboarding.airflow import tasks
 
         tasks.all_tasks_succeeded()
 

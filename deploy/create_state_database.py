@@ -1,15 +1,16 @@
 """Create the state store's PostgreSQL database if it does not exist (airflow-init, every `up`).
 
 The database is the `d365_state` connection's schema, on the same server and with the same login;
-the product creates its tables itself on first use. Run inside an Airflow container: the URL is the
-one the product will use (`StateStoreHook.url`), so the connection is read the same way.
+airflow-init then migrates it to the package's schema (`python -m b2b_onboarding.airflow.store_migrate`).
+Run inside an Airflow container: the URL is the one the product will use (`StateStoreHook.url`), so
+the connection is read the same way.
 """
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 
-from b2b_onboarding.hooks import StateStoreHook
+from b2b_onboarding.airflow.hooks import StateStoreHook
 
 MAINTENANCE_DATABASE = "postgres"  # exists on every PostgreSQL server
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from b2b_onboarding.airflow.pools import POOLS_FILE
+
 REPO = Path(__file__).resolve().parent.parent
 DAGS = REPO / "dags"
 
@@ -20,12 +22,9 @@ os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(REPO / "plugins")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 
 
-POOLS = REPO / "plugins" / "b2b_onboarding" / "pools.json"
-
-
 @pytest.fixture(scope="session")
 def airflow_db() -> Path:
     """A migrated metadata database for `dag.test()`."""
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "airflow", "pools", "import", str(POOLS)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "airflow", "pools", "import", str(POOLS_FILE)], check=True, capture_output=True)
     return Path(os.environ["AIRFLOW_HOME"])

@@ -1,4 +1,4 @@
-"""Local receivers for the failure alerts: a minimal SMTP server and an HTTP webhook, each in a
+"""Local receivers for the failure alerts: a minimal SMTP server and an HTTP(S) webhook, each in a
 thread, keeping what they receive. Standard library only (no aiosmtpd, no smtpd)."""
 
 from __future__ import annotations
@@ -7,12 +7,14 @@ import email
 import email.header
 import json
 import socketserver
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 
 @dataclass
@@ -110,7 +112,8 @@ class Webhook:
 
 
 @contextmanager
-def webhook_receiver(path: str = "/hooks/b2b-alerts") -> Iterator[Webhook]:
+def webhook_receiver(path: str = "/hooks/b2b-alerts", tls: tuple[Path, Path] | None = None) -> Iterator[Webhook]:
+    """An HTTP webhook; with `tls` (a server certificate and its key), an HTTPS one."""
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 (http.server's name)
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -124,7 +127,12 @@ def webhook_receiver(path: str = "/hooks/b2b-alerts") -> Iterator[Webhook]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    hook = Webhook(f"http://127.0.0.1:{server.server_address[1]}{path}")
+    if tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        # A client that refuses the certificate fails the handshake at accept(): the server drops it.
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    hook = Webhook(f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}{path}")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from b2b_onboarding.sales import SalesClient
-from b2b_onboarding.settings import ServiceSettings
-from b2b_onboarding.store import StateStore
+from b2b_onboarding.clients.sales import SalesClient
+from b2b_onboarding.clients.settings import ServiceSettings
+from b2b_onboarding.store.state import StateStore
 from d365_fakes.actors import Clerk, Seller
 from d365_fakes.running import Endpoints, FakeAdmin, running_fakes
 from d365_fakes.scenario import Cast

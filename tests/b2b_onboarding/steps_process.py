@@ -12,11 +12,11 @@ import json
 import os
 import sys
 
-from b2b_onboarding import reconcile, sync
-from b2b_onboarding.commerce import CommerceClient
-from b2b_onboarding.sales import SalesClient
-from b2b_onboarding.settings import ServiceSettings
-from b2b_onboarding.store import StateStore
+from b2b_onboarding.clients.commerce import CommerceClient
+from b2b_onboarding.clients.sales import SalesClient
+from b2b_onboarding.clients.settings import ServiceSettings
+from b2b_onboarding.flow import reconcile, sync
+from b2b_onboarding.store.state import StateStore
 from d365_fakes.scenario import CUSTOMER_GROUP
 
 LEGAL_ENTITY = "usrt"

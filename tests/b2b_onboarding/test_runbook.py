@@ -13,8 +13,8 @@ import pytest
 from b2b_onboarding.errors import D365Error
 
 ROOT = Path(__file__).resolve().parents[2]
-PRODUCT = sorted((ROOT / "plugins" / "b2b_onboarding").glob("*.py"))
-CODE = {path.name: path.read_text() for path in PRODUCT}
+PRODUCT = sorted((ROOT / "src" / "b2b_onboarding").rglob("*.py"))
+CODE = {str(path.relative_to(ROOT)): path.read_text() for path in PRODUCT}
 # Placeholders in f-string anomaly kinds, and what they stand for.
 EXPANSIONS = {"{what}": ("lead", "opportunity"), "{missing}": ("account", "contact")}
 ANOMALY_KINDS = {
@@ -71,7 +71,7 @@ def test_every_anomaly_kind_the_code_records_is_in_the_runbook(runbook):
 
 
 def test_every_drift_finding_is_in_the_runbook(runbook):
-    kinds = set(re.findall(r'"kind": "([a-z ]+)"', CODE["drift.py"]))
+    kinds = set(re.findall(r'"kind": "([a-z ]+)"', CODE["src/b2b_onboarding/flow/drift.py"]))
     assert kinds == {"missing lead", "lead without prospect", "state disagreement"}
     assert sorted(kind for kind in kinds if f"`{kind}`" not in runbook) == []
 

@@ -6,10 +6,10 @@ from starlette.testclient import TestClient
 from test_dataverse import (  # noqa: F401 (api, issuer and state are fixtures)
     API_ROOT,
     HOSTILE_KEYS,
-    UNUSABLE_IN_URL_KEYS,
     INTEGRATION,
     MISSING_ID,
     ORG_URL,
+    UNUSABLE_IN_URL_KEYS,
     api,
     by_prospect_id,
     create,

@@ -17,7 +17,6 @@ from PowerPlatform.Dataverse.models.upsert import UpsertItem
 
 from d365_fakes.running import Endpoints, FakeAdmin, running_fakes
 
-
 # An app registration of its own, with the default roles (System Administrator): it deletes leads.
 APP = {"client_id": "dataverse-sdk", "client_secret": secrets.token_urlsafe(24), "display_name": "Dataverse SDK"}
 

@@ -12,15 +12,13 @@ from pathlib import Path
 
 import httpx
 import msal
-
 from tests.deploy.test_compose import wait_for_line
 
-PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 INTEGRATION = {"client_id": "b2b-onboarding-airflow", "client_secret": "test-only-secret"}
 
 
 def test_seeds_the_prospects_and_sellers_decide_the_open_leads_until_sigterm(tmp_path: Path, msal_honours_verify) -> None:
-    env = {**os.environ, "PYTHONPATH": str(PLUGINS), "D365_FAKES_CLIENTS": json.dumps([INTEGRATION])}
+    env = {**os.environ, "D365_FAKES_CLIENTS": json.dumps([INTEGRATION])}
     ports = ["--entra-port=0", "--commerce-port=0", "--dataverse-port=0"]
     command = [sys.executable, "-m", "d365_fakes", "demo-world", f"--state-dir={tmp_path}", *ports,
                "--prospects=10", "--legal-entities=usrt", "--sellers-every-s=0.2"]  # fmt: skip
@@ -50,7 +48,7 @@ def test_seeds_the_prospects_and_sellers_decide_the_open_leads_until_sigterm(tmp
 
 def test_refuses_a_registration_that_takes_the_sellers_client_id(tmp_path: Path) -> None:
     clients = [INTEGRATION, {"client_id": "demo-seller", "client_secret": "x"}]
-    env = {**os.environ, "PYTHONPATH": str(PLUGINS), "D365_FAKES_CLIENTS": json.dumps(clients)}
+    env = {**os.environ, "D365_FAKES_CLIENTS": json.dumps(clients)}
 
     result = subprocess.run([sys.executable, "-m", "d365_fakes", "demo-world", f"--state-dir={tmp_path}"],
                             env=env, capture_output=True, text=True, timeout=60)  # fmt: skip

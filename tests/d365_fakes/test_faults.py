@@ -9,7 +9,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
@@ -27,7 +26,6 @@ APP = ClientRegistration("b2b-sync", "sync-secret", default_company="usrt")
 WEB_API = "/api/data/v9.2"
 TOKEN_PATH = f"/{TENANT_ID}/oauth2/v2.0/token"
 UPSERT = f"{WEB_API}/leads/Microsoft.Dynamics.CRM.UpsertMultiple"
-PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 
 
 # --- the plan ------------------------------------------------------------------------------------
@@ -532,7 +530,7 @@ def test_reset_clears_the_faults_too(fakes):
     ],
 )
 def test_bad_fault_flags_stop_the_command_naming_the_field(tmp_path, flags, message):
-    env = {**os.environ, "PYTHONPATH": str(PLUGINS)}
+    env = dict(os.environ)
     clients = json.dumps([{"client_id": "app", "client_secret": "s"}])
     command = [sys.executable, "-m", "d365_fakes", "serve", "--state-dir", str(tmp_path), "--clients", clients]
 

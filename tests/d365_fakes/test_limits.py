@@ -30,7 +30,6 @@ ENTRA, COMMERCE, DATAVERSE = "https://login.test", "https://commerce.test", "htt
 WHO_AM_I = "/api/data/v9.2/WhoAmI"
 APP = ClientRegistration("b2b-sync", "sync-secret", default_company="usrt")
 OTHER = ClientRegistration("other-app", "other-secret", default_company="usrt")
-PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 
 
 # --- the limits themselves (explicit clock) ------------------------------------------------------
@@ -335,7 +334,7 @@ def test_running_fakes_can_switch_the_limits_off(tmp_path: Path) -> None:
 
 
 def test_command_line_refuses_bad_limits(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(PLUGINS), "D365_FAKES_CLIENTS": json.dumps([CLIENT])}
+    env = {**os.environ, "D365_FAKES_CLIENTS": json.dumps([CLIENT])}
     command = [sys.executable, "-m", "d365_fakes", "serve", "--state-dir", str(tmp_path), "--dataverse-window-s", "0"]
 
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=30)

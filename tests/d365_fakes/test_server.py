@@ -30,7 +30,6 @@ PROSPECT = {
     "CompanyName": "Analytical Engines Ltd",
     "PrimaryEmailAddress": "ada@engines.example",
 }
-PLUGINS = Path(__file__).resolve().parents[2] / "plugins"
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +146,6 @@ def test_a_second_instance_on_taken_ports_fails_with_the_reason(fakes: Endpoints
 def test_command_line_serves_until_sigint_then_exits_cleanly(tmp_path: Path) -> None:
     env = {
         **os.environ,
-        "PYTHONPATH": str(PLUGINS),
         "D365_FAKES_CLIENTS": json.dumps([CLIENT]),  # inline JSON instead of --clients
     }
     ports = ["--entra-port", "0", "--commerce-port", "0", "--dataverse-port", "0"]
@@ -163,7 +161,6 @@ def test_command_line_serves_until_sigint_then_exits_cleanly(tmp_path: Path) -> 
 
 def test_command_line_refuses_to_start_without_clients(tmp_path: Path) -> None:
     env = {key: value for key, value in os.environ.items() if key != "D365_FAKES_CLIENTS"}
-    env["PYTHONPATH"] = str(PLUGINS)
 
     result = subprocess.run(
         [sys.executable, "-m", "d365_fakes", "serve", "--state-dir", str(tmp_path)],
@@ -196,7 +193,7 @@ def test_delta_token_lifetime_is_a_serve_flag(tmp_path: Path, msal_honours_verif
     ],
 )
 def test_command_line_refuses_addresses_the_admin_surface_cannot_serve(tmp_path: Path, flags, message) -> None:
-    env = {**os.environ, "PYTHONPATH": str(PLUGINS), "D365_FAKES_CLIENTS": json.dumps([CLIENT])}
+    env = {**os.environ, "D365_FAKES_CLIENTS": json.dumps([CLIENT])}
 
     result = subprocess.run([sys.executable, "-m", "d365_fakes", "serve", "--state-dir", str(tmp_path), *flags],
                             env=env, capture_output=True, text=True, timeout=30)  # fmt: skip

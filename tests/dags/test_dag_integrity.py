@@ -9,9 +9,28 @@ from pathlib import Path
 
 import pytest
 
+from b2b_onboarding.airflow.params import run_params, task_failed
+from b2b_onboarding.airflow.pools import POOLS_FILE
+
 DAGS = Path(__file__).resolve().parents[2] / "dags"
 DAG_FILES = sorted(DAGS.glob("*.py"))
-HEAVY = ("pandas", "msal", "b2b_onboarding", "d365_fakes")
+# What parsing must not load: the product's working modules (they import the libraries below), those
+# libraries, and the fakes. Airflow itself imports httpx and SQLAlchemy, so a probe counts only what
+# is loaded after `import airflow.sdk`, as in the DAG processor.
+HEAVY = ("b2b_onboarding.airflow.tasks", "b2b_onboarding.flow", "b2b_onboarding.clients", "b2b_onboarding.store",
+         "b2b_onboarding.domain", "pandas", "httpx", "msal", "sqlalchemy", "d365_fakes")  # fmt: skip
+
+
+def loaded_by(dag_file: Path, already: str = "import airflow.sdk") -> list[str]:
+    """The modules that running `dag_file` loads beyond those `already` did."""
+    probe = (f"import json, runpy, sys; {already}; before = set(sys.modules); runpy.run_path(sys.argv[1]); "
+             "print(json.dumps(sorted(set(sys.modules) - before)))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", probe, str(dag_file)], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def heavy(modules: list[str]) -> list[str]:
+    return [name for name in modules if any(name == part or name.startswith(part + ".") for part in HEAVY)]
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +47,23 @@ def test_every_dag_file_imports_without_errors(bag):
 
 @pytest.mark.parametrize("dag_file", DAG_FILES, ids=lambda path: path.name)
 def test_parsing_a_dag_file_imports_nothing_heavy(dag_file):
-    probe = (
-        "import json, runpy, sys; runpy.run_path(sys.argv[1]); "
-        f"print(json.dumps([name for name in {HEAVY!r} if name in sys.modules]))"
-    )
-    result = subprocess.run([sys.executable, "-c", probe, str(dag_file)], capture_output=True, text=True, check=True)
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+    loaded = loaded_by(dag_file)
+    assert heavy(loaded) == []
+    assert [name for name in loaded if name.startswith("b2b_onboarding")] == ["b2b_onboarding.airflow.params"]
+
+
+def test_the_probe_sees_a_dag_file_that_imports_the_tasks_at_its_top(tmp_path):
+    careless = tmp_path / "careless_dag.py"
+    careless.write_text("from b2b_onboarding.airflow import tasks\n")
+    assert {"b2b_onboarding.airflow.tasks", "b2b_onboarding.flow", "pandas", "msal"} <= set(heavy(loaded_by(careless)))
+
+
+def test_the_shared_params_module_imports_only_airflows_param_and_the_standard_library(tmp_path):
+    importer = tmp_path / "importer.py"
+    importer.write_text("import b2b_onboarding.airflow.params\n")
+    loaded = loaded_by(importer, already="from airflow.sdk import Param")
+    not_standard = [name for name in loaded if name.split(".")[0] not in sys.stdlib_module_names]
+    assert not_standard == ["b2b_onboarding.airflow.params"]
 
 
 @pytest.mark.parametrize("dag_file", DAG_FILES, ids=lambda path: path.name)
@@ -75,7 +105,7 @@ def test_reconciliation_is_nightly_and_approves_only_after_customers_exist(bag):
 
 
 def test_tasks_talking_to_a_system_use_its_pool_and_chunks_have_readable_names(bag):
-    pools = json.loads((DAGS.parent / "plugins" / "b2b_onboarding" / "pools.json").read_text())
+    pools = json.loads(POOLS_FILE.read_text())
     expected = {
         "pull_prospects": "d365_commerce", "push_leads": "d365_sales", "read_outcomes": "d365_sales",
         "write_customers": "d365_commerce", "approve_won": "d365_commerce", "reject_lost": "d365_commerce",
@@ -127,6 +157,20 @@ def test_both_dags_take_the_run_params_with_a_title_and_a_description(bag, dag_i
     assert params.get_param("prospect_ids").schema["items"]["pattern"] == "^[^/]+/.+$"
 
 
+def test_both_dags_take_the_shared_run_params_as_values_and_a_run_of_one_leaves_the_other_alone(bag):
+    """One definition (params.run_params) for both Trigger forms; each DAG holds its own Param objects,
+    since a run's values are kept in them."""
+    sync, reconcile = (bag.get_dag(dag_id).params for dag_id in ("b2b_prospect_sync", "b2b_outcome_reconciliation"))
+    for name, param in run_params().items():
+        assert sync.get_param(name).dump() == reconcile.get_param(name).dump() == param.dump(), name
+        assert sync.get_param(name) is not reconcile.get_param(name), name
+    try:
+        sync["dry_run"] = True
+        assert reconcile["dry_run"] is False and run_params()["dry_run"].value is False
+    finally:
+        sync["dry_run"] = False
+
+
 @pytest.mark.parametrize("conf", [{"prospect_ids": ["P-000123"]}, {"dry_run": "yes"}, {"legal_entities": "usrt"},
                                   {"chunk_size": 0}])  # fmt: skip
 def test_the_trigger_form_refuses_malformed_params(bag, conf):
@@ -151,7 +195,7 @@ def test_every_task_reports_its_failure_through_the_product_callback(bag):
                 assert not task.on_failure_callback
                 continue
             callbacks = task.on_failure_callback if isinstance(task.on_failure_callback, list) else [task.on_failure_callback]
-            assert [callback.__name__ for callback in callbacks] == ["task_failed"], (dag.dag_id, task.task_id)
+            assert callbacks == [task_failed], (dag.dag_id, task.task_id)
 
 
 def test_the_sla_check_runs_after_the_report_whatever_failed_and_never_retries(bag):

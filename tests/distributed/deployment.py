@@ -130,7 +130,7 @@ class Distributed:
 def _worker(name: str) -> af.Process:
     """`airflow celery worker` named `name` (Celery node `celery@<name>`), whose task processes
     report `name` as their TaskInstance's hostname (worker_hostname.py)."""
-    path = [str(af.REPO / "plugins"), str(HERE), os.environ.get("PYTHONPATH", "")]
+    path = [str(HERE), os.environ.get("PYTHONPATH", "")]  # worker_hostname.py
     return af.Process(
         name=name,
         args=("celery", "worker", "--celery-hostname", name, "--concurrency", str(WORKER_CONCURRENCY)),

@@ -1,5 +1,5 @@
 """Airflow for real, against the fakes: `airflow api-server`, `airflow scheduler` and
-`airflow dag-processor` as processes (d365_fakes.airflow_processes, as `make airflow` starts them; by
+`airflow dag-processor` as processes (b2b_drivers.airflow_processes, as `make airflow` starts them; by
 default LocalExecutor, SQLite metadata database in a temporary AIRFLOW_HOME), the product's
 connections as `AIRFLOW_CONN_*` variables (`d365_sales` in the metadata database instead), its pools
 imported, both DAGs unpaused, and the Simple auth manager with one admin whose password the tests
@@ -28,8 +28,7 @@ from typing import Any
 
 import pytest
 
-from d365_fakes.actors import Seller
-from d365_fakes.airflow_processes import (
+from b2b_drivers.airflow_processes import (
     DAG_IDS,
     LEGAL_ENTITIES,
     STARTUP_TIMEOUT_S,
@@ -39,6 +38,7 @@ from d365_fakes.airflow_processes import (
     environment,
     split_connections,
 )
+from d365_fakes.actors import Seller
 from d365_fakes.running import Endpoints, FakeAdmin, running_fakes
 from d365_fakes.scenario import Cast, airflow_connections
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from browser import chromium_path
 
 from d365_fakes.running import Endpoints, running_fakes
 from d365_fakes.scenario import Cast, airflow_connections
@@ -41,3 +42,9 @@ def dags(airflow_db):
     bag = DagBag()
     assert not bag.import_errors
     return bag
+
+
+@pytest.fixture
+def chromium() -> str:
+    """Debian's chromium for the browser tests (`browser.py`): skipped without it, unless CI is set."""
+    return chromium_path()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from b2b_onboarding.store import StateStore
+from b2b_onboarding.store.state import StateStore
 from d365_fakes.running import FakeAdmin
 from d365_fakes.scenario import prospects
 

@@ -12,102 +12,33 @@ it the test is skipped, unless `CI` is set: then it fails. Screenshots of every 
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
+from browser import SCREENSHOTS as BROWSER_SCREENSHOTS
+from browser import browser_page, failure_kept, log_in
 
 from d365_fakes.scenario import play_sellers, prospects
 
 pytestmark = pytest.mark.e2e
 pytest_plugins = ["airflow_services"]
 
-REPO = Path(__file__).resolve().parents[2]
-SCREENSHOTS = REPO / ".artifacts" / "screenshots"
+SCREENSHOTS = BROWSER_SCREENSHOTS
 SYNC = "b2b_prospect_sync"
 RECONCILIATION = "b2b_outcome_reconciliation"
-TIMEOUT_MS = 30_000
-
-
-def _missing(what: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} (CI is set, so the browser test must run; .ci/run installs chromium)")
-    pytest.skip(f"{what}; CI is not set. Install it with: apt-get install -y chromium")
-
-
-@pytest.fixture
-def chromium() -> str:
-    """Debian's chromium, and Playwright to drive it (asked for before Airflow starts, so that a
-    skip costs nothing)."""
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        _missing("playwright is not installed (requirements.txt)")
-    for candidate in (shutil.which("chromium"), "/usr/bin/chromium"):
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    _missing("Debian's chromium is not installed")
-    raise AssertionError("unreachable")
 
 
 @pytest.fixture
 def page(chromium, airflow_services) -> Iterator:
-    from playwright.sync_api import sync_playwright
-
-    from airflow_services import write_artifact_gitignore
-
-    write_artifact_gitignore()
-    shutil.rmtree(SCREENSHOTS, ignore_errors=True)
-    SCREENSHOTS.mkdir(parents=True)
-    with sync_playwright() as playwright:
-        # --no-sandbox: Playwright's default for Chromium (CI runs as root); no /dev/shm in small containers.
-        browser = playwright.chromium.launch(executable_path=chromium, headless=True,
-                                             args=["--disable-dev-shm-usage"])  # fmt: skip
-        context = browser.new_context(viewport={"width": 1440, "height": 1000}, base_url=airflow_services.base_url)
-        context.set_default_timeout(TIMEOUT_MS)
-        try:
-            yield context.new_page()
-        finally:
-            context.close()
-            browser.close()
+    with browser_page(chromium, airflow_services.base_url, SCREENSHOTS) as page:
+        yield page
 
 
 def shot(page, name: str) -> None:
     page.screenshot(path=SCREENSHOTS / f"{name}.png", full_page=True)
-
-
-@contextmanager
-def failure_kept(page) -> Iterator[None]:
-    """On a failure, the page as it was: `failure.png` and `failure.html`."""
-    try:
-        yield
-    except BaseException:
-        shot(page, "failure")
-        (SCREENSHOTS / "failure.html").write_text(page.content())
-        for number, frame in enumerate(page.frames[1:], start=1):  # the plugin's pages are in a frame
-            (SCREENSHOTS / f"failure-frame-{number}.html").write_text(frame.content())
-        raise
-
-
-def log_in(page, services, screenshot: str | None = None) -> None:
-    """Airflow's own login page (Simple auth manager)."""
-    from playwright.sync_api import expect
-
-    page.goto("/")
-    expect(page.get_by_role("button", name="Sign in")).to_be_visible()
-    if screenshot:
-        shot(page, screenshot)
-    page.locator("input[name=username]").fill(services.username)
-    page.locator("input[name=password]").fill(services.password)
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url(re.compile(r"^(?!.*/auth/login).*$"))
-    expect(page.get_by_role("button", name="Browse")).to_be_visible()
 
 
 def test_a_person_logs_in_sees_the_runs_and_follows_a_prospect_to_its_timeline(chromium, airflow_services, page):
@@ -127,8 +58,8 @@ def test_a_person_logs_in_sees_the_runs_and_follows_a_prospect_to_its_timeline(c
     known = seeded[0]  # usrt P-000001, "Lovelace Trading 0": won, so approved
     assert plan[known["PrimaryEmailAddress"]] == "won"
 
-    with failure_kept(page):
-        log_in(page, services, screenshot="01-login")
+    with failure_kept(page, SCREENSHOTS):
+        log_in(page, services, screenshot=SCREENSHOTS / "01-login.png")
         browse = page.get_by_role("button", name="Browse")
 
         # Home, with the plugin's entry in the Browse menu.
@@ -203,7 +134,7 @@ def test_a_wrong_secret_turns_the_run_red_on_call_sees_why_in_one_line_and_the_f
         instances = services.api("GET", f"/dags/{SYNC}/dagRuns/{run_id}/taskInstances/pull_prospects/0/tries")
         assert [attempt["try_number"] for attempt in instances["task_instances"]] == [1]
 
-        with failure_kept(page):
+        with failure_kept(page, SCREENSHOTS):
             log_in(page, services)
 
             # Red in the DAG list, and in the run's page (its grid).
@@ -249,11 +180,11 @@ def test_a_wrong_secret_turns_the_run_red_on_call_sees_why_in_one_line_and_the_f
             expect(failure).to_contain_text("HTTP 401 invalid_client")
             shot(page, "15-plugin-failures")
             log_link = failure.get_by_role("link", name="log")
-            assert re.search(rf"/tasks/pull_prospects/mapped/\d+\?try_number=1$", log_link.get_attribute("href"))
+            assert re.search(r"/tasks/pull_prospects/mapped/\d+\?try_number=1$", log_link.get_attribute("href"))
     finally:
         services.set_password("d365_sales", secret)
 
-    with failure_kept(page):
+    with failure_kept(page, SCREENSHOTS):
         # Fixed: clear the failed tasks of the run, as on-call does, and the same run turns green.
         page.goto(f"/dags/{SYNC}/runs/{run_id}")
         page.get_by_role("button", name="Press shift+c to clear").first.click()  # the run's Clear button

@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from b2b_onboarding.store import StateStore
+from b2b_onboarding.store.state import StateStore
 from d365_fakes.actors import Clerk, Seller
 from d365_fakes.running import FakeAdmin
 from d365_fakes.scenario import PLANNED_WRITE_TABLES, play_sellers, prospects, total_writes

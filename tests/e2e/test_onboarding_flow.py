@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from b2b_onboarding.store import StateStore
+from b2b_onboarding.store.state import StateStore
 from d365_fakes.actors import Seller
 from d365_fakes.dataverse import company_id
 from d365_fakes.running import FakeAdmin

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from b2b_onboarding.airflow.pools import POOLS_FILE
 from d365_fakes.actors import Seller
 from d365_fakes.running import FakeAdmin
 from d365_fakes.scenario import play_sellers, prospects
@@ -51,7 +52,6 @@ def _airflow(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "DEBUG",
-        "PYTHONPATH": str(REPO / "plugins"),
     }
     return subprocess.run([sys.executable, "-m", "airflow", *args], env=env, capture_output=True, text=True,
                           timeout=480)  # fmt: skip
@@ -60,7 +60,7 @@ def _airflow(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def logs(world, tmp_path_factory) -> Logs:
     home = tmp_path_factory.mktemp("airflow-debug")
-    for setup in (("db", "migrate"), ("pools", "import", str(REPO / "plugins" / "b2b_onboarding" / "pools.json"))):
+    for setup in (("db", "migrate"), ("pools", "import", str(POOLS_FILE))):
         done = _airflow(home, *setup)
         assert done.returncode == 0, done.stderr[-3000:]
 

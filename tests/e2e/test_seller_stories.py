@@ -26,7 +26,7 @@ from collections import Counter
 
 import pytest
 
-from b2b_onboarding.store import StateStore
+from b2b_onboarding.store.state import StateStore
 from d365_fakes import stories
 from d365_fakes.actors import Clerk, Seller
 from d365_fakes.dataverse import company_id
