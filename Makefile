@@ -58,4 +58,4 @@ constraints:
 	/tmp/b2b-constraints-venv/bin/pip freeze --exclude-editable > constraints.txt
 
 clean:
-	rm -rf $(VENV) .airflow .fakes .demo .bench .chaos .pytest_cache
+	rm -rf $(VENV) .airflow .fakes .demo .bench .chaos .pytest_cache build fakes/build src/*.egg-info fakes/src/*.egg-info

@@ -46,7 +46,7 @@ class _DynamicsHook(BaseHook):
                 f"Airflow connection {self.conn_id!r} ({self.hook_name}) is not defined. Next step: add it (README, "
                 "Connections), then clear the task."
             ) from None
-        _hide_from_logs(conn.password)
+        hide_from_logs(conn.password)
         return ServiceSettings.from_connection(named, conn.host, conn.login, conn.password, conn.extra_dejson,
                                                port=conn.port)  # fmt: skip
 
@@ -74,15 +74,17 @@ class _DynamicsHook(BaseHook):
         raise NotImplementedError
 
 
-def _hide_from_logs(secret: str | None) -> None:
+def hide_from_logs(*secrets: str | None) -> None:
     """Airflow's masker (task logs, in the task and its supervisor) and the product's own filter
-    (the product's, MSAL's and httpx's loggers) both learn the secret before any client holds it.
+    (the product's, MSAL's and httpx's loggers) both learn each secret before any client holds it; one
+    shorter than `redaction.MIN_SECRET_LENGTH` is too short to hide without hiding ordinary words.
 
     The Task SDK already masks a connection's password when it reads the connection (its
     `_mask_connection_secrets`); masking it here too keeps that true however the connection was read."""
-    if secret:
-        mask_secret(secret)
-        redaction.register_secret(secret)
+    for secret in secrets:
+        if secret and len(secret) >= redaction.MIN_SECRET_LENGTH:
+            mask_secret(secret)
+            redaction.register_secret(secret)
     redaction.install()
 
 

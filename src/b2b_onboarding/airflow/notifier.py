@@ -30,7 +30,6 @@ from airflow.providers.http.notifications.http import HttpNotifier
 from airflow.providers.smtp.notifications.smtp import SmtpNotifier
 from airflow.sdk import BaseHook, BaseNotifier, Connection
 from airflow.sdk.exceptions import AirflowNotFoundException
-from airflow.sdk.log import mask_secret
 
 from b2b_onboarding import redaction
 from b2b_onboarding.errors import ConfigurationError
@@ -286,11 +285,9 @@ def post_webhook(conn: Any, failure: TaskFailure, context: Mapping[str, Any]) ->
     connection goes as `Authorization: Bearer`, extra `headers` are added. The password and the
     webhook's path and query are hidden from every log first."""
     url = webhook_url(conn)
-    parts = urlsplit(url)
-    for secret in (conn.password, parts._replace(scheme="", netloc="").geturl()):
-        if secret and len(secret) >= redaction.MIN_SECRET_LENGTH:
-            mask_secret(secret)
-            redaction.register_secret(secret)
+    from b2b_onboarding.airflow.hooks import hide_from_logs
+
+    hide_from_logs(conn.password, urlsplit(url)._replace(scheme="", netloc="").geturl())
     headers = {str(name): str(value) for name, value in (conn.extra_dejson.get("headers") or {}).items()}
     if conn.password:
         headers["Authorization"] = f"Bearer {conn.password}"
