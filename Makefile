@@ -10,7 +10,7 @@ export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 
-.PHONY: install demo test airflow e2e-distributed bench chaos fakes constraints clean
+.PHONY: install demo test airflow e2e-distributed bench chaos latency fakes constraints clean
 
 install: $(STAMP)
 
@@ -43,6 +43,11 @@ e2e-distributed: install
 bench: install
 	$(BIN)/python -m b2b_drivers.bench $(BENCH_ARGS)
 
+# Not part of `make test`: event-driven vs time-based scheduling side by side, two real Airflows against the
+# fakes for about 10 minutes: latencies and idle requests, printed and in .latency/results.json.
+latency: install
+	$(BIN)/python -m b2b_drivers.latency $(LATENCY_ARGS)
+
 # The flow under faults, kills, an overlapping run and a backfill, then its invariants (run by .ci/run).
 chaos: install
 	$(BIN)/python -m b2b_drivers.chaos $(CHAOS_ARGS)
@@ -58,4 +63,4 @@ constraints:
 	/tmp/b2b-constraints-venv/bin/pip freeze --exclude-editable > constraints.txt
 
 clean:
-	rm -rf $(VENV) .airflow .fakes .demo .bench .chaos .pytest_cache build fakes/build src/*.egg-info fakes/src/*.egg-info
+	rm -rf $(VENV) .airflow .fakes .demo .bench .chaos .latency .pytest_cache build fakes/build src/*.egg-info fakes/src/*.egg-info

@@ -1,10 +1,16 @@
 """
 ### B2B prospect sync
 
-Every 15 minutes: pull the Pending B2B prospects of each legal entity from Commerce headquarters,
-validate them, and create one Commerce B2B lead per prospect in Sales (keyed by
-`msdyn_prospectid`, owned by the integration's application user, so it shows in
-"All Commerce B2B leads" and in no seller's "My open leads"). Safe to rerun and backfill.
+Pull the Pending B2B prospects of each legal entity from Commerce headquarters, validate them, and
+create one Commerce B2B lead per prospect in Sales (keyed by `msdyn_prospectid`, owned by the
+integration's application user, so it shows in "All Commerce B2B leads" and in no seller's
+"My open leads"). Safe to rerun and backfill.
+
+When: with `[d365_b2b_onboarding] scheduling = events` (the default), as soon as the triggerer sees
+the Pending prospects change in HQ (asset `b2b_pending_prospects`; one request a look, every
+`poll_interval_s`), and hourly as a safety net; with `scheduling = time`, on `sync_schedule` (every
+15 minutes). Each whole pull stores what it read as the legal entity's watermark, which the trigger
+compares HQ with.
 
 Leads are written with UpsertMultiple, about 1,000 a request; the work is mapped per legal entity
 and per chunk of `chunk_size` prospects. Tasks run in the pools `d365_commerce` and `d365_sales`,
@@ -24,10 +30,11 @@ from datetime import timedelta
 from airflow.sdk import dag, task
 
 from b2b_onboarding.airflow.params import CHUNK, DEFAULT_ARGS, START_DATE, TAGS, run_params
+from b2b_onboarding.airflow.schedules import sync_schedule
 
 
 @dag(
-    schedule="*/15 * * * *",
+    schedule=sync_schedule(),
     start_date=START_DATE,
     catchup=False,
     max_active_runs=1,

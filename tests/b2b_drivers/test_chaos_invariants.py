@@ -3,19 +3,30 @@ on a correct one and fails, naming the prospect, on one that breaks it."""
 
 from __future__ import annotations
 
+import sqlite3
+
 from b2b_drivers.chaos import (
+    OUT_OF,
+    WatchCheck,
+    _fresh,
     chaos_prospects,
     check_bad_records_kept,
     check_decisions,
     check_invariants,
+    check_links_stored_by_dag_runs,
+    check_no_lead_written_again,
     check_no_prospect_lost,
     check_one_customer_pair_per_qualified,
     check_one_email_per_decided,
     check_one_lead_per_prospect,
+    check_watchers_moved_nothing,
+    check_watchers_noticed_then_quiet,
     failure_of,
     fault_figures,
     lead_key,
     retries_from_results,
+    stored_links,
+    watch_figures,
 )
 from d365_fakes.dataverse import company_id
 
@@ -207,3 +218,100 @@ def test_the_seeded_prospects_record_every_bad_one_and_keep_keys_unique():
     holder = bad[duplicate].removeprefix("same email as ").split("/", 1)
     emails = {(row["dataAreaId"].lower(), row["ProspectId"]): row["PrimaryEmailAddress"].lower() for row in rows}
     assert emails[duplicate] == emails[(holder[0], holder[1])] and duplicate[1] > holder[1]
+
+
+# --scheduling events: what the watchers and the harness recorded.
+LINKS = {"leads": ("https://crm/api/data/v9.2/leads?$deltatoken=1", "manual__a"),
+         "Prospects@usrt": ("fingerprint-1", "manual__a")}  # fmt: skip
+
+
+def watched(phase="sync", started=10.0, ended=11.0, hq=(), sales=(), errors=(), before=LINKS,
+            after=LINKS) -> WatchCheck:  # fmt: skip
+    return WatchCheck(phase, started, ended, None if hq is None else list(hq), None if sales is None else list(sales),
+                      list(errors), dict(before), dict(after))  # fmt: skip
+
+
+def test_a_link_or_watermark_stored_by_a_run_the_harness_never_started_fails():
+    assert check_links_stored_by_dag_runs([LINKS, {}], {"manual__a", "manual__b"}).ok
+    by_trigger = {**LINKS, "opportunities": ("https://crm/api/data/v9.2/opportunities?$deltatoken=9", "trigger")}
+    check = check_links_stored_by_dag_runs([LINKS, by_trigger], {"manual__a"})
+    assert check.violations == ["opportunities: stored by run 'trigger', which the harness never started"]
+    assert check.checked == 3
+
+
+def test_a_link_that_changed_during_a_watcher_check_while_no_run_ran_fails():
+    moved = {**LINKS, "leads": ("https://crm/api/data/v9.2/leads?$deltatoken=2", "manual__a")}
+    watermark_gone = {"leads": LINKS["leads"]}
+    checks = [watched("sync", 10, 11, before=LINKS, after=moved),  # a run (5 to 12) was running: its own write
+              watched("idle", 20, 21), watched("idle", 22, 23, before=LINKS, after=watermark_gone)]
+    check = check_watchers_moved_nothing(checks, [(5.0, 12.0)])
+    assert check.checked == 2
+    assert check.violations == ["idle: Prospects@usrt changed during a watcher check, no DAG run running"]
+    assert check_watchers_moved_nothing(checks[:2], [(5.0, 12.0)]).ok
+    # A check that overlaps a run, if only by the run's end, is not held against the watchers; with no check
+    # that ran alone, nothing is proven.
+    assert check_watchers_moved_nothing([watched("x", 12, 13, after=moved), watched("idle", 20, 21)], [(5.0, 12.0)]).ok
+    assert check_watchers_moved_nothing([watched("sync", 10, 11)], [(5.0, 12.0)]).violations == [
+        "no watcher check ran while no DAG run was running"]
+
+
+def test_watchers_must_notice_the_work_and_be_quiet_at_the_end():
+    chaos = [watched(hq=["usrt"]), watched(hq=None, errors=[{"watcher": "hq", "error": "D365Error", "message": "503"}]),
+             watched(sales=["leads", "opportunities"])]  # fmt: skip
+    assert check_watchers_noticed_then_quiet(chaos, watched("final")).ok
+    assert check_watchers_noticed_then_quiet(chaos[1:], watched("final")).violations == [
+        "HQ watcher (pending prospects): never reported a change"]
+    still = check_watchers_noticed_then_quiet(chaos, watched("final", hq=["usmf"], sales=None, errors=[
+        {"watcher": "sales", "error": "D365Error", "message": "dataverse: HTTP 503"}]))  # fmt: skip
+    assert still.violations == [
+        "HQ watcher (pending prospects): still reports usmf after the final runs",
+        "Sales watcher (seller outcomes): failed at the end: dataverse: HTTP 503",
+    ]
+    assert check_watchers_noticed_then_quiet(chaos, None).violations == ["no final check"]
+
+
+def test_a_lead_written_again_in_the_clean_phase_fails():
+    assert check_no_lead_written_again(3, 3, 600).ok and check_no_lead_written_again(0, 0, 600).checked == 600
+    assert check_no_lead_written_again(5, 3, 600).violations == [
+        "5 lead writes by the flow for 3 leads created in the clean phase"]
+
+
+def test_watch_figures_count_checks_changes_and_failures_by_watcher_and_type():
+    def error(watcher: str, kind: str) -> dict:
+        return {"watcher": watcher, "error": kind, "message": f"{watcher} failed"}
+
+    checks = [watched(hq=["usrt"], sales=["leads"]),
+              watched(hq=None, sales=None, errors=[error("hq", "D365Error"), error("sales", "D365Error")]),
+              watched(hq=None, errors=[error("hq", "AuthenticationError")])]  # fmt: skip
+    assert watch_figures(checks) == {
+        "checks": 3, "hq_reported_changes": 1, "sales_reported_changes": 1, "failed": 2,
+        "errors": {"hq: AuthenticationError": 1, "hq: D365Error": 1, "sales: D365Error": 1},
+    }
+
+
+def test_stored_links_reads_the_store_and_is_empty_before_it_exists(tmp_path):
+    database = tmp_path / "state.db"
+    assert stored_links(database) == {}
+    sqlite3.connect(database).close()
+    assert stored_links(database) == {}  # the file, not yet the table
+    connection = sqlite3.connect(database)
+    connection.execute("CREATE TABLE b2b_delta_links (entity_set TEXT, delta_link TEXT, run_id TEXT, updated_at TEXT)")
+    connection.execute("INSERT INTO b2b_delta_links VALUES ('leads', 'https://crm/x', 'manual__a', '2026-01-01')")
+    connection.commit()
+    connection.close()
+    assert stored_links(database) == {"leads": ("https://crm/x", "manual__a")}
+
+
+def test_each_scheduling_writes_its_own_output_and_keeps_the_others(tmp_path, monkeypatch):
+    time_out, events_out = tmp_path / ".chaos", tmp_path / ".chaos" / "events"
+    monkeypatch.setitem(OUT_OF, "time", time_out)
+    monkeypatch.setitem(OUT_OF, "events", events_out)
+    _fresh(events_out)
+    (events_out / "results.json").write_text("{}")
+    (time_out / "results.json").write_text("{}")
+    (time_out / "homes").mkdir()
+    _fresh(time_out)
+    assert sorted(path.name for path in time_out.iterdir()) == ["events", "logs"]
+    assert (events_out / "results.json").exists()
+    _fresh(events_out)
+    assert [path.name for path in events_out.iterdir()] == ["logs"]

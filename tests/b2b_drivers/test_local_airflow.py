@@ -54,7 +54,7 @@ def test_check_starts_airflow_and_the_fakes_prints_the_login_and_stops_them(tmp_
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"Airflow is up: http://127.0.0.1:{port}\n" in done.stdout
     assert "login  admin / kept-from-last-time " in done.stdout  # the check logged in with it
-    assert "b2b_prospect_sync, b2b_outcome_reconciliation, paused" in done.stdout
+    assert "b2b_prospect_sync, b2b_outcomes, b2b_outcome_reconciliation, paused" in done.stdout
     assert "20 Pending B2B prospects in usrt, usmf" in done.stdout
     assert done.stdout.endswith("Stopped: Airflow and the fakes.\n")
     assert not (home / "state.db").exists()

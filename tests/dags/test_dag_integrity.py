@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,11 +22,22 @@ HEAVY = ("b2b_onboarding.airflow.tasks", "b2b_onboarding.flow", "b2b_onboarding.
          "b2b_onboarding.domain", "pandas", "httpx", "msal", "sqlalchemy", "d365_fakes")  # fmt: skip
 
 
-def loaded_by(dag_file: Path, already: str = "import airflow.sdk") -> list[str]:
+MODES = ("events", "time")
+# What a DAG file may load of the product: the shared params, and the schedules with their triggers.
+LIGHT = ("b2b_onboarding.airflow.params", "b2b_onboarding.airflow.schedules", "b2b_onboarding.airflow.triggers")
+SCHEDULING = "AIRFLOW__D365_B2B_ONBOARDING__SCHEDULING"
+
+
+def in_mode(mode: str) -> dict[str, str]:
+    return {**os.environ, SCHEDULING: mode}
+
+
+def loaded_by(dag_file: Path, already: str = "import airflow.sdk", mode: str = "events") -> list[str]:
     """The modules that running `dag_file` loads beyond those `already` did."""
     probe = (f"import json, runpy, sys; {already}; before = set(sys.modules); runpy.run_path(sys.argv[1]); "
              "print(json.dumps(sorted(set(sys.modules) - before)))")  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", probe, str(dag_file)], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", probe, str(dag_file)], capture_output=True, text=True, check=True,
+                            env=in_mode(mode))  # fmt: skip
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -40,16 +52,38 @@ def bag(airflow_db):
     return DagBag(dag_folder=str(DAGS))
 
 
+def parsed(monkeypatch, **options: str) -> dict:
+    """The DAGs as a DAG processor with these `[d365_b2b_onboarding]` options parses them: dag id → DAG."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    for name, value in options.items():
+        monkeypatch.setenv(f"AIRFLOW__D365_B2B_ONBOARDING__{name.upper()}", value)
+    found = DagBag(dag_folder=str(DAGS))
+    assert found.import_errors == {}
+    return found.dags
+
+
 def test_every_dag_file_imports_without_errors(bag):
     assert bag.import_errors == {}
-    assert set(bag.dag_ids) == {"b2b_prospect_sync", "b2b_outcome_reconciliation", "b2b_preflight"}
+    assert set(bag.dag_ids) == {"b2b_prospect_sync", "b2b_outcomes", "b2b_outcome_reconciliation", "b2b_preflight"}
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dag_file", DAG_FILES, ids=lambda path: path.name)
-def test_parsing_a_dag_file_imports_nothing_heavy(dag_file):
-    loaded = loaded_by(dag_file)
+def test_parsing_a_dag_file_imports_nothing_heavy(dag_file, mode):
+    loaded = loaded_by(dag_file, mode=mode)
     assert heavy(loaded) == []
-    assert [name for name in loaded if name.startswith("b2b_onboarding")] == ["b2b_onboarding.airflow.params"]
+    assert set(name for name in loaded if name.startswith("b2b_onboarding")) <= set(LIGHT)
+    assert "b2b_onboarding.airflow.params" in loaded
+
+
+def test_the_schedules_module_imports_only_the_triggers_of_the_product_and_nothing_heavy(tmp_path):
+    importer = tmp_path / "importer.py"
+    importer.write_text("import b2b_onboarding.airflow.schedules\n")
+    loaded = loaded_by(importer)
+    assert heavy(loaded) == []
+    product = [name for name in loaded if name.split(".")[0] == "b2b_onboarding"]
+    assert sorted(product) == ["b2b_onboarding.airflow.schedules", "b2b_onboarding.airflow.triggers"]
 
 
 def test_the_probe_sees_a_dag_file_that_imports_the_tasks_at_its_top(tmp_path):
@@ -66,8 +100,9 @@ def test_the_shared_params_module_imports_only_airflows_param_and_the_standard_l
     assert not_standard == ["b2b_onboarding.airflow.params"]
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dag_file", DAG_FILES, ids=lambda path: path.name)
-def test_a_dag_file_parses_in_well_under_a_second_with_the_task_sdk_loaded(dag_file):
+def test_a_dag_file_parses_in_well_under_a_second_with_the_task_sdk_loaded(dag_file, mode):
     """As the DAG processor parses it: Airflow already imported, the file itself run (best of three)."""
     probe = (
         "import runpy, sys, time; import airflow.sdk; timings = []\n"
@@ -75,13 +110,79 @@ def test_a_dag_file_parses_in_well_under_a_second_with_the_task_sdk_loaded(dag_f
         "    started = time.perf_counter(); runpy.run_path(sys.argv[1]); timings.append(time.perf_counter() - started)\n"
         "print(min(timings))"
     )
-    result = subprocess.run([sys.executable, "-c", probe, str(dag_file)], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", probe, str(dag_file)], capture_output=True, text=True, check=True,
+                            env=in_mode(mode))  # fmt: skip
     assert float(result.stdout.strip().splitlines()[-1]) < 0.2
 
 
-def test_sync_runs_every_15_minutes_and_maps_per_legal_entity_then_per_chunk(bag):
+def test_in_events_mode_asset_watchers_start_the_sync_and_the_outcomes(monkeypatch):
+    from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable
+
+    from b2b_onboarding.airflow.triggers import PendingProspectsTrigger, SellerOutcomesTrigger
+
+    dags = parsed(monkeypatch, poll_interval_s="12.5")
+    sync = dags["b2b_prospect_sync"].schedule
+    assert isinstance(sync, AssetOrTimeSchedule)
+    assert sync.timetable == CronTriggerTimetable("0 * * * *", timezone="UTC")  # the hourly safety net
+    assert sync.asset_condition.name == "b2b_pending_prospects"
+    [watcher] = sync.asset_condition.watchers
+    assert isinstance(watcher.trigger, PendingProspectsTrigger)
+    assert watcher.trigger.serialize()[1] == {"commerce_conn_id": "d365_commerce", "state_conn_id": "d365_state",
+                                              "poll_interval_s": 12.5}  # fmt: skip
+    outcomes = dags["b2b_outcomes"].schedule
+    assert isinstance(outcomes, Asset) and outcomes.name == "b2b_seller_outcomes"
+    [watcher] = outcomes.watchers
+    assert isinstance(watcher.trigger, SellerOutcomesTrigger) and watcher.trigger.poll_interval_s == 12.5
+    assert dags["b2b_outcome_reconciliation"].schedule == "0 2 * * *"
+
+
+def test_events_is_the_default_mode_and_looks_every_30_s(monkeypatch):
+    monkeypatch.delenv(SCHEDULING, raising=False)
+    monkeypatch.delenv("AIRFLOW__D365_B2B_ONBOARDING__POLL_INTERVAL_S", raising=False)
+    dags = parsed(monkeypatch)
+    assert dags["b2b_outcomes"].schedule.watchers[0].trigger.poll_interval_s == 30.0
+    assert dags["b2b_prospect_sync"].schedule.asset_condition.watchers[0].trigger.poll_interval_s == 30.0
+
+
+def test_in_time_mode_the_dags_run_on_their_crons(monkeypatch):
+    dags = parsed(monkeypatch, scheduling="time")
+    assert dags["b2b_prospect_sync"].schedule == dags["b2b_outcomes"].schedule == "*/15 * * * *"
+    assert dags["b2b_outcome_reconciliation"].schedule == "0 2 * * *"
+    dags = parsed(monkeypatch, scheduling="Time", sync_schedule="*/5 * * * *", outcomes_schedule="*/10 * * * *",
+                  reconciliation_schedule="30 1 * * *")  # fmt: skip
+    schedules = [dags[dag_id].schedule for dag_id in ("b2b_prospect_sync", "b2b_outcomes", "b2b_outcome_reconciliation")]
+    assert schedules == ["*/5 * * * *", "*/10 * * * *", "30 1 * * *"]
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("scheduling", "cron", "[d365_b2b_onboarding] scheduling = 'cron' is not a scheduling mode: set it (airflow.cfg, "
+                           "or AIRFLOW__D365_B2B_ONBOARDING__SCHEDULING) to one of events, time."),
+    ("poll_interval_s", "0", "[d365_b2b_onboarding] poll_interval_s = '0' is not a number of seconds above 0"),
+])  # fmt: skip
+def test_a_wrong_scheduling_option_fails_the_parse_naming_it(monkeypatch, option, value, message):
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv(f"AIRFLOW__D365_B2B_ONBOARDING__{option.upper()}", value)
+    errors = DagBag(dag_folder=str(DAGS)).import_errors
+    assert {Path(path).name for path in errors} == {"b2b_prospect_sync.py", "b2b_outcomes.py"}
+    assert all(message in error for error in errors.values())
+
+
+def test_the_provider_declares_the_scheduling_options_with_their_defaults():
+    from b2b_onboarding.airflow import schedules
+    from b2b_onboarding.airflow.provider_info import get_provider_info
+
+    options = get_provider_info()["config"]["d365_b2b_onboarding"]["options"]
+    assert {name: option["default"] for name, option in options.items()} == {
+        "scheduling": "events", "poll_interval_s": "30", "sync_schedule": schedules.DEFAULT_CRON,
+        "outcomes_schedule": schedules.DEFAULT_CRON,
+        "reconciliation_schedule": schedules.DEFAULT_RECONCILIATION_CRON,
+    }  # fmt: skip
+
+
+def test_sync_maps_per_legal_entity_then_per_chunk(bag):
     dag = bag.get_dag("b2b_prospect_sync")
-    assert dag.schedule == "*/15 * * * *" and dag.catchup is False
+    assert dag.catchup is False
     assert set(dag.task_ids) == {"legal_entities", "pull_prospects", "plan_push", "push_leads", "plan_corrections",
                                  "correct_leads", "report", "all_tasks_succeeded"}  # fmt: skip
     assert dag.get_task("push_leads").upstream_task_ids == {"plan_push"}
@@ -102,6 +203,24 @@ def test_reconciliation_is_nightly_and_approves_only_after_customers_exist(bag):
     assert "write_customers" in dag.get_task("plan_approvals").upstream_task_ids
     assert "read_outcomes" in dag.get_task("plan_customers").upstream_task_ids
     assert {"approve_won", "reject_lost"} <= dag.get_task("check_drift").upstream_task_ids
+
+
+OUTCOME_TASKS = {"legal_entities", "read_outcomes", "plan_customers", "write_customers", "plan_approvals",
+                 "approve_won", "plan_rejections", "reject_lost", "report", "all_tasks_succeeded"}  # fmt: skip
+
+
+def test_the_outcome_dag_runs_the_reconciliations_steps_without_its_checks(bag):
+    outcomes, nightly = bag.get_dag("b2b_outcomes"), bag.get_dag("b2b_outcome_reconciliation")
+    assert set(outcomes.task_ids) == OUTCOME_TASKS and outcomes.catchup is False
+    assert set(nightly.task_ids) == OUTCOME_TASKS | {"check_drift", "check_sla"}
+    for task_id in OUTCOME_TASKS - {"report", "all_tasks_succeeded"}:
+        mine, theirs = outcomes.get_task(task_id), nightly.get_task(task_id)
+        assert mine.upstream_task_ids == theirs.upstream_task_ids, task_id
+        assert (mine.pool, mine.trigger_rule, mine.python_callable.__name__) == (
+            theirs.pool, theirs.trigger_rule, theirs.python_callable.__name__), task_id  # fmt: skip
+    assert outcomes.get_task("report").upstream_task_ids == {"read_outcomes", "write_customers", "approve_won",
+                                                             "reject_lost"}  # fmt: skip
+    assert "b2b_outcome_reconciliation" in outcomes.doc_md and "b2b_seller_outcomes" in outcomes.doc_md
 
 
 def test_tasks_talking_to_a_system_use_its_pool_and_chunks_have_readable_names(bag):
@@ -144,11 +263,12 @@ COMMON_PARAMS = {"dry_run": ("boolean", False), "legal_entities": ("array", []),
                  "chunk_size": ("integer", 5000)}  # fmt: skip
 
 
-@pytest.mark.parametrize("dag_id", ["b2b_prospect_sync", "b2b_outcome_reconciliation"])
-def test_both_dags_take_the_run_params_with_a_title_and_a_description(bag, dag_id):
+@pytest.mark.parametrize("dag_id", ["b2b_prospect_sync", "b2b_outcomes", "b2b_outcome_reconciliation"])
+def test_the_dags_take_the_run_params_with_a_title_and_a_description(bag, dag_id):
     params = bag.get_dag(dag_id).params
-    expected = {**COMMON_PARAMS, **({"sla_days": ("integer", 3), "qualified_without_opportunity_days": ("number", 2)}
-                                    if dag_id == "b2b_outcome_reconciliation" else {})}  # fmt: skip
+    expected = {**COMMON_PARAMS, **({"qualified_without_opportunity_days": ("number", 2)}
+                                    if dag_id != "b2b_prospect_sync" else {}),
+                **({"sla_days": ("integer", 3)} if dag_id == "b2b_outcome_reconciliation" else {})}  # fmt: skip
     assert set(params.keys()) == set(expected)
     for name, (kind, default) in expected.items():
         param = params.get_param(name)
@@ -205,7 +325,7 @@ def test_the_sla_check_runs_after_the_report_whatever_failed_and_never_retries(b
     assert check.trigger_rule == "all_done" and check.retries == 0
 
 
-@pytest.mark.parametrize("dag_id", ["b2b_prospect_sync", "b2b_outcome_reconciliation"])
+@pytest.mark.parametrize("dag_id", ["b2b_prospect_sync", "b2b_outcomes", "b2b_outcome_reconciliation"])
 def test_the_run_state_is_the_verdict_of_a_last_task_that_sees_every_other_task(bag, dag_id):
     """Airflow sets a run's state from its leaf tasks; `report` and `check_sla` run whatever failed
     before them, so they must not be leaves: the only leaf is the watcher, directly downstream of

@@ -63,6 +63,8 @@ SHARED_SETTINGS = (
     "AIRFLOW__CORE__FERNET_KEY", "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__SECRET_KEY",
     "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CELERY__BROKER_URL", "AIRFLOW__CELERY__RESULT_BACKEND",
     "AIRFLOW__CORE__EXECUTION_API_SERVER_URL",
+    # The dag-processor parses the schedules this chooses, the triggerer runs their triggers.
+    "AIRFLOW__D365_B2B_ONBOARDING__SCHEDULING", "AIRFLOW__D365_B2B_ONBOARDING__POLL_INTERVAL_S",
 )  # fmt: skip
 
 
@@ -614,3 +616,15 @@ def wait_for_line(process: subprocess.Popen, prefix: str, timeout_s: float = 60)
                 if line.startswith(prefix):
                     return line
     pytest.fail(f"no line starting {prefix!r} within {timeout_s} s; output:\n{''.join(seen)}")
+
+
+def test_runs_are_event_driven_with_a_triggerer_unless_the_env_chooses_time(production: dict, compose_binary: str,
+                                                                             tmp_path: Path) -> None:  # fmt: skip
+    """Events by default (README, "When runs start"), which needs the triggerer; `B2B_SCHEDULING=time`
+    in .env switches every Airflow process to the crons at once."""
+    assert production["services"]["airflow-triggerer"]["command"] == "triggerer"
+    assert {environment(production, service)["AIRFLOW__D365_B2B_ONBOARDING__SCHEDULING"]
+            for service in AIRFLOW_SERVICES} == {"events"}  # fmt: skip
+    timed = parsed_config(compose_binary, tmp_path, tenant_env_file(tmp_path, SECRETS | TENANT | {"B2B_SCHEDULING": "time"}))
+    assert {environment(timed, service)["AIRFLOW__D365_B2B_ONBOARDING__SCHEDULING"]
+            for service in AIRFLOW_SERVICES} == {"time"}  # fmt: skip

@@ -149,6 +149,25 @@ class AirflowServices(AirflowProcesses):
             time.sleep(max(wait, 0) + 5)  # the scheduler makes the run shortly after its time
             self.wait_idle([dag_id])
 
+    def watch(self, dag_ids: Iterable[str], assets: Iterable[str], timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Has the (unpaused) DAGs' files parsed again and waits until each asset has a watcher: Airflow
+        registers an asset's watchers, whose triggers the triggerer then runs, only when it parses the file
+        of an unpaused DAG scheduled on it; `start` unpauses the DAGs after their first parse."""
+        assets = set(assets)
+        for dag_id in dag_ids:
+            self.api("PUT", f"/parseDagFile/{self.api('GET', f'/dags/{dag_id}')['file_token']}")
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.api("GET", "/assets", params={"limit": 100})["assets"]
+            watched = {asset["name"] for asset in found if asset.get("watchers")}
+            if assets <= watched:
+                return
+            if time.monotonic() > deadline:
+                raise AirflowFailed(f"no watcher on {sorted(assets - watched)} after {timeout} s\n"
+                                    f"{self.log_tails()}")  # fmt: skip
+            self.check_alive()
+            time.sleep(1)
+
     def trigger(self, dag_id: str, conf: dict | None = None) -> str:
         """A manual run, as the UI's Trigger button makes it; its run id."""
         run = self.api("POST", f"/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf or {}})

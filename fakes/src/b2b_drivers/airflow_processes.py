@@ -25,13 +25,14 @@ import httpx
 from b2b_onboarding.airflow.pools import POOLS_FILE
 
 ROOT = Path(__file__).resolve().parents[3]
-DAG_IDS = ("b2b_preflight", "b2b_prospect_sync", "b2b_outcome_reconciliation")
+DAG_IDS = ("b2b_preflight", "b2b_prospect_sync", "b2b_outcomes", "b2b_outcome_reconciliation")
 LEGAL_ENTITIES = ["usrt", "usmf"]
 USERNAME = "admin"
 PASSWORD_FILE = "simple_auth_manager_passwords.json"
 # The part of `GET /monitor/health` each process heartbeats to, by the process's name.
 HEALTH_PARTS = {"scheduler": "scheduler", "dag-processor": "dag_processor", "triggerer": "triggerer"}
 STARTUP_TIMEOUT_S = 180
+PRODUCT_SETTINGS = "AIRFLOW__D365_B2B_ONBOARDING__"  # the provider's config section (schedules.py)
 STOP_TIMEOUT_S = 30
 
 
@@ -190,8 +191,10 @@ def environment(home: Path, port: int, connections: Mapping[str, str], executor:
     """The settings of every process and the CLI: the product with `connections` (`AIRFLOW_CONN_*`), the
     api-server on 127.0.0.1:`port`, the metadata database at `metadata_url` (default: SQLite in `home`)."""
     # Nothing Airflow-related leaks in from the caller: a user's own AIRFLOW_* settings (a real deployment's
-    # database, say), the test process's home (tests/conftest.py).
-    env = {name: value for name, value in os.environ.items() if not name.startswith("AIRFLOW")}
+    # database, say), the test process's home (tests/conftest.py); but the product's own section does
+    # (`AIRFLOW__D365_B2B_ONBOARDING__SCHEDULING=time make airflow`).
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith("AIRFLOW") or name.startswith(PRODUCT_SETTINGS)}  # fmt: skip
     base_url = f"http://127.0.0.1:{port}"
     # The processes, their workers and the CLI share one SQLite file: a writer waits up to a minute for
     # another to finish, not the driver's default 5 s.

@@ -35,6 +35,20 @@ What it does (every random choice is drawn from `--seed`, so a run can be repeat
    error; no prospect lost. Prints the figures (requests, faults by kind and the faulted share,
    retries, kills, runs) and each invariant's result; writes them to `.chaos/results.json`.
 
+`--scheduling events` (issue 16: event triggers start the DAGs as soon as there is work) plays the
+event-driven deployment instead, its output in `.chaos/events/`:
+- The outcome phases (the overlapping pair under chaos, the clean one) run the light DAG
+  `b2b_outcomes`; then the nightly `b2b_outcome_reconciliation` (the safety net) runs clean, and one
+  more clean sync (approvals changed the Pending set).
+- All along, a thread plays the triggers' part under the same faults: every second it builds the
+  product's clients and state store from the connections, as the hooks do, runs the triggers'
+  read-only checks (`flow.watch`) and records what they reported, every error, and the store's delta
+  links and HQ watermarks just before and after.
+- More invariants: every delta link and watermark was stored by a DAG run the harness started; none
+  changed during a check while no DAG run was running; the watchers reported work during the chaos
+  and none at the end; in the clean phase, the flow wrote no lead twice. The figures add the
+  watchers' checks and failures, and the flow's lead writes against the leads.
+
 A task that fails makes `dags test` sleep out the DAG's retry_delay (1 or 5 minutes); the harness,
 in the scheduler's place, ends such a run at once and starts another. That run counts as failed,
 its error and log are shown, and a DAG run that fails `--max-failures` times (default 6) is given up.
@@ -48,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 import re
@@ -56,16 +71,27 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from cryptography.fernet import Fernet
+
+from b2b_onboarding.airflow.hooks import FernetTokenCaches
 from b2b_onboarding.airflow.pools import POOLS_FILE
+from b2b_onboarding.clients.auth import token_provider
+from b2b_onboarding.clients.commerce import CommerceClient
+from b2b_onboarding.clients.sales import SalesClient
+from b2b_onboarding.clients.settings import ServiceSettings
+from b2b_onboarding.errors import first_line
+from b2b_onboarding.flow import watch
+from b2b_onboarding.store.state import StateStore
 from d365_fakes.actors import Clerk, Seller
 from d365_fakes.dataverse import company_id
 from d365_fakes.running import Endpoints, FakeAdmin, running_fakes
@@ -73,7 +99,11 @@ from d365_fakes.scenario import OUTCOMES, Cast, airflow_connections, prospects, 
 
 ROOT = Path(__file__).resolve().parents[3]
 OUT = ROOT / ".chaos"
-SYNC, RECONCILE = "b2b_prospect_sync", "b2b_outcome_reconciliation"
+# Where each scheduling writes (logs, homes, fakes, state store, results): `make chaos` alone in `.chaos/`.
+OUT_OF = {"time": OUT, "events": OUT / "events"}
+SYNC, RECONCILE, OUTCOMES_DAG = "b2b_prospect_sync", "b2b_outcome_reconciliation", "b2b_outcomes"
+WATCH_INTERVAL_S = 1.0
+IDLE_CHECKS = 3  # watcher checks under faults with no DAG run running, after the chaos
 HOMES = ("main", "overlap", "backfill")
 DECIDED = ("won", "lost", "disqualified", "qualified")  # what sellers do; "untouched" and "invalid" are not decisions
 # Where each plan leaves a prospect in the product's state store (its `stage`).
@@ -301,6 +331,96 @@ def retries_from_results(results: Iterable[Any]) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Invariants of event-driven scheduling (--scheduling events): pure functions over what the
+# watchers and the harness recorded.
+# ---------------------------------------------------------------------------------------------
+
+Links = dict[str, tuple[str, str]]  # entity set or `Prospects@<legal entity>` -> (delta link or watermark, run_id)
+WATCHERS = {"hq": "HQ watcher (pending prospects)", "sales": "Sales watcher (seller outcomes)"}
+
+
+@dataclass
+class WatchCheck:
+    """One round of the triggers' checks: what each watcher reported (None: it failed), its errors,
+    and the store's delta links and watermarks just before and just after the round."""
+
+    phase: str
+    started: float  # time.monotonic()
+    ended: float
+    hq: list[str] | None
+    sales: list[str] | None
+    errors: list[dict] = field(default_factory=list)  # {"watcher", "error" (its type), "message"}
+    links_before: Links = field(default_factory=dict)
+    links_after: Links = field(default_factory=dict)
+
+
+def check_links_stored_by_dag_runs(seen: Iterable[Links], run_ids: Collection[str]) -> Check:
+    """Every delta link and HQ watermark the store held, in any snapshot, was stored by a DAG run
+    the harness started (its run_id): the triggers only compare, never store."""
+    stored = {(name, run_id) for links in seen for name, (_, run_id) in links.items()}
+    violations = [f"{name}: stored by run {run_id!r}, which the harness never started"
+                  for name, run_id in sorted(stored) if run_id not in run_ids]  # fmt: skip
+    return _check("every delta link and watermark stored by a DAG run", len(stored), violations)
+
+
+def _during_a_run(check: WatchCheck, spans: Iterable[tuple[float, float]]) -> bool:
+    return any(start <= check.ended and end >= check.started for start, end in spans)
+
+
+def check_watchers_moved_nothing(checks: Iterable[WatchCheck], spans: Iterable[tuple[float, float]]) -> Check:
+    """No delta link or watermark changed during a watcher check while no DAG run was running
+    (`spans`: each run's start and end), when nothing but the watchers could have moved it. There
+    must be such checks, or this proves nothing."""
+    spans = list(spans)
+    idle = [check for check in checks if not _during_a_run(check, spans)]
+    violations = []
+    for check in idle:
+        changed = sorted(name for name in set(check.links_before) | set(check.links_after)
+                         if check.links_before.get(name) != check.links_after.get(name))  # fmt: skip
+        if changed:
+            violations.append(f"{check.phase}: {', '.join(changed)} changed during a watcher check, no DAG run running")
+    if not idle:
+        violations.append("no watcher check ran while no DAG run was running")
+    return _check("the watchers moved no delta link or watermark", len(idle), violations)
+
+
+def check_watchers_noticed_then_quiet(checks: Iterable[WatchCheck], final: WatchCheck | None) -> Check:
+    """Each watcher reported work during the chaos at least once, and at the end, every change
+    applied and faults off, both report none and fail no more."""
+    checks = list(checks)
+    violations = [f"{label}: never reported a change" for name, label in WATCHERS.items()
+                  if not any(getattr(check, name) for check in checks)]  # fmt: skip
+    if final is None:
+        violations.append("no final check")
+    else:
+        for name, label in WATCHERS.items():
+            reported = getattr(final, name)
+            if reported is None:
+                errors = "; ".join(error["message"] for error in final.errors if error["watcher"] in (name, "store"))
+                violations.append(f"{label}: failed at the end: {errors or '?'}")
+            elif reported:
+                violations.append(f"{label}: still reports {', '.join(map(str, reported[:5]))} after the final runs")
+    return _check("the watchers noticed the work, then were quiet", len(checks) + (final is not None), violations)
+
+
+def check_no_lead_written_again(lead_writes: int, leads_created: int, leads: int) -> Check:
+    """In the clean phase (faults off), the flow wrote a lead only to create it: its writes of
+    `leads` then (the sellers' own taken out) equal the leads created then. `leads`: all there are."""
+    violations = [] if lead_writes == leads_created else [
+        f"{lead_writes} lead writes by the flow for {leads_created} leads created in the clean phase"]
+    return _check("no lead written again in the clean phase", leads, violations)
+
+
+def watch_figures(checks: Iterable[WatchCheck]) -> dict:
+    """The watchers' checks, how many saw changes, and their failures by watcher and error type."""
+    checks = list(checks)
+    errors = Counter(f"{error['watcher']}: {error['error']}" for check in checks for error in check.errors)
+    return {"checks": len(checks), "hq_reported_changes": sum(1 for check in checks if check.hq),
+            "sales_reported_changes": sum(1 for check in checks if check.sales),
+            "failed": sum(1 for check in checks if check.errors), "errors": dict(sorted(errors.items()))}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
 # The prospects: the scenario's, hostile ones, bad ones.
 # ---------------------------------------------------------------------------------------------
 
@@ -394,23 +514,25 @@ def fault_mix(timeout_s: float, scale: float = 1.0) -> list[dict]:
 
 
 class Home:
-    """One AIRFLOW_HOME with its own SQLite metadata database."""
+    """One AIRFLOW_HOME with its own SQLite metadata database; `variables` (the connections, the
+    deployment's settings) over the environment."""
 
-    def __init__(self, name: str, connections: Mapping[str, str]) -> None:
+    def __init__(self, name: str, variables: Mapping[str, str], out: Path) -> None:
         self.name = name
-        self.path = OUT / "homes" / name
+        self.out = out
+        self.path = out / "homes" / name
         self.env = {
             **os.environ,
             "AIRFLOW_HOME": str(self.path),
             "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            **connections,
+            **variables,
         }
 
     def setup(self) -> None:
         for label, args in (("db-migrate", ["db", "migrate"]), ("pools", ["pools", "import", str(POOLS_FILE)])):
-            log = OUT / "logs" / f"{self.name}-{label}.log"
+            log = self.out / "logs" / f"{self.name}-{label}.log"
             with open(log, "w") as output:
                 code = subprocess.call([sys.executable, "-m", "airflow", *args], env=self.env, stdout=output,
                                        stderr=subprocess.STDOUT)  # fmt: skip
@@ -432,6 +554,18 @@ class Home:
         finally:
             connection.close()
         return {(self.name, *row[:4]): _json_value(row[4]) for row in rows}
+
+    def run_ids(self) -> set[str]:
+        """The run_id of every DAG run started in this home (killed ones too: `dags test` records the
+        run before its first task)."""
+        database = self.path / "airflow.db"
+        if not database.exists():
+            return set()
+        connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=30)
+        try:
+            return {row[0] for row in connection.execute("SELECT run_id FROM dag_run")}
+        finally:
+            connection.close()
 
 
 def _json_value(value: Any) -> Any:
@@ -481,13 +615,14 @@ class Conductor:
     kills some attempts, ends failed ones, and keeps the figures."""
 
     def __init__(self, homes: Mapping[str, Home], admin: FakeAdmin, rng: random.Random, max_failures: int,
-                 max_kills: int, run_timeout_s: float) -> None:  # fmt: skip
-        self.homes, self.admin, self.rng = homes, admin, rng
+                 max_kills: int, run_timeout_s: float, out: Path) -> None:  # fmt: skip
+        self.homes, self.admin, self.rng, self.out = homes, admin, rng, out
         self.max_failures, self.max_kills, self.run_timeout_s = max_failures, max_kills, run_timeout_s
         self.runs: list[dict] = []
         self.results: dict[tuple, Any] = {}
         self.kills = 0
         self.active: dict[str, Attempt] = {}
+        self.spans: list[tuple[float, float]] = []  # each attempt's process, from start to its end seen (monotonic)
 
     def run_phase(self, phase: str, jobs: list[Job], events: list[tuple[float, str, Callable[[], None]]] = ()) -> bool:
         """Runs the jobs; `events` are (seconds after the start, label, action). True when every job
@@ -532,7 +667,7 @@ class Conductor:
             kill = (("writes", float(self.rng.randint(1, 200))) if self.rng.random() < 0.5
                     else ("timer", round(self.rng.uniform(2, 15), 1)))  # fmt: skip
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{phase.split()[0]}-{job.label}-{job.attempts}")
-        log = OUT / "logs" / f"{slug}.log"
+        log = self.out / "logs" / f"{slug}.log"
         args = [sys.executable, "-m", "airflow", "dags", "test", job.dag_id] + ([job.logical_date] if job.logical_date else [])
         with open(log, "w") as output:  # its own session: a kill reaches the whole process group
             process = subprocess.Popen(args, env=home.env, stdout=output, stderr=subprocess.STDOUT,
@@ -599,6 +734,7 @@ class Conductor:
     def _ended(self, phase: str, attempt: Attempt, outcome: str, detail: str, **more: Any) -> dict:
         job = attempt.job
         del self.active[job.lane]
+        self.spans.append((attempt.started, time.monotonic()))
         wall = round(time.monotonic() - attempt.started, 1)
         self.results.update(self.homes[job.lane].task_results())
         record = {"phase": phase, "lane": job.lane, "dag": job.dag_id, "logical_date": job.logical_date,
@@ -637,6 +773,139 @@ def failure_of(log: str) -> tuple[str | None, str | None, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# The event triggers' part (--scheduling events), played by a thread.
+# ---------------------------------------------------------------------------------------------
+
+
+def stored_links(state_db: Path) -> Links:
+    """The store's delta links and HQ watermarks with the run that stored each; none before the
+    first task created the store."""
+    if not state_db.exists():
+        return {}
+    connection = sqlite3.connect(f"file:{state_db}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = connection.execute("SELECT entity_set, delta_link, run_id FROM b2b_delta_links").fetchall()
+    except sqlite3.OperationalError as error:
+        if "no such table" not in str(error):
+            raise
+        return {}
+    finally:
+        connection.close()
+    return {name: (link, run_id) for name, link, run_id in rows}
+
+
+def _service_settings(connections: Mapping[str, str], conn_id: str) -> ServiceSettings:
+    """A connection's settings from its `AIRFLOW_CONN_*` JSON, as the hooks read them."""
+    connection = json.loads(connections[f"AIRFLOW_CONN_{conn_id.upper()}"])
+    return ServiceSettings.from_connection(conn_id, connection.get("host"), connection.get("login"),
+                                           connection.get("password"), connection.get("extra") or {},
+                                           port=connection.get("port"))  # fmt: skip
+
+
+class Watchers:
+    """What the triggers do on each poll, every WATCH_INTERVAL_S in a thread of the harness, under the
+    chaos' faults: builds the product's clients from the connections and opens the state store, as the
+    hooks do (Entra ID tokens shared with the tasks through the store, under the deployment's Fernet
+    key), asks `watch.hq_changes` and `watch.sales_changes`, and records what they reported, each
+    error (a fault may fail a check; it must never corrupt anything), and the store's delta links and
+    watermarks just before and just after."""
+
+    def __init__(self, connections: Mapping[str, str], state_db: Path, legal_entities: list[str],
+                 fernet_key: str) -> None:  # fmt: skip
+        self.commerce = _service_settings(connections, "d365_commerce")
+        self.sales = _service_settings(connections, "d365_sales")
+        self.state_db = state_db
+        self.legal_entities = legal_entities
+        self.fernet = Fernet(fernet_key)
+        self.phase = "before the first DAG run"
+        self.checks: list[WatchCheck] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._broken: BaseException | None = None  # what ended the thread, other than a failed check
+
+    def start(self, log: Path) -> None:
+        """Checks in a thread from now on; the product's log lines of this process (the watchers' retries,
+        failures, the store's migration) go to `log`, not among the harness's lines."""
+        handler = logging.FileHandler(log)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s"))
+        for name in ("b2b_onboarding", "alembic", "msal", "httpx"):
+            logger = logging.getLogger(name)
+            logger.handlers, logger.propagate = [handler], False
+        self._thread = threading.Thread(target=self._loop, name="watchers", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ends the thread; raises what broke it, if anything did (the harness's own failure, not a fault's)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._broken is not None:
+            raise RuntimeError("the watchers' thread broke") from self._broken
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                began = time.monotonic()
+                self.checks.append(self.check())
+                self._stop.wait(max(0.0, WATCH_INTERVAL_S - (time.monotonic() - began)))
+        except BaseException as error:  # noqa: BLE001 - kept for `stop` to raise in the harness's thread
+            self._broken = error
+
+    def wait_for(self, count: int, timeout_s: float) -> int:
+        """Until `count` more checks have ended (at most `timeout_s`); how many did."""
+        first, deadline = len(self.checks), time.monotonic() + timeout_s
+        while len(self.checks) - first < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return len(self.checks) - first
+
+    def check(self) -> WatchCheck:
+        phase, errors = self.phase, []
+        started = time.monotonic()
+        before = stored_links(self.state_db)
+        hq = sales = None
+        try:
+            store = StateStore(f"sqlite:///{self.state_db}")
+        except Exception as error:  # noqa: BLE001 - counted: a check may fail, never corrupt
+            errors.append(_watch_error("store", error))
+        else:
+            try:
+                caches = FernetTokenCaches(store, self.fernet)
+                hq = self._ask("hq", errors, lambda: _client(CommerceClient, self.commerce, caches),
+                               lambda commerce: watch.hq_changes(commerce, store, self.legal_entities))  # fmt: skip
+                sales = self._ask("sales", errors, lambda: _client(SalesClient, self.sales, caches),
+                                  lambda client: watch.sales_changes(client, store))  # fmt: skip
+            finally:
+                store.close()
+        after = stored_links(self.state_db)
+        return WatchCheck(phase, started, time.monotonic(), hq, sales, errors, before, after)
+
+    @staticmethod
+    def _ask(name: str, errors: list[dict], connect: Callable[[], Any],
+             changes: Callable[[Any], list[str]]) -> list[str] | None:  # fmt: skip
+        try:
+            client = connect()
+            try:
+                return list(changes(client))
+            finally:
+                client.odata.close()
+        except Exception as error:  # noqa: BLE001 - counted: a check may fail, never corrupt
+            errors.append(_watch_error(name, error))
+            return None
+
+
+def _client(client_class: type[CommerceClient] | type[SalesClient], settings: ServiceSettings,
+            caches: FernetTokenCaches) -> CommerceClient | SalesClient:  # fmt: skip
+    """As the hooks' `client`: the process-wide token provider shares its cache through the store first."""
+    token_provider(settings.authority, settings.client_id, settings.client_secret.get_secret_value(), settings.verify,
+                   caches)  # fmt: skip
+    return client_class.connect(settings)
+
+
+def _watch_error(watcher: str, error: BaseException) -> dict:
+    return {"watcher": watcher, "error": type(error).__name__, "message": first_line(error)}
+
+
+# ---------------------------------------------------------------------------------------------
 # The flow.
 # ---------------------------------------------------------------------------------------------
 
@@ -654,11 +923,25 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
                                                                           "is ended as failed (default 300)")  # fmt: skip
     parser.add_argument("--fault-scale", type=float, default=1.0, help="multiplies every fault share (default 1)")
     parser.add_argument("--no-faults", action="store_true", help="kills, overlap and backfill only")
+    parser.add_argument("--scheduling", choices=tuple(OUT_OF), default="time",
+                        help="time: the DAGs as cron starts them (default); events: as event triggers start them, "
+                             "the triggers' checks running all along (output in .chaos/events/)")  # fmt: skip
     return parser.parse_args(argv)
 
 
-def _connections(endpoints: Endpoints, cast: Cast, legal_entities: list[str], timeout_s: float) -> dict[str, str]:
-    connections = airflow_connections(endpoints, cast, legal_entities, OUT / "state.db")
+def _fresh(out: Path) -> None:
+    """`out` emptied, with its `logs/`; another scheduling's output inside it (`.chaos/events/`) stays."""
+    others = set(OUT_OF.values()) - {out}
+    if out.exists():
+        for path in out.iterdir():
+            if path not in others:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    (out / "logs").mkdir(parents=True)
+
+
+def _connections(endpoints: Endpoints, cast: Cast, legal_entities: list[str], timeout_s: float,
+                 state_db: Path) -> dict[str, str]:  # fmt: skip
+    connections = airflow_connections(endpoints, cast, legal_entities, state_db)
     for name in ("AIRFLOW_CONN_D365_COMMERCE", "AIRFLOW_CONN_D365_SALES"):
         connection = json.loads(connections[name])
         connection["extra"]["timeout_s"] = timeout_s
@@ -672,11 +955,25 @@ def _requests(admin: FakeAdmin) -> dict[str, int]:
             "entra_tokens": counts["entra"]["tokens_issued"]}  # fmt: skip
 
 
-def _decide(admin: FakeAdmin, decisions: list[dict]) -> tuple[int, list[dict]]:
+def _decide(admin: FakeAdmin, decisions: list[dict]) -> tuple[int, list[dict], int]:
+    """The decisions applied, those that failed, and the sellers' writes of leads they made."""
     if not decisions:
-        return 0, []
+        return 0, [], 0
+    before = _lead_writes(admin)
     answer = admin.decide(decisions)
-    return answer["applied"], answer["errors"]
+    return answer["applied"], answer["errors"], _lead_writes(admin) - before
+
+
+def _lead_writes(admin: FakeAdmin) -> int:
+    return admin.counts()["dataverse"]["writes"].get("leads", 0)
+
+
+def _leads(endpoints: Endpoints, cast: Cast) -> list[dict]:
+    seller = Seller(endpoints, cast.seller["client_id"], cast.seller["client_secret"])
+    try:
+        return seller.rows("leads", {"$select": "leadid,msdyn_prospectid,_msdyn_company_value,statecode"})
+    finally:
+        seller.close()
 
 
 def _store_rows(path: Path) -> list[dict]:
@@ -692,20 +989,27 @@ def _store_rows(path: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     began = time.monotonic()
+    events = args.scheduling == "events"
+    out = OUT_OF[args.scheduling]
     legal_entities = [part.strip() for part in args.legal_entities.split(",") if part.strip()]
     rng = random.Random(args.seed)
-    shutil.rmtree(OUT, ignore_errors=True)
-    (OUT / "logs").mkdir(parents=True)
+    _fresh(out)
     cast = Cast.new()
     rows, plan, bad = chaos_prospects(args.n, tuple(legal_entities))
     can_fault = hasattr(FakeAdmin, "add_fault") and not args.no_faults
     faults = fault_mix(args.timeout_s, args.fault_scale) if can_fault else []
     flags = {"fault_seed": args.seed} if can_fault else {}
 
-    with running_fakes(OUT / "fakes", cast.clients, **flags) as endpoints, FakeAdmin(endpoints) as admin:
-        connections = _connections(endpoints, cast, legal_entities, args.timeout_s)
-        homes = {name: Home(name, connections) for name in HOMES}
-        print(f"Airflow homes {', '.join(HOMES)} (own SQLite metadata DB each; one state store, one set of fakes)")
+    with running_fakes(out / "fakes", cast.clients, **flags) as endpoints, FakeAdmin(endpoints) as admin:
+        connections = _connections(endpoints, cast, legal_entities, args.timeout_s, out / "state.db")
+        # One deployment: one Fernet key for every home (they share the state store, whose token caches it
+        # encrypts), and the scheduling its DAG files are parsed with.
+        fernet_key = Fernet.generate_key().decode()
+        variables = {**connections, "AIRFLOW__CORE__FERNET_KEY": fernet_key,
+                     "AIRFLOW__D365_B2B_ONBOARDING__SCHEDULING": args.scheduling}  # fmt: skip
+        homes = {name: Home(name, variables, out) for name in HOMES}
+        print(f"Airflow homes {', '.join(HOMES)} (own SQLite metadata DB each; one state store, one set of fakes); "
+              f"scheduling: {args.scheduling}")  # fmt: skip
         with ThreadPoolExecutor(len(homes)) as pool:
             list(pool.map(Home.setup, homes.values()))
         admin.reset()
@@ -715,7 +1019,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(HOSTILE)} with hostile ids and names; plan: "
               + ", ".join(f"{n} {decision}" for decision, n in sorted(Counter(plan.values()).items())))  # fmt: skip
 
-        conductor = Conductor(homes, admin, rng, args.max_failures, args.max_kills, args.run_timeout_s)
+        conductor = Conductor(homes, admin, rng, args.max_failures, args.max_kills, args.run_timeout_s, out)
+        watchers = Watchers(connections, out / "state.db", legal_entities, fernet_key) if events else None
+
+        def run_phase(title: str, jobs: list[Job], timed: list[tuple[float, str, Callable[[], None]]] = ()) -> bool:
+            if watchers is not None:
+                watchers.phase = title
+            return conductor.run_phase(title, jobs, timed)
+
         for rule in faults:
             admin.add_fault(**rule)
         if faults:
@@ -723,10 +1034,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("Faults: OFF (" + ("--no-faults" if args.no_faults else "FakeAdmin.add_fault is missing") + ")")
         before_chaos = _requests(admin)
+        if watchers is not None:
+            watchers.start(out / "logs" / "watchers.log")
+            print(f"Watchers on: the triggers' checks every {WATCH_INTERVAL_S:g} s, under the same faults "
+                  f"[{(out / 'logs' / 'watchers.log').relative_to(ROOT)}]")  # fmt: skip
 
         hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
         backfill = [(hour - timedelta(days=days)).isoformat() for days in (3, 2, 1)]
-        sync_ok = conductor.run_phase("Sync under chaos: main and overlap together, backfill of three dates", [
+        sync_ok = run_phase("Sync under chaos: main and overlap together, backfill of three dates", [
             Job("main", SYNC, kills_allowed=2, force_kill=True),
             Job("overlap", SYNC, kills_allowed=1),
             *(Job("backfill", SYNC, date, start_after_s=3.0, kills_allowed=1) for date in backfill),
@@ -734,7 +1049,7 @@ def main(argv: list[str] | None = None) -> int:
 
         decisions = [{"msdyn_prospectid": f"{key[0]}:{key[1]}", "outcome": decision}
                      for key, decision in sorted(plan.items()) if decision in DECIDED]  # fmt: skip
-        applied, errors = _decide(admin, decisions)
+        applied, errors, seller_lead_writes = _decide(admin, decisions)
         deferred = [decisions[error["index"]] for error in errors]
         print(f"\nSellers decided {applied} leads" + (f"; {len(deferred)} not yet possible (e.g. "
               f"{errors[0]['msdyn_prospectid']}: {errors[0]['error']})" if errors else ""))  # fmt: skip
@@ -746,37 +1061,77 @@ def main(argv: list[str] | None = None) -> int:
             tokens_at_revocation.append(_requests(admin)["entra_tokens"])
 
         revoke = [(rng.uniform(10, 20), "revoked every token issued so far", revoke_tokens)] if faults else []
-        reconcile_ok = conductor.run_phase("Reconciliation under chaos: main and overlap together", [
-            Job("main", RECONCILE, kills_allowed=2, force_kill=True),
-            Job("overlap", RECONCILE, start_after_s=round(rng.uniform(0, 2), 1), kills_allowed=1),
+        # Event-driven, the sellers' outcomes start the light DAG; time-driven, the reconciliation reads them.
+        outcome_dag = OUTCOMES_DAG if events else RECONCILE
+        reconcile_ok = run_phase(("Outcomes under chaos: b2b_outcomes" if events else "Reconciliation under chaos")
+                                 + ": main and overlap together", [
+            Job("main", outcome_dag, kills_allowed=2, force_kill=True),
+            Job("overlap", outcome_dag, start_after_s=round(rng.uniform(0, 2), 1), kills_allowed=1),
         ], revoke)  # fmt: skip
+        if watchers is not None:
+            # Checks that no DAG run overlaps: whatever changes in the store during one, the watchers did.
+            watchers.phase = "watchers alone, faults on"
+            done = watchers.wait_for(IDLE_CHECKS + 1, timeout_s=120)
+            print(f"\nWatchers alone under faults, no DAG run running: {done} checks")
+            chaos_checks = len(watchers.checks)
 
         fault_report = admin.faults() if can_fault else {"rules": [], "served": {}}
         tokens_after_revocation = (_requests(admin)["entra_tokens"] - tokens_at_revocation[0]) if tokens_at_revocation else None
         during_chaos = {name: value - before_chaos[name] for name, value in _requests(admin).items()}
         if can_fault:
             admin.clear_faults()
-        sync_final = conductor.run_phase("Faults off: a clean sync", [Job("main", SYNC)])
-        late_applied, late_errors = _decide(admin, deferred)
+        if events:
+            lead_writes_before, leads_before = _lead_writes(admin), len(_leads(endpoints, cast))
+        sync_final = run_phase("Faults off: a clean sync", [Job("main", SYNC)])
+        late_applied, late_errors, late_seller_lead_writes = _decide(admin, deferred)
+        seller_lead_writes += late_seller_lead_writes
         if deferred:
             print(f"\nSellers decided the {late_applied} leads that were missing before"
                   + (f"; {len(late_errors)} still failed: {late_errors[:3]}" if late_errors else ""))  # fmt: skip
-        reconcile_final = conductor.run_phase("Faults off: a clean reconciliation", [Job("main", RECONCILE)])
+        finals_ok = [sync_final, run_phase(f"Faults off: a clean {'b2b_outcomes' if events else 'reconciliation'}",
+                                           [Job("main", outcome_dag)])]  # fmt: skip
+        final_check = None
+        if watchers is not None:
+            finals_ok += [
+                run_phase("Faults off: the nightly reconciliation, the safety net", [Job("main", RECONCILE)]),
+                run_phase("Faults off: one more sync (the approvals changed the Pending set)", [Job("main", SYNC)]),
+            ]
+            watchers.stop()
+            watchers.phase = "final, faults off"
+            final_check = watchers.check()
+            print(f"\nWatchers at the end: HQ {_reported(final_check.hq)}, Sales {_reported(final_check.sales)}"
+                  + "".join(f"; {error['watcher']}: {error['message']}" for error in final_check.errors))  # fmt: skip
         requests = _requests(admin)
+        lead_writes_end = _lead_writes(admin)
 
         clerk = Clerk(endpoints, cast.clerk["client_id"], cast.clerk["client_secret"])
-        seller = Seller(endpoints, cast.seller["client_id"], cast.seller["client_secret"])
         try:
             hq_prospects = clerk.all("Prospects")
             customers = clerk.all("CustomersV3")
-            leads = seller.rows("leads", {"$select": "leadid,msdyn_prospectid,_msdyn_company_value,statecode"})
         finally:
             clerk.close()
-            seller.close()
+        leads = _leads(endpoints, cast)
         outbox = admin.outbox()
-    store_rows = _store_rows(OUT / "state.db")
+    store_rows = _store_rows(out / "state.db")
 
     checks = check_invariants(plan, bad, hq_prospects, leads, outbox, store_rows, customers)
+    lead_figures = None
+    if watchers is not None:
+        run_ids = set().union(*(home.run_ids() for home in homes.values()))
+        seen = [links for check in [*watchers.checks, final_check] for links in (check.links_before, check.links_after)]
+        lead_figures = {
+            "flow_writes": lead_writes_end - seller_lead_writes, "leads": len(leads),
+            "repeats": lead_writes_end - seller_lead_writes - len(leads), "seller_writes": seller_lead_writes,
+            "clean_phase_writes": lead_writes_end - lead_writes_before - late_seller_lead_writes,
+            "clean_phase_leads_created": len(leads) - leads_before,
+        }  # fmt: skip
+        checks += [
+            check_links_stored_by_dag_runs([*seen, stored_links(out / "state.db")], run_ids),
+            check_watchers_moved_nothing([*watchers.checks, final_check], conductor.spans),
+            check_watchers_noticed_then_quiet(watchers.checks[:chaos_checks], final_check),
+            check_no_lead_written_again(lead_figures["clean_phase_writes"], lead_figures["clean_phase_leads_created"],
+                                        len(leads)),
+        ]
     faulted = fault_figures(fault_report["served"], requests)
     faulted_chaos = fault_figures(fault_report["served"], during_chaos)
     retries = retries_from_results(conductor.results.values())
@@ -790,9 +1145,10 @@ def main(argv: list[str] | None = None) -> int:
         (f"at least {MIN_FAULTED_SHARE:.0%} of Commerce+Dataverse requests faulted",
          faulted["share"] >= MIN_FAULTED_SHARE, f"{faulted['share']:.1%} of the flow's requests"),
         ("at least one run killed", conductor.kills > 0, f"{conductor.kills} kills"),
-        ("every DAG run done (none given up)", sync_ok and reconcile_ok and sync_final and reconcile_final,
+        ("every DAG run done (none given up)", sync_ok and reconcile_ok and all(finals_ok),
          ", ".join(given_up) or "all done"),
     ]  # fmt: skip
+    results_path = (out / "results.json").relative_to(ROOT)
 
     print("\nFigures")
     print(f"  prospects     {len(rows)} seeded ({len(bad)} bad), {len(leads)} leads, {len(outbox)} emails")
@@ -809,11 +1165,20 @@ def main(argv: list[str] | None = None) -> int:
                                "as reported by the tasks that finished)"))  # fmt: skip
     print(f"  throttled     Commerce {throttled['commerce']}, Dataverse {throttled['dataverse']} (429s the tasks saw)")
     if tokens_after_revocation is not None:
-        print(f"  revocation    every token revoked once, mid-reconciliation; {tokens_after_revocation} tokens issued "
-              "after it while faults were on")  # fmt: skip
+        print(f"  revocation    every token revoked once, mid-{OUTCOMES_DAG if events else 'reconciliation'}; "
+              f"{tokens_after_revocation} tokens issued after it while faults were on")  # fmt: skip
     print(f"  kills         {conductor.kills}")
     print(f"  runs          {len(conductor.runs)} started: " + ", ".join(f"{n} {outcome}" for outcome, n in
                                                                       sorted(outcomes.items())))  # fmt: skip
+    if watchers is not None:
+        watched = watch_figures(watchers.checks)
+        print(f"  watchers      {watched['checks']} checks: HQ reported changes in {watched['hq_reported_changes']}, "
+              f"Sales in {watched['sales_reported_changes']}; {watched['failed']} failed under faults ("
+              + (", ".join(f"{kind}: {n}" for kind, n in watched["errors"].items()) or "none") + ")")  # fmt: skip
+        print(f"  lead writes   the flow wrote leads {lead_figures['flow_writes']} times for {len(leads)} leads "
+              f"({lead_figures['repeats']} repeated after an answer lost or a run killed); in the clean phase "
+              f"{lead_figures['clean_phase_writes']} for {lead_figures['clean_phase_leads_created']} "
+              "new leads")  # fmt: skip
     print(f"  wall time     {wall} s")
     print("\nInvariants")
     width = max(len(check.name) for check in checks)
@@ -822,15 +1187,15 @@ def main(argv: list[str] | None = None) -> int:
         for violation in check.violations[:8]:
             print(f"          {violation}")
         if len(check.violations) > 8:
-            print(f"          ... and {len(check.violations) - 8} more (.chaos/results.json)")
+            print(f"          ... and {len(check.violations) - 8} more ({results_path})")
     print("\nChaos conditions")
     for name, ok, detail in conditions:
         print(f"  {'PASS' if ok else 'FAIL'}  {name}: {detail}")
 
     ok = all(check.ok for check in checks) and all(ok for _, ok, _ in conditions)
     results = {
-        "ok": ok, "seed": args.seed, "n": len(rows), "legal_entities": legal_entities, "wall_s": wall,
-        "requests": requests, "requests_during_chaos": during_chaos,
+        "ok": ok, "seed": args.seed, "n": len(rows), "legal_entities": legal_entities, "scheduling": args.scheduling,
+        "wall_s": wall, "requests": requests, "requests_during_chaos": during_chaos,
         "faults": {"served": faulted["by_system"], "faulted": faulted["faulted"], "share": faulted["share"],
                    "share_while_on": faulted_chaos["share"], "rules": fault_report["rules"]},
         "retries": retries, "throttled": throttled, "kills": conductor.kills,
@@ -841,9 +1206,24 @@ def main(argv: list[str] | None = None) -> int:
         "bad_records": {_label(key): reason for key, reason in sorted(bad.items())},
         "deferred_decisions": deferred, "runs": conductor.runs,
     }  # fmt: skip
-    (OUT / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str) + "\n")
-    print(f"\n{'PASSED' if ok else 'FAILED'} (written to .chaos/results.json)")
+    if watchers is not None:
+        results["watchers"] = {**watched, "final": _check_record(final_check, began),
+                               "checks": [_check_record(check, began) for check in watchers.checks]}  # fmt: skip
+        results["lead_writes"] = lead_figures
+    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str) + "\n")
+    print(f"\n{'PASSED' if ok else 'FAILED'} (written to {results_path})")
     return 0 if ok else 1
+
+
+def _reported(changes: list[str] | None) -> str:
+    return "failed" if changes is None else ", ".join(changes) or "quiet"
+
+
+def _check_record(check: WatchCheck, began: float) -> dict:
+    """A watcher check for results.json: when (seconds since the harness began), what each reported, its errors."""
+    return {"phase": check.phase, "at_s": round(check.started - began, 1),
+            "took_s": round(check.ended - check.started, 2), "hq": check.hq, "sales": check.sales,
+            "errors": check.errors}  # fmt: skip
 
 
 def _given_up(runs: list[dict]) -> list[str]:

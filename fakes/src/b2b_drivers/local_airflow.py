@@ -7,7 +7,7 @@ and `triggerer` (LocalExecutor, SQLite) in `.airflow/` (b2b_drivers.airflow_proc
 product's connections `d365_commerce` and `d365_sales` in the metadata database (Admin > Connections
 shows them and can change them), `d365_state` as an `AIRFLOW_CONN_*` variable, its pools imported
 and the Simple auth manager's one user `admin`. Both DAGs start paused, as in production: nothing
-writes until you trigger a run. Prints the URL, the login and where the logs are, and stays in the
+writes until you unpause or trigger one. Prints the URL, the login and where the logs are, and stays in the
 foreground until Ctrl-C (or SIGTERM), which stops every process it started. `--check` stops once
 everything is up and both DAGs are parsed (tests/b2b_drivers/test_local_airflow.py, in `make test`).
 
@@ -121,7 +121,9 @@ Airflow is up: {base_url}
   DAGs   {', '.join(DAG_IDS)}, paused: a triggered run waits (queued) until its
          DAG is unpaused, by its toggle or the Trigger form's "Unpause ... on trigger" (ticked by default).
          Unpaused, a DAG also makes its latest scheduled run at once (a real one), then runs on schedule:
-         the sync every 15 minutes, the reconciliation at 02:00 UTC (b2b_preflight only by hand).
+         event-driven (the triggerer watches HQ and Dataverse every 30 s): the sync when HQ's Pending
+         prospects change (and hourly), b2b_outcomes when sellers decide, the reconciliation at 02:00 UTC
+         (b2b_preflight only by hand). AIRFLOW__D365_B2B_ONBOARDING__SCHEDULING=time: the crons instead.
          Trigger b2b_preflight first (it only reads), then the sync with dry_run.
   fakes  {seeded} (two bad records); sellers decide new leads every {SELLERS_EVERY_S} s.
   conns  {', '.join(CONNECTIONS_IN_DATABASE)} under Admin > Connections (change them there);

@@ -7,21 +7,27 @@ connection by its conn_id, whatever its type."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseHook
-from airflow.sdk.exceptions import AirflowNotFoundException
+from airflow.sdk.crypto import FernetProtocol, get_fernet
+from airflow.sdk.exceptions import AirflowException, AirflowNotFoundException
 from airflow.sdk.log import mask_secret
+from cryptography.fernet import InvalidToken
 
 from b2b_onboarding import redaction
+from b2b_onboarding.clients.auth import TokenCachePersistence, token_provider
 from b2b_onboarding.clients.commerce import CommerceClient
 from b2b_onboarding.clients.odata import literal
 from b2b_onboarding.clients.sales import SalesClient
 from b2b_onboarding.clients.settings import ServiceSettings
 from b2b_onboarding.errors import ConfigurationError, first_line
 from b2b_onboarding.store.state import DryRunStore, StateStore
+
+log = logging.getLogger(__name__)
 
 
 class _DynamicsHook(BaseHook):
@@ -51,13 +57,22 @@ class _DynamicsHook(BaseHook):
                                                port=conn.port)  # fmt: skip
 
     def get_conn(self) -> CommerceClient | SalesClient:
-        return self.client_class.connect(self.settings())
+        return self.client(self.settings())
+
+    def client(self, settings: ServiceSettings) -> CommerceClient | SalesClient:
+        """A client of `settings` (as `settings()` read them) whose Entra ID tokens every task and
+        trigger shares (`shared_token_cache`)."""
+        # The process-wide token provider, which `connect` takes up, now shares its cache.
+        token_provider(settings.authority, settings.client_id, settings.client_secret.get_secret_value(),
+                       settings.verify, shared_token_cache())  # fmt: skip
+        return self.client_class.connect(settings)
 
     def test_connection(self) -> tuple[bool, str]:
         """Airflow's Test button (and `airflow connections test`): a token from Entra ID, then one cheap
         read the product's security role allows, tried once. The message says what was read or, on a
         failure, what to fix (the failure a task would raise); it names the system, never the conn_id:
-        the Connections form tests its values under a random one."""
+        the Connections form tests its values under a random one. It does not set up the shared token
+        cache (`client`): a token some task stored says nothing of the secret in the form."""
         try:
             settings = self._settings("").model_copy(update={"max_attempts": 1})
             client = self.client_class.connect(settings)
@@ -122,6 +137,53 @@ class SalesHook(_DynamicsHook):
         """WhoAmI: the app registration has an enabled application user in the environment."""
         me = client.whoami()
         return f"WhoAmI: application user {me['UserId']} of organization {me['OrganizationId']}"
+
+
+class FernetTokenCaches:
+    """MSAL's token caches in the state store, encrypted with Airflow's Fernet key (a `TokenCachePersistence`):
+    the store, its backups and its logs never hold a token in clear."""
+
+    def __init__(self, store: StateStore, fernet: FernetProtocol) -> None:
+        self._store = store
+        self._fernet = fernet
+
+    def load(self, name: str) -> str | None:
+        found = self._store.token_cache(name)
+        if found is None:
+            return None
+        try:
+            return self._fernet.decrypt(found[0].encode()).decode()
+        except InvalidToken:  # saved under another Fernet key: the provider ignores it and saves over it
+            raise ValueError("it is not encrypted with this Airflow's Fernet key") from None
+
+    def save(self, name: str, serialized: str) -> None:
+        self._store.save_token_cache(name, self._fernet.encrypt(serialized.encode()).decode())
+
+
+# This process's shared token caches, by state store URL: None where tokens stay in the process.
+_token_caches: dict[str, FernetTokenCaches | None] = {}
+
+
+def shared_token_cache() -> TokenCachePersistence | None:
+    """Where Entra ID tokens are shared by every task and trigger: the state store of `d365_state`,
+    encrypted with Airflow's Fernet key. Without a usable Fernet key, None (each process keeps its
+    tokens in memory; said once): a token is never stored in clear."""
+    hook = StateStoreHook()
+    url = hook.url()
+    if url not in _token_caches:
+        try:
+            fernet = get_fernet()
+            reason = None if fernet.is_encrypted else "Airflow has no Fernet key ([core] fernet_key)"
+        except AirflowException as error:  # a key that is not one: Airflow's message never holds the key
+            reason = f"Airflow's Fernet key is not usable: {error}"
+        if reason is None:
+            _token_caches[url] = FernetTokenCaches(hook.get_conn(), fernet)
+        else:
+            log.warning("Entra ID tokens stay in this process, not shared with the other tasks and triggers: %s, and "
+                        "tokens are never stored unencrypted. Next step: set [core] fernet_key, the same on every "
+                        "Airflow machine.", reason)  # fmt: skip
+            _token_caches[url] = None
+    return _token_caches[url]
 
 
 # Connection types that name no SQLAlchemy driver; any other one (a URI's scheme: `sqlite://...`) does.

@@ -1,5 +1,5 @@
-"""What the onboarding DAGs share: their run params (the Trigger form), their task defaults and the
-name of a chunk's task.
+"""What the onboarding DAGs share: their run params (the Trigger form), their task defaults, the
+name of a chunk's task, and the outcome steps both outcome DAGs run (`outcome_steps`).
 
 Imported by the DAG processor with every parse of a DAG file, so it imports Airflow's `Param` and the
 standard library alone; the failure callback imports the notifier only once a task has failed.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 from airflow.sdk import Param
 
@@ -51,3 +51,86 @@ def run_params() -> dict[str, Param]:
                             description="Prospects per mapped task (a chunk of leads to push or correct, or of "
                                         "Commerce writes)."),
     }  # fmt: skip
+
+
+def outcome_params() -> dict[str, Param]:
+    """The run params of the DAGs that read sellers' outcomes: the shared ones, and when a lead
+    qualified without an opportunity becomes an anomaly."""
+    return {
+        **run_params(),
+        "qualified_without_opportunity_days": Param(
+            2, type=["null", "number"], minimum=0, title="Qualified without opportunity (days)",
+            description="A lead qualified this long ago with no opportunity (none created at qualification or "
+                        "since) is reported as the anomaly qualified_without_opportunity."),
+    }  # fmt: skip
+
+
+class OutcomeSteps(NamedTuple):
+    """The tasks `outcome_steps` adds to a DAG, for the DAG to wire what follows them."""
+
+    entities: Any
+    outcomes: Any
+    customer_chunks: Any
+    customers: Any
+    approve_chunks: Any
+    reject_chunks: Any
+    approved: Any
+    rejected: Any
+
+
+def outcome_steps() -> OutcomeSteps:
+    """Adds, to the DAG being defined, the steps that carry sellers' outcomes into Commerce (as
+    `b2b_outcomes` and `b2b_outcome_reconciliation` both run them): legal_entities, read_outcomes,
+    plan_customers → write_customers → plan_approvals → approve_won, plan_rejections → reject_lost."""
+    from airflow.sdk import task  # the decorators load only where a DAG is defined
+
+    @task
+    def legal_entities() -> list[str]:
+        from b2b_onboarding.airflow import tasks
+
+        return tasks.legal_entities()
+
+    @task(pool="d365_sales")
+    def read_outcomes() -> dict:
+        from b2b_onboarding.airflow import tasks
+
+        return tasks.read_outcomes()
+
+    # Planning runs even when an earlier mapped step had no chunks (and so was skipped).
+    @task(trigger_rule="none_failed")
+    def plan(step: str, entities: list[str]) -> list[dict]:
+        from b2b_onboarding.airflow import tasks
+
+        return tasks.plan(step, entities)
+
+    @task(map_index_template=CHUNK, pool="d365_commerce")
+    def write_customers(legal_entity: str, first_id: str, last_id: str) -> dict:
+        from b2b_onboarding.airflow import tasks
+
+        return tasks.write_customers(legal_entity, first_id, last_id)
+
+    @task(map_index_template=CHUNK, pool="d365_commerce")
+    def approve_won(legal_entity: str, first_id: str, last_id: str) -> dict:
+        from b2b_onboarding.airflow import tasks
+
+        return tasks.approve_won(legal_entity, first_id, last_id)
+
+    @task(map_index_template=CHUNK, pool="d365_commerce")
+    def reject_lost(legal_entity: str, first_id: str, last_id: str) -> dict:
+        from b2b_onboarding.airflow import tasks
+
+        return tasks.reject_lost(legal_entity, first_id, last_id)
+
+    entities = legal_entities()
+    outcomes = read_outcomes()
+    customer_chunks = plan.override(task_id="plan_customers")("customers", entities)
+    customers = write_customers.expand_kwargs(customer_chunks)
+    approve_chunks = plan.override(task_id="plan_approvals")("approve", entities)
+    reject_chunks = plan.override(task_id="plan_rejections")("reject", entities)
+    outcomes >> [customer_chunks, reject_chunks]
+    customers >> approve_chunks
+    approved = approve_won.expand_kwargs(approve_chunks)
+    rejected = reject_lost.expand_kwargs(reject_chunks)
+    return OutcomeSteps(entities, outcomes, customer_chunks, customers, approve_chunks, reject_chunks, approved,
+                        rejected)
+

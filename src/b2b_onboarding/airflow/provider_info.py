@@ -109,6 +109,36 @@ STATE_STORE = {
     },  # fmt: skip
 }
 
+# `[d365_b2b_onboarding]` in airflow.cfg, or AIRFLOW__D365_B2B_ONBOARDING__<OPTION>: how the DAGs are
+# scheduled (airflow/schedules.py reads it when a DAG file is parsed).
+CONFIG_SECTION = "d365_b2b_onboarding"
+_CRON_EXAMPLE = "*/15 * * * *"
+
+
+def _option(description: str, default: str, example: str, option_type: str = "string") -> dict:
+    return {"description": description, "version_added": "0.16.0", "type": option_type, "example": example,
+            "default": default}  # fmt: skip
+
+
+CONFIG = {
+    CONFIG_SECTION: {
+        "description": "Scheduling of the B2B onboarding DAGs (README, The DAGs).",
+        "options": {
+            "scheduling": _option(
+                "events: the triggerer watches Commerce HQ and Dataverse and starts b2b_prospect_sync (with an "
+                "hourly safety net) and b2b_outcomes as soon as there is work; time: both run on the crons below. "
+                "b2b_outcome_reconciliation runs nightly either way.", "events", "time"),
+            "poll_interval_s": _option(
+                "Seconds between two looks of each event trigger (events mode): one request to HQ and two to "
+                "Dataverse a look when idle.", "30", "60", "float"),
+            "sync_schedule": _option("The cron of b2b_prospect_sync in time mode.", "*/15 * * * *", _CRON_EXAMPLE),
+            "outcomes_schedule": _option("The cron of b2b_outcomes in time mode.", "*/15 * * * *", _CRON_EXAMPLE),
+            "reconciliation_schedule": _option("The cron of b2b_outcome_reconciliation, in both modes.",
+                                               "0 2 * * *", "30 1 * * *"),
+        },
+    },
+}  # fmt: skip
+
 
 def get_provider_info() -> dict:
     return {
@@ -119,4 +149,8 @@ def get_provider_info() -> dict:
         "connection-types": [COMMERCE, SALES, STATE_STORE],
         # What the onboarding DAGs do when a task fails for good; a DAG of your own can do the same.
         "notifications": ["b2b_onboarding.airflow.notifier.TaskFailureNotifier"],
+        # The event triggers the DAGs' asset watchers run in the triggerer (scheduling = events).
+        "triggers": [{"integration-name": "Dynamics 365 B2B onboarding",
+                      "python-modules": ["b2b_onboarding.airflow.triggers"]}],  # fmt: skip
+        "config": CONFIG,
     }

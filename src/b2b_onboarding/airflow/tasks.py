@@ -229,12 +229,12 @@ def tenant_of_run(store: StateStore, run_id: str, commerce_settings: ServiceSett
     the key missing) fails the task at once, naming what is missing."""
 
     def read_lead() -> dict:
-        sales = SalesClient.connect(sales_settings)
+        sales = SalesHook().client(sales_settings)
         with sales.odata:
             return sales.lead_model().to_json()
 
     def read_commerce() -> dict:
-        commerce = CommerceClient.connect(commerce_settings)
+        commerce = CommerceHook().client(commerce_settings)
         with commerce.odata:
             return {name: model.to_json() for name, model in commerce.table_models().items()}
 
@@ -265,12 +265,12 @@ class _Step:
 
     def commerce(self, legal_entity: str | None = None) -> CommerceClient:
         """Commerce HQ; in a dry run, the client that plans its writes instead."""
-        client = CommerceClient.connect(self.commerce_settings)
+        client = CommerceHook().client(self.commerce_settings)
         return DryRunCommerce(client, self.plan, legal_entity) if self.plan is not None else client
 
     def sales(self, legal_entity: str | None = None) -> SalesClient:
         """Dataverse; in a dry run, the client that plans its writes instead."""
-        client = SalesClient.connect(self.sales_settings)
+        client = SalesHook().client(self.sales_settings)
         return DryRunSales(client, self.plan, legal_entity) if self.plan is not None else client
 
     def tenant(self) -> Tenant:

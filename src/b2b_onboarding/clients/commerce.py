@@ -123,6 +123,22 @@ class CommerceClient:
         operation = f"read {status or 'all'} B2B prospects".replace("Pending", "pending")
         return self.odata.iter_pages("Prospects", operation=operation, params=params)
 
+    def pending_prospect_versions(self, legal_entities: Sequence[str]) -> Iterator[list[dict]]:
+        """The keys and `@odata.etag` of the Pending B2B prospects of these legal entities: one
+        cross-company, keys-only request (more only when they fill more than one server page), a page
+        of rows (`dataAreaId`, `ProspectId`, `@odata.etag`) at a time."""
+        if not legal_entities:
+            return iter(())
+        for legal_entity in legal_entities:
+            if "*" in legal_entity:  # in an F&O `eq` a `*` is a wildcard, and nothing escapes it
+                raise ValueError(f"legal entity {legal_entity!r}: a '*' would match other legal entities in Commerce; "
+                                 "fix the connection's extra legal_entities")  # fmt: skip
+        companies = " or ".join(f"dataAreaId eq {literal(legal_entity)}" for legal_entity in legal_entities)
+        query = (f"({companies}) and IsB2BProspect eq {enum_literal('NoYes', 'Yes')} and "
+                 f"B2BProspectStatus eq {enum_literal('RetailB2BProspectStatus', 'Pending')}")  # fmt: skip
+        params = {**_CROSS_COMPANY, "$filter": query, "$select": "dataAreaId,ProspectId"}
+        return self.odata.iter_pages("Prospects", operation="read versions of pending B2B prospects", params=params)
+
     def run_changesets(
         self, changesets: Sequence[Sequence[BatchRequest]], operation: str, repeatable: bool = True
     ) -> list[list[BatchResponse]]:

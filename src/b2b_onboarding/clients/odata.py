@@ -132,7 +132,11 @@ def _never_sent(error: httpx.TransportError) -> bool:
 
 def _backoff(attempt_number: int) -> float:
     """Exponential back-off with jitter, so that many clients failing together do not return together."""
-    return min(30.0, 0.5 * 2 ** (attempt_number - 1)) * random.uniform(0.5, 1.0)
+    return _longest_backoff(attempt_number) * random.uniform(0.5, 1.0)
+
+
+def _longest_backoff(attempt_number: int) -> float:
+    return min(30.0, 0.5 * 2 ** (attempt_number - 1))
 
 
 class _Gate:
@@ -205,6 +209,7 @@ class ODataClient:
         self._scope = scope
         self._tokens = tokens
         self._max_attempts = max_attempts
+        self._timeout_s = timeout_s
         self._verify = verify
         self.budget = budget or RetryBudget()
         self._gate = _Gate()
@@ -239,6 +244,13 @@ class ODataClient:
             headers=headers,
             connection=settings.conn_id,
         )
+
+    def longest_request_s(self) -> float:
+        """How long one request takes at most when each attempt runs into the timeout: the attempts
+        and the back-offs between them; a Retry-After longer than the back-off, or throttling (within
+        the budget's MAX_THROTTLED_WAIT_S), makes it longer. What a claim on the records it writes
+        must outlast (`flow.claims`)."""
+        return self._max_attempts * self._timeout_s + sum(map(_longest_backoff, range(1, self._max_attempts)))
 
     def close(self) -> None:
         self._http.close()

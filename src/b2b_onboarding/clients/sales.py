@@ -252,9 +252,8 @@ class SalesClient:
         (`key_fold`) → its leads (EXISTING_LEAD_COLUMNS).
 
         One ranged read per bulk write tells which prospects already have a lead, so the upsert
-        creates only the others and never overwrites a lead a seller works on. Only a run overlapping
-        in the moment between this read and its write can upsert the same rows again, with the same
-        contents (README, Backfills)."""
+        creates only the others and never overwrites a lead a seller works on. Overlapping runs do
+        not both get here for one prospect: the flow claims a batch's prospects first (flow/claims.py)."""
         company = self.company_id(legal_entity)
         older = (prospect_key(legal_entity, first_id), prospect_key(legal_entity, last_id))
         params = {
@@ -316,6 +315,18 @@ class SalesClient:
 
         feed.pages = pages()
         return feed
+
+    def has_changes(self, entity_set: str, delta_link: str) -> bool:
+        """Whether anything changed since `delta_link`: one request for at most one row or tombstone
+        (`odata.maxpagesize=1`). An expired link counts as a change: only a full read can follow it."""
+        operation, headers = f"look for {entity_set} changes", {"Prefer": "odata.track-changes,odata.maxpagesize=1"}
+        try:
+            body = self.odata.request("GET", delta_link, operation=operation, headers=headers).json()
+        except D365Error as error:
+            if error.code != EXPIRED_DELTA_TOKEN:
+                raise
+            return True
+        return bool(body.get("value"))
 
     def iter_commerce_lead_pages(self) -> Iterator[list[dict]]:
         """Every Commerce B2B lead, whatever its state: the drift check's view of Sales."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pandas as pd
@@ -116,6 +117,37 @@ def prospect_key(legal_entity: str, prospect_id: str) -> str:
 def key_fold(value: str) -> str:
     """A key as Dataverse compares it: alternate keys follow the database's case-insensitive collation."""
     return value.casefold()
+
+
+class PendingFingerprint:
+    """The fingerprint of a set of prospects as HQ shows them: each one's key and `@odata.etag`, which
+    F&O renews on every write to the row. Any prospect added, corrected or gone (decided, deleted)
+    changes it; the order rows arrive in does not (a sum of each row's sha256, modulo 2**256), so it
+    is taken page by page, and the watermark a pull stores is comparable to one a watcher takes.
+
+    `add` the rows of one legal entity (each with `ProspectId` and `@odata.etag`), then read `value`.
+    """
+
+    VERSION = "v1"  # a later way of fingerprinting must not compare equal to this one
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._sum = 0
+
+    def add(self, rows: Iterable[Mapping]) -> None:
+        for row in rows:
+            version = f"{key_fold(str(row['ProspectId']))}\0{row.get('@odata.etag') or ''}"
+            self._sum = (self._sum + int.from_bytes(hashlib.sha256(version.encode()).digest(), "big")) % 2**256
+            self.count += 1
+
+    @property
+    def value(self) -> str:
+        return f"{self.VERSION}:{self.count}:{self._sum:064x}"
+
+
+def watermark_name(legal_entity: str) -> str:
+    """Where the state store keeps a legal entity's watermark, beside Dataverse's delta links."""
+    return f"Prospects@{legal_entity.lower()}"
 
 
 def customer_account(template: str, legal_entity: str, prospect_id: str, role: str) -> str:

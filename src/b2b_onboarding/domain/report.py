@@ -96,8 +96,10 @@ _OUTCOMES: dict[str, dict[str, str | _Write]] = {
         "recorded as decided": _Write("prospects recorded as decided", "prospects that would be recorded as decided"),
     },
 }  # fmt: skip
-# Outcome counts that read the same whatever the step (`per_record.for_each_prospect`, `reconcile._in_changesets`).
-_ANY_STEP = {"failed": "prospects kept for the next run"}
+# Outcome counts that read the same whatever the step (`per_record.for_each_prospect`, `reconcile._in_changesets`,
+# `flow/claims.py`).
+_ANY_STEP = {"failed": "prospects kept for the next run",
+             "claimed by another run": "prospects another run was writing (left to it)"}  # fmt: skip
 # What the one-by-one path of a changeset refused as a whole adds to its outcome's name.
 _ONE_BY_ONE = " one by one"
 

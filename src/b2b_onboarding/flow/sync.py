@@ -5,16 +5,16 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from b2b_onboarding.clients.commerce import CommerceClient
-from b2b_onboarding.clients.sales import SalesClient
+from b2b_onboarding.clients.sales import IDS_PER_QUERY, SalesClient
 from b2b_onboarding.domain import prospects as prospect_rules
 from b2b_onboarding.domain import rules
 from b2b_onboarding.domain.prospects import key_fold
 from b2b_onboarding.domain.tenant import DEFAULT_TENANT, Tenant
 from b2b_onboarding.errors import D365Error
-from b2b_onboarding.flow import bulk
+from b2b_onboarding.flow import bulk, claims
 from b2b_onboarding.flow.per_record import keep
 from b2b_onboarding.store.state import StateStore
 
@@ -34,17 +34,25 @@ def pull_prospects(
 
     With `prospect_ids` (a targeted rerun), only those prospects are read, each by its key, whatever
     the Pending page set holds; each must still be a Pending B2B prospect to be tracked.
+
+    A whole pull, once every page is recorded, stores the fingerprint of what it read as the legal
+    entity's watermark (`flow.watch`: the trigger compares HQ with it); a targeted pull read only some
+    prospects, and a dry run's store keeps none.
     """
     counts: Counter[str] = Counter()
     pages = commerce.iter_prospect_pages(legal_entity) if prospect_ids is None else _named_prospects(
         commerce, legal_entity, prospect_ids, counts)  # fmt: skip
+    read = prospect_rules.PendingFingerprint()
     for page in pages:
+        read.add(page)
         validated = prospect_rules.validate_page(page, legal_entity, tenant)
         in_use = store.emails_in_use(legal_entity, validated["email"].dropna())
         validated = prospect_rules.refuse_duplicate_emails(validated, legal_entity, in_use)
         counts["pulled"] += len(validated)
         counts["invalid"] += int(validated["error"].notna().sum())
         counts.update(store.record_pulled(validated, run_id))
+    if prospect_ids is None:
+        store.set_delta_link(prospect_rules.watermark_name(legal_entity), read.value, run_id)
     return {"step": "pull", "legal_entity": legal_entity, **counts}
 
 
@@ -82,31 +90,59 @@ def push_leads(
     or adopts the one lead that already exists under either form of key, whoever made it (this
     product, dual-write before the cut-over, a seller), as it is: its state is read at adoption, and
     an untagged one is tagged as a Commerce B2B lead. Two leads for one prospect are an anomaly and
-    neither is adopted. A record the service refuses keeps its error and is retried next run."""
-    todo = store.work("push", legal_entity, first_id, last_id)
+    neither is adopted. A record the service refuses keeps its error and is retried next run.
+
+    Each batch (one by one: each prospect) is claimed before its leads are read and written, so that
+    overlapping runs write each lead once (`flow.claims`); what another run holds is done after it."""
     result = _LeadOutcomes(legal_entity)
-    if not sales.bulk:
-        for row in todo.to_dict("records"):
-            try:
-                leads = sales.get_leads(legal_entity, row["prospect_id"])
-                if not leads:
-                    lead_id, existing = sales.create_lead(legal_entity, row["prospect_id"],
-                                                          prospect_rules.lead_of(row["prospect"], tenant))  # fmt: skip
-                    if existing is None:
-                        result.created(row, lead_id)
-                        continue
-                    leads = [existing]
-                result.found(row, leads)
-            except D365Error as error:
-                if not error.is_record_error:
-                    raise
-                result.refused(row, error)
-        return result.record(sales, store, run_id)
+    # A claim guards a batch's ranged read and its upsert; one by one, a prospect's read, its create,
+    # and the read of the lead a refused create found.
+    held_for = claims.lease(sales, 2 if sales.bulk else 3)
+    with claims.Claims(store, "push", run_id) as claimed:
+        for todo in claimed.rounds(lambda: store.work("push", legal_entity, first_id, last_id)):
+            if sales.bulk:
+                _push_in_bulk(sales, claimed, held_for, todo.to_dict("records"), result, legal_entity, tenant)
+            else:
+                _push_one_by_one(sales, claimed, held_for, todo.to_dict("records"), result, legal_entity, tenant)
+            result.record(sales, store, run_id, claimed.claimant)
+    if claimed.elsewhere:
+        result.counts["claimed by another run"] = len(claimed.elsewhere)
+    return {"step": "push", "legal_entity": legal_entity, **result.counts}
 
-    pending = todo.to_dict("records")
 
+def _push_one_by_one(
+    sales: SalesClient, claimed: claims.Claims, held_for: timedelta, pending: list[dict], result: _LeadOutcomes,
+    legal_entity: str, tenant: Tenant,
+) -> None:  # fmt: skip
+    for row in pending:
+        if not claimed.take([row], held_for):
+            continue
+        try:
+            leads = sales.get_leads(legal_entity, row["prospect_id"])
+            if not leads:
+                lead_id, existing = sales.create_lead(legal_entity, row["prospect_id"],
+                                                      prospect_rules.lead_of(row["prospect"], tenant))  # fmt: skip
+                if existing is None:
+                    result.created(row, lead_id)
+                    continue
+                leads = [existing]
+            result.found(row, leads)
+        except D365Error as error:
+            if not error.is_record_error:
+                raise
+            result.refused(row, error)
+
+
+def _push_in_bulk(
+    sales: SalesClient, claimed: claims.Claims, held_for: timedelta, pending: list[dict], result: _LeadOutcomes,
+    legal_entity: str, tenant: Tenant,
+) -> None:  # fmt: skip
     def send(batch: Sequence[dict]) -> dict[str, list[dict] | str]:
-        """Prospect id → its existing leads, or the id of the lead created for it."""
+        """Prospect id → its existing leads, or the id of the lead created for it; of the batch's
+        prospects this task holds (the others are left to the run that claims them)."""
+        batch = claimed.take(batch, held_for)
+        if not batch:
+            return {}
         existing = sales.leads_between(legal_entity, batch[0]["prospect_id"], batch[-1]["prospect_id"])
         found = {row["prospect_id"]: existing[key_fold(row["prospect_id"])] for row in batch
                  if key_fold(row["prospect_id"]) in existing}  # fmt: skip
@@ -120,16 +156,15 @@ def push_leads(
             result.refused(outcome.item, outcome.error)
             continue
         for row in outcome.items:
-            answer = outcome.result[row["prospect_id"]]
+            answer = outcome.result.get(row["prospect_id"])
             if isinstance(answer, str):
                 result.created(row, answer)
-            else:
+            elif answer is not None:
                 result.found(row, answer)
-    return result.record(sales, store, run_id)
 
 
 class _LeadOutcomes:
-    """What `push_leads` found or did per prospect, recorded in the store in one go."""
+    """What `push_leads` found or did per prospect, recorded in the store in one go per round."""
 
     def __init__(self, legal_entity: str) -> None:
         self.legal_entity = legal_entity
@@ -174,16 +209,17 @@ class _LeadOutcomes:
         self.updates.append(((row["legal_entity"], row["prospect_id"]), {}, keep(row, str(error))))
         self.counts["failed"] += 1
 
-    def record(self, sales: SalesClient, store: StateStore, run_id: str) -> dict:
+    def record(self, sales: SalesClient, store: StateStore, run_id: str, claimant: str) -> None:
         """Tags the untagged leads adopted (before the store records them: a run killed in between
-        finds them again and tags them), then records every outcome."""
+        finds them again and tags them), then records every outcome so far, ending the claimant's
+        claims in the same transaction."""
         tagged = self._tag(sales)
-        store.update_many(self.updates, run_id)
+        store.update_many(self.updates, run_id, release=("push", claimant))
         if self.anomalies:
             store.record_anomalies(self.anomalies, run_id)
         store.note([(key, "adopted an untagged lead and tagged it as a Commerce B2B lead")
                     for key, lead_id in self.untagged if lead_id in tagged], run_id)  # fmt: skip
-        return {"step": "push", "legal_entity": self.legal_entity, **self.counts}
+        self.updates, self.anomalies, self.untagged = [], [], []
 
     def _tag(self, sales: SalesClient) -> set[str]:
         """Tags the untagged leads adopted, so that "All Commerce B2B leads" and the drift check see
@@ -210,13 +246,34 @@ def correct_leads(
 ) -> dict:  # fmt: skip
     """Carries corrections made in HQ to open leads, in bulk: a mapped column that HQ changed is
     updated unless a seller changed it in Sales too, in which case the seller's value stays and the
-    clash is an anomaly (`lead_edited_in_sales`). Each change is in the prospect's history."""
-    todo = store.work("correct", legal_entity, first_id, last_id)
-    columns = ("leadid", "statecode", *prospect_rules.MAPPED_LEAD_COLUMNS)
-    current = {row["leadid"].lower(): row for row in sales.get_by_ids("leads", "leadid", todo["lead_id"].dropna(), columns)}
+    clash is an anomaly (`lead_edited_in_sales`). Each change is in the prospect's history.
+
+    The chunk's prospects are claimed before their leads are read, so that overlapping runs update
+    each lead once (`flow.claims`); what another run holds is done after it."""
     counts: Counter[str] = Counter()
+    with claims.Claims(store, "correct", run_id) as claimed:
+        for todo in claimed.rounds(lambda: store.work("correct", legal_entity, first_id, last_id)):
+            rows = todo.to_dict("records")
+            # The claim guards the reads of the leads (IDS_PER_QUERY a request, max_concurrency at once)
+            # and the updates after them (targets_per_request each, one after another).
+            reads = -(-len(rows) // IDS_PER_QUERY)
+            requests = -(-reads // sales.max_concurrency) + -(-len(rows) // sales.targets_per_request)
+            taken = claimed.take(rows, claims.lease(sales, requests))
+            if taken:
+                _correct(sales, store, taken, run_id, claimed.claimant, counts)
+    if claimed.elsewhere:
+        counts["claimed by another run"] = len(claimed.elsewhere)
+    return {"step": "correct leads", "legal_entity": legal_entity, **counts}
+
+
+def _correct(
+    sales: SalesClient, store: StateStore, todo: list[dict], run_id: str, claimant: str, counts: Counter[str]
+) -> None:
+    columns = ("leadid", "statecode", *prospect_rules.MAPPED_LEAD_COLUMNS)
+    lead_ids = [row["lead_id"] for row in todo if row["lead_id"] is not None]
+    current = {row["leadid"].lower(): row for row in sales.get_by_ids("leads", "leadid", lead_ids, columns)}
     changes, facts, notes, clashes = [], {}, {}, []
-    for row in todo.to_dict("records"):
+    for row in todo:
         key, lead = (row["legal_entity"], row["prospect_id"]), current.get(row["lead_id"])
         if lead is None or lead.get("statecode") != 0:  # gone or closed: the reconciliation reads it
             counts["not open"] += 1
@@ -249,14 +306,13 @@ def correct_leads(
             updates.append((key, {}, keep({"legal_entity": key[0], "prospect_id": key[1]}, str(outcome.error))))
             counts["failed"] += 1
     updates += [(key, fact, None) for key, fact in facts.items()]
-    store.update_many(updates, run_id)
+    store.update_many(updates, run_id, release=("correct", claimant))
     store.note([(key, notes[key]) for key in notes if key in written], run_id)
     if clashes:
         store.record_anomalies(clashes, run_id)
     counts["corrected"] += len(written)
     counts["clashes"] += len(clashes)
     counts["unchanged"] += len(facts) - len(written)
-    return {"step": "correct leads", "legal_entity": legal_entity, **counts}
 
 
 def _same(a: object, b: object) -> bool:

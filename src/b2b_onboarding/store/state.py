@@ -105,6 +105,34 @@ delta_links = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 
+# Watermarks of HQ (the fingerprint of a legal entity's Pending prospects as the sync last pulled them,
+# under `Prospects@<legal entity>`) live beside Dataverse's delta links: only the task that applied
+# the changes a link or watermark covers moves it, never a trigger.
+
+# Who is writing a prospect right now (`StateStore.claim`): overlapping runs skip or wait for a prospect
+# another live task holds, so each lead is written once. A claim ends with its task's record, or at
+# `claimed_until` when its task died.
+claims = sa.Table(
+    "b2b_claims",
+    metadata,
+    sa.Column("legal_entity", sa.String(16), primary_key=True),
+    sa.Column("prospect_id", sa.String(255), primary_key=True),
+    sa.Column("step", sa.String(32), primary_key=True),
+    sa.Column("owner", sa.String(800), nullable=False),
+    sa.Column("claimed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("claimed_until", sa.DateTime(timezone=True), nullable=False),
+)
+
+# MSAL's token cache of each app registration (authority and client), serialized and encrypted with
+# Airflow's Fernet key, so that tasks and triggers share one token per client.
+token_caches = sa.Table(
+    "b2b_token_caches",
+    metadata,
+    sa.Column("name", sa.String(400), primary_key=True),
+    sa.Column("cache", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
 drift_findings = sa.Table(
     "b2b_drift_findings",
     metadata,
@@ -425,8 +453,11 @@ class StateStore:
         """Records new facts (and clears the last error), or records an error for this prospect."""
         self.update_many([((legal_entity, prospect_id), facts, error)], run_id)
 
-    def update_many(self, updates: Iterable[tuple[tuple[str, str], Mapping[str, Any], str | None]], run_id: str) -> int:
-        """Applies (key, facts, error) updates in one transaction; returns how many rows changed."""
+    def update_many(self, updates: Iterable[tuple[tuple[str, str], Mapping[str, Any], str | None]], run_id: str,
+                    release: tuple[str, str] | None = None) -> int:  # fmt: skip
+        """Applies (key, facts, error) updates in one transaction; returns how many rows changed. With
+        `release` (step, claimant), that claimant's claims of the step end in the same transaction:
+        the outcomes they guarded are recorded."""
         updates = list(updates)
         for key, facts, _ in updates:
             unknown = set(facts) - set(FACT_COLUMNS)
@@ -442,6 +473,8 @@ class StateStore:
                     if key not in known:
                         raise KeyError(f"prospect {key[0]}/{key[1]} is not tracked")
                 changed += self._apply(connection, known, chunk, run_id, now)
+            if release is not None:
+                self._release(connection, *release)
         return changed
 
     def apply_changes(self, changes: pd.DataFrame, run_id: str) -> int:
@@ -529,6 +562,19 @@ class StateStore:
                     entity_set=entity_set, delta_link=delta_link, run_id=run_id, updated_at=_now()
                 ))  # fmt: skip
 
+    def token_cache(self, name: str) -> tuple[str, datetime] | None:
+        """A token cache as `save_token_cache` kept it (encrypted by its caller), and when it was saved."""
+        with self.engine.connect() as connection:
+            query = sa.select(token_caches.c.cache, token_caches.c.updated_at).where(token_caches.c.name == name)
+            row = connection.execute(query).first()
+        return None if row is None else (row.cache, row.updated_at)
+
+    def save_token_cache(self, name: str, cache: str) -> None:
+        """Replaces the token cache `name` (already encrypted: the store never sees a token in clear)."""
+        with self._write() as connection:
+            connection.execute(token_caches.delete().where(token_caches.c.name == name))
+            connection.execute(token_caches.insert().values(name=name, cache=cache, updated_at=_now()))
+
     def record_drift(self, findings: pd.DataFrame, run_id: str) -> None:
         """Replaces this run's drift findings (a rerun of the check does not double them)."""
         now = _now()
@@ -571,6 +617,70 @@ class StateStore:
             anomalies.c.legal_entity, anomalies.c.prospect_id, anomalies.c.kind)  # fmt: skip
         with self.engine.connect() as connection:
             return pd.DataFrame(connection.execute(query).mappings().all(), columns=list(ANOMALY_COLUMNS), dtype=object)
+
+    # --- claims: which task is writing a prospect right now (`claims`) --------------------------------
+
+    def claimant(self, run_id: str) -> str:
+        """Who claims prospects through this store in run `run_id`: the task instance (its DAG, run, task
+        and map index, from `writer`), so that a retry of a task is the same claimant and takes its
+        claims back at once; outside Airflow (no writer), the run."""
+        if not self.writer:
+            return run_id
+        return f"{self.writer['dag_id']}/{run_id}/{self.writer['task_id']}/{self.writer['map_index']}"
+
+    def claim(
+        self, step: str, keys: Iterable[tuple[str, str]], claimant: str, lease: timedelta
+    ) -> set[tuple[str, str]]:
+        """Claims prospects for one step until `lease` from now, and returns those the claimant now
+        holds: the unclaimed ones, those whose claim ran out (its task died), and its own (renewed).
+        A prospect another claimant holds stays with it. Under the store's write lock, so that two
+        claimants never hold one prospect at once; claims that ran out (of any step) go on the way."""
+        keys = list(dict.fromkeys(keys))
+        now = _now()
+        held: set[tuple[str, str]] = set()
+        key = sa.tuple_(claims.c.legal_entity, claims.c.prospect_id)
+        with self._write() as connection:
+            connection.execute(claims.delete().where(claims.c.claimed_until <= now))
+            for start in range(0, len(keys), _KEYS_PER_QUERY):
+                chunk = keys[start : start + _KEYS_PER_QUERY]
+                others = sa.select(claims.c.legal_entity, claims.c.prospect_id).where(
+                    claims.c.step == step, claims.c.owner != claimant, key.in_(chunk))  # fmt: skip
+                taken = {tuple(row) for row in connection.execute(others)}
+                mine = [pair for pair in chunk if pair not in taken]
+                if mine:
+                    connection.execute(claims.delete().where(claims.c.step == step, key.in_(mine)))
+                    connection.execute(claims.insert(), [
+                        {"legal_entity": legal_entity, "prospect_id": prospect_id, "step": step, "owner": claimant,
+                         "claimed_at": now, "claimed_until": now + lease}
+                        for legal_entity, prospect_id in mine])  # fmt: skip
+                held.update(mine)
+        return held
+
+    def release(self, step: str, claimant: str, keys: Iterable[tuple[str, str]] | None = None) -> None:
+        """Ends the claimant's claims of one step: on these prospects, or all of them."""
+        with self._write() as connection:
+            self._release(connection, step, claimant, keys)
+
+    def _release(
+        self, connection: sa.Connection, step: str, claimant: str, keys: Iterable[tuple[str, str]] | None = None
+    ) -> None:
+        mine = (claims.c.step == step, claims.c.owner == claimant)
+        if keys is None:
+            connection.execute(claims.delete().where(*mine))
+            return
+        keys, key = list(keys), sa.tuple_(claims.c.legal_entity, claims.c.prospect_id)
+        for start in range(0, len(keys), _KEYS_PER_QUERY):
+            connection.execute(claims.delete().where(*mine, key.in_(keys[start : start + _KEYS_PER_QUERY])))
+
+    def claimed(self, step: str, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, datetime]]:
+        """The live claims of one step on these prospects: key → (claimant, claimed until, in UTC)."""
+        query = sa.select(claims.c.legal_entity, claims.c.prospect_id, claims.c.owner, claims.c.claimed_until).where(
+            claims.c.step == step, claims.c.claimed_until > _now())  # fmt: skip
+        live = {}
+        for row in self._selected(query, [(sa.tuple_(claims.c.legal_entity, claims.c.prospect_id), keys)]):
+            until = row["claimed_until"]  # SQLite hands back naive times (stored in UTC), PostgreSQL aware ones
+            live[(row["legal_entity"], row["prospect_id"])] = row["owner"], until.replace(tzinfo=until.tzinfo or UTC)
+        return live
 
     def _rows(self, connection: sa.Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], dict]:
         keys = list(keys)
@@ -879,6 +989,17 @@ class DryRunStore(StateStore):
 
     # What a dry run never keeps.
     def _insert_history(self, connection: sa.Connection, history: list[dict]) -> None:
+        pass
+
+    def claim(
+        self, step: str, keys: Iterable[tuple[str, str]], claimant: str, lease: timedelta
+    ) -> set[tuple[str, str]]:
+        """Every prospect, claimed by nobody: a dry run writes nothing to guard (its plan is its own)."""
+        return set(keys)
+
+    def _release(
+        self, connection: sa.Connection, step: str, claimant: str, keys: Iterable[tuple[str, str]] | None = None
+    ) -> None:
         pass
 
     def record_opportunities(self, seen: pd.DataFrame, run_id: str, gone: Iterable[str] = ()) -> None:

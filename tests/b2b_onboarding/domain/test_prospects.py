@@ -140,3 +140,42 @@ def test_other_legal_entities_and_invalid_rows_neither_hold_nor_lose_an_email():
 
     assert checked["error"].tolist() == page["error"].tolist()
     assert errors_of(checked)["usrt/P-000003"] is None
+
+
+VERSIONS = [{"ProspectId": f"P-{n:06d}", "@odata.etag": f'W/"{n}"'} for n in range(1, 8)]
+
+
+def fingerprint(*pages) -> prospects.PendingFingerprint:
+    taken = prospects.PendingFingerprint()
+    for page in pages:
+        taken.add(page)
+    return taken
+
+
+def test_a_fingerprint_is_the_same_whatever_the_order_and_pages_the_rows_come_in():
+    whole = fingerprint(VERSIONS)
+    assert fingerprint(VERSIONS[5:], VERSIONS[:2], VERSIONS[2:5]).value == whole.value
+    assert fingerprint(VERSIONS[::-1]).value == whole.value
+    assert whole.count == 7 and whole.value.startswith("v1:7:") and len(whole.value) == len("v1:7:") + 64
+
+
+def test_a_fingerprint_changes_with_any_prospect_added_gone_or_written():
+    whole = fingerprint(VERSIONS).value
+    assert fingerprint(VERSIONS[1:]).value != whole  # decided or deleted
+    assert fingerprint(VERSIONS, [{"ProspectId": "P-000008", "@odata.etag": 'W/"8"'}]).value != whole
+    written = [{**row, "@odata.etag": 'W/"99"'} if row["ProspectId"] == "P-000003" else row for row in VERSIONS]
+    assert fingerprint(written).value != whole
+    # two rows trading etags are two writes, not the same set
+    swapped = [{**VERSIONS[0], "@odata.etag": VERSIONS[1]["@odata.etag"]},
+               {**VERSIONS[1], "@odata.etag": VERSIONS[0]["@odata.etag"]}, *VERSIONS[2:]]  # fmt: skip
+    assert fingerprint(swapped).value != whole
+
+
+def test_a_fingerprint_compares_keys_as_hq_does_and_an_empty_set_has_one():
+    upper = [{**row, "ProspectId": row["ProspectId"].lower()} for row in VERSIONS]
+    assert fingerprint(upper).value == fingerprint(VERSIONS).value
+    assert fingerprint().value == fingerprint([]).value == "v1:0:" + "0" * 64
+
+
+def test_the_watermark_of_a_legal_entity_is_named_in_lowercase_beside_the_delta_links():
+    assert prospects.watermark_name("USRT") == prospects.watermark_name("usrt") == "Prospects@usrt"

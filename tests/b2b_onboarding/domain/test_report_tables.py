@@ -48,9 +48,9 @@ def widest_results(dry_run: bool = False) -> list[dict]:
             {"step": "pull", "legal_entity": le, "pulled": 123456, "invalid": 1234, "not found": 12, "not pending": 34,
              "new": 100000, "refreshed": 12345, "corrected": 2345, "unchanged": 9876, **cost(commerce=True, dry_run=dry_run)},
             {"step": "push", "legal_entity": le, "created": 100000, "adopted": 12345, "conflicts": 12, "failed": 123,
-             "tagging failed": 3, "tagged": 1234, **cost(dataverse=True, dry_run=dry_run)},
+             "tagging failed": 3, "tagged": 1234, "claimed by another run": 56, **cost(dataverse=True, dry_run=dry_run)},
             {"step": "correct leads", "legal_entity": le, "not open": 123, "failed": 12, "corrected": 2345, "clashes": 23,
-             "unchanged": 345, **cost(dataverse=True, dry_run=dry_run)},
+             "unchanged": 345, "claimed by another run": 7, **cost(dataverse=True, dry_run=dry_run)},
         ]  # fmt: skip
     results.append(
         {"step": "read outcomes", "legal_entity": "*", "leads_read": 123456, "leads_changes": 12345,

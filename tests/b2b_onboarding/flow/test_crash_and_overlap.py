@@ -174,8 +174,8 @@ def test_a_step_killed_right_after_a_write_ends_as_an_uninterrupted_run(world, a
     assert admin.counts()[system]["writes"] != writes_before, "the write landed before the kill"
     admin.clear_faults()
 
-    if step == "sync":  # the sync's rerun, then the sellers
-        run_to_the_end(clients, store, "manual__after_kill")
+    if step == "sync":  # the killed task's retry (it takes its claims back at once), then the sellers
+        run_to_the_end(clients, store, "manual__killed")
         decide(admin, plan)
     run_to_the_end(clients, store, "manual__after_kill")
     run_to_the_end(clients, store, "manual__again")
@@ -194,6 +194,7 @@ def test_overlapping_runs_and_a_backfill_end_as_one_run(world, admin, clients, s
         runs = [child(world, state_url, "sync", f"scheduled__{n}") for n in range(2)]
         for run in runs:
             finished(run)
+        assert admin.counts()["dataverse"]["writes"]["leads"] == len(plan), "each lead written once (claims)"
         decide(admin, plan)
         runs = [child(world, state_url, "reconcile", f"scheduled__{n}") for n in range(2)]
         runs.append(child(world, state_url, "sync", "backfill__2026-11-01"))  # a backfill of the sync alongside

@@ -19,7 +19,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from b2b_onboarding.airflow.ui import links
-from b2b_onboarding.airflow.ui.links import RECONCILIATION_DAG_ID, SYNC_DAG_ID
+from b2b_onboarding.airflow.ui.links import OUTCOMES_DAG_ID, RECONCILIATION_DAG_ID, SYNC_DAG_ID
 from b2b_onboarding.airflow.ui.queries import Queries, iso
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class Figure:
 
 STEP_TASKS = {
     SYNC_DAG_ID: ("pull_prospects", "push_leads", "correct_leads"),
+    OUTCOMES_DAG_ID: ("read_outcomes", "write_customers", "approve_won", "reject_lost"),
     RECONCILIATION_DAG_ID: ("read_outcomes", "write_customers", "approve_won", "reject_lost", "check_drift"),
 }
 # Prospects a step kept with their error: a system refused the record, or a conflict (per_record.py).
@@ -79,14 +80,14 @@ FIGURES = {
         Figure("record_errors", "record errors", ("push_leads", "correct_leads"), _RECORD_ERRORS),
         *_cost(SYNC_DAG_ID),
     ),
-    RECONCILIATION_DAG_ID: (
+    **{dag_id: (
         Figure("customers_written", "customers written", ("write_customers",), _written("created")),
         Figure("approved", "approved", ("approve_won",), _written("approved")),
         Figure("rejected", "rejected", ("reject_lost",), _written("rejected")),
         Figure("record_errors", "record errors", ("write_customers", "approve_won", "reject_lost"), _RECORD_ERRORS),
-        *_cost(RECONCILIATION_DAG_ID),
-    ),
-}
+        *_cost(dag_id),
+    ) for dag_id in (OUTCOMES_DAG_ID, RECONCILIATION_DAG_ID)},
+}  # fmt: skip
 
 
 def airflow_dag_runs(dag_id: str, limit: int) -> list[dict] | None:

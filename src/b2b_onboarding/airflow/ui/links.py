@@ -13,8 +13,10 @@ from __future__ import annotations
 from urllib.parse import quote
 
 SYNC_DAG_ID = "b2b_prospect_sync"
+# The light outcome DAG: the reconciliation's steps, run as soon as sellers decide (or every 15 minutes).
+OUTCOMES_DAG_ID = "b2b_outcomes"
 RECONCILIATION_DAG_ID = "b2b_outcome_reconciliation"
-DAG_IDS = (SYNC_DAG_ID, RECONCILIATION_DAG_ID)
+DAG_IDS = (SYNC_DAG_ID, OUTCOMES_DAG_ID, RECONCILIATION_DAG_ID)
 
 # Tasks mapped over legal entities or chunks: their run page lists the mapped instances.
 MAPPED_TASKS = frozenset({"pull_prospects", "push_leads", "correct_leads", "write_customers", "approve_won",

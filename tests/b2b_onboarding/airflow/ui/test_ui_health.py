@@ -24,7 +24,8 @@ from ui_data import (
 
 from b2b_onboarding.airflow.ui import health
 
-SYNC, NIGHT = "b2b_prospect_sync", "b2b_outcome_reconciliation"
+SYNC, OUTCOMES, NIGHT = "b2b_prospect_sync", "b2b_outcomes", "b2b_outcome_reconciliation"
+OUTCOMES_RUN = "asset_triggered__2026-11-21T02:05:00+00:00"
 FAILED = "scheduled__2026-11-21T02:15:00+00:00"
 SUCCEEDED = "scheduled__2026-11-21T02:00:00+00:00"
 RUNNING = "scheduled__2026-11-21T02:30:00+00:00"
@@ -76,11 +77,15 @@ def history(store):
     record_result(store, NIGHT, NIGHT_RUN, "reject_lost", 0, "reject", "usrt", written=1, commerce_requests=1)
     record_result(store, NIGHT, NIGHT_RUN, "check_drift", -1, "drift check", prospects=5, leads=5, commerce_requests=1,
                   dataverse_requests=1)  # fmt: skip
+    record_result(store, OUTCOMES, OUTCOMES_RUN, "read_outcomes", -1, "read outcomes", leads_read=1,
+                  dataverse_requests=2)  # fmt: skip
+    record_result(store, OUTCOMES, OUTCOMES_RUN, "approve_won", 0, "approve", "usrt", approved=2, commerce_requests=1)
     runs = runs_of(**{
         SYNC: [dag_run(RUNNING, "running", (datetime.now(UTC) - timedelta(seconds=90)).isoformat(), None),
                dag_run(FAILED, "failed", "2026-11-21T02:15:00+00:00", 240),
                dag_run(SUCCEEDED, "success", "2026-11-21T02:00:00+00:00", 120),
                dag_run(DRY, "success", "2026-11-21T01:50:00+00:00", 30)],
+        OUTCOMES: [dag_run(OUTCOMES_RUN, "success", "2026-11-21T02:05:00+00:00", 20)],
         NIGHT: [dag_run(NEXT_NIGHT, "failed", "2026-11-21T02:00:00+00:00", 60),
                 dag_run(NIGHT_RUN, "success", "2026-11-20T02:00:00+00:00", 600)],
     })  # fmt: skip
@@ -89,7 +94,7 @@ def history(store):
 
 
 def test_the_run_history_sums_each_runs_step_results_and_shows_missing_steps_as_missing(history):
-    sync, night = history.get("/api/runs").json()["dags"]
+    sync, outcomes, night = history.get("/api/runs").json()["dags"]
     assert [run["run_id"] for run in sync["runs"]] == [RUNNING, FAILED, SUCCEEDED, DRY]  # newest first
     running, failed, succeeded, dry = sync["runs"]
     assert succeeded["figures"] == {"pulled": 5, "invalid": 1, "leads_created": 3, "leads_adopted": 1,
@@ -107,6 +112,9 @@ def test_the_run_history_sums_each_runs_step_results_and_shows_missing_steps_as_
         ("push_leads", "usrt P-1…P-3", AUTH)]  # fmt: skip
     assert running["figures"]["pulled"] is None and 90 <= running["duration_seconds"] < 120  # so far
     assert dry["dry_run"] is True  # told by its step results, whatever the run's conf says
+    [outcomes_run] = outcomes["runs"]  # the reconciliation's figures, of its own runs
+    assert outcomes_run["figures"] == {"customers_written": 0, "approved": 2, "rejected": 0, "record_errors": 0,
+                                       "commerce_requests": 1, "dataverse_requests": 2, "throttled": 0}  # fmt: skip
     night_failed, night_succeeded = night["runs"]
     assert set(night_failed["figures"].values()) == {None} and night_failed["missing_steps"][0] == "read_outcomes"
     assert night_succeeded["figures"] == {"customers_written": 3, "approved": 1, "rejected": 1, "record_errors": 2,
@@ -134,7 +142,7 @@ def test_a_run_older_than_the_step_results_shows_its_figures_as_missing(store):
 def test_the_chart_has_one_bar_per_run_coloured_by_state_and_failed_runs_marked(history):
     html = history.get("/runs").text
     svg = re.findall(r"<svg[^>]*>.*?</svg>", html, re.S)
-    assert len(svg) == 2  # one per DAG, inline: no script, no external asset
+    assert len(svg) == 3  # one per DAG, inline: no script, no external asset
     sync = svg[0]
     assert 'role="img"' in sync and "aria-label=\"How long each of the last 4 runs of b2b_prospect_sync took" in sync
     assert "took, oldest first: 2 success, 1 failed, 1 running" in sync
