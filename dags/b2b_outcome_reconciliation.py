@@ -24,7 +24,14 @@ from datetime import timedelta
 
 from airflow.sdk import Param, dag, task
 
-from b2b_onboarding.airflow.params import DEFAULT_ARGS, START_DATE, TAGS, outcome_params, outcome_steps
+from b2b_onboarding.airflow.params import (
+    DEFAULT_ARGS,
+    START_DATE,
+    TAGS,
+    closing_tasks,
+    outcome_params,
+    outcome_steps,
+)
 from b2b_onboarding.airflow.schedules import reconciliation_schedule
 
 
@@ -50,13 +57,6 @@ def b2b_outcome_reconciliation():
 
         return tasks.check_drift(entities)
 
-    # Runs whatever happened before it, and says what is missing.
-    @task(trigger_rule="all_done")
-    def report() -> None:
-        from b2b_onboarding.airflow import tasks
-
-        tasks.report_run()
-
     # Runs whatever happened before it; retrying would not change its answer.
     @task(trigger_rule="all_done", retries=0)
     def check_sla() -> dict:
@@ -64,16 +64,10 @@ def b2b_outcome_reconciliation():
 
         return tasks.check_sla()
 
-    # The run's last task: red when any task failed for good (README, Runbook, "The run is red").
-    @task(trigger_rule="all_done", retries=0, on_failure_callback=[])
-    def all_tasks_succeeded() -> None:
-        from b2b_onboarding.airflow import tasks
-
-        tasks.all_tasks_succeeded()
-
     steps = outcome_steps()
     drift = check_drift(steps.entities)
     [steps.approved, steps.rejected] >> drift
+    report, all_tasks_succeeded = closing_tasks()
     reported = report()
     [steps.outcomes, steps.customers, steps.approved, steps.rejected, drift] >> reported
     checked = check_sla()

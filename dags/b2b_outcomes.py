@@ -23,9 +23,16 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from airflow.sdk import dag, task
+from airflow.sdk import dag
 
-from b2b_onboarding.airflow.params import DEFAULT_ARGS, START_DATE, TAGS, outcome_params, outcome_steps
+from b2b_onboarding.airflow.params import (
+    DEFAULT_ARGS,
+    START_DATE,
+    TAGS,
+    closing_tasks,
+    outcome_params,
+    outcome_steps,
+)
 from b2b_onboarding.airflow.schedules import outcomes_schedule
 
 
@@ -40,21 +47,8 @@ from b2b_onboarding.airflow.schedules import outcomes_schedule
     doc_md=__doc__,
 )
 def b2b_outcomes():
-    # Runs whatever happened before it, and says what is missing.
-    @task(trigger_rule="all_done")
-    def report() -> None:
-        from b2b_onboarding.airflow import tasks
-
-        tasks.report_run()
-
-    # The run's last task: red when any task failed for good (README, Runbook, "The run is red").
-    @task(trigger_rule="all_done", retries=0, on_failure_callback=[])
-    def all_tasks_succeeded() -> None:
-        from b2b_onboarding.airflow import tasks
-
-        tasks.all_tasks_succeeded()
-
     steps = outcome_steps()
+    report, all_tasks_succeeded = closing_tasks()
     reported = report()
     [steps.outcomes, steps.customers, steps.approved, steps.rejected] >> reported
     [*steps, reported] >> all_tasks_succeeded()

@@ -29,7 +29,14 @@ from datetime import timedelta
 
 from airflow.sdk import dag, task
 
-from b2b_onboarding.airflow.params import CHUNK, DEFAULT_ARGS, START_DATE, TAGS, run_params
+from b2b_onboarding.airflow.params import (
+    CHUNK,
+    DEFAULT_ARGS,
+    START_DATE,
+    TAGS,
+    closing_tasks,
+    run_params,
+)
 from b2b_onboarding.airflow.schedules import sync_schedule
 
 
@@ -80,20 +87,6 @@ def b2b_prospect_sync():
 
         return tasks.correct_leads(legal_entity, first_id, last_id)
 
-    # Runs whatever happened before it, and says what is missing.
-    @task(trigger_rule="all_done")
-    def report() -> None:
-        from b2b_onboarding.airflow import tasks
-
-        tasks.report_run()
-
-    # The run's last task: red when any task failed for good (README, Runbook, "The run is red").
-    @task(trigger_rule="all_done", retries=0, on_failure_callback=[])
-    def all_tasks_succeeded() -> None:
-        from b2b_onboarding.airflow import tasks
-
-        tasks.all_tasks_succeeded()
-
     entities = legal_entities()
     pulled = pull_prospects.expand(legal_entity=entities)
     chunks = plan_push(entities)
@@ -101,6 +94,7 @@ def b2b_prospect_sync():
     pulled >> [chunks, corrections]
     pushed = push_leads.expand_kwargs(chunks)
     corrected = correct_leads.expand_kwargs(corrections)
+    report, all_tasks_succeeded = closing_tasks()
     reported = report()
     [pushed, corrected] >> reported
     [entities, pulled, chunks, corrections, pushed, corrected, reported] >> all_tasks_succeeded()

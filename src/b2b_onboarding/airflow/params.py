@@ -1,5 +1,6 @@
 """What the onboarding DAGs share: their run params (the Trigger form), their task defaults, the
-name of a chunk's task, and the outcome steps both outcome DAGs run (`outcome_steps`).
+name of a chunk's task, the outcome steps both outcome DAGs run (`outcome_steps`), and the tasks every
+DAG ends with (`closing_tasks`).
 
 Imported by the DAG processor with every parse of a DAG file, so it imports Airflow's `Param` and the
 standard library alone; the failure callback imports the notifier only once a task has failed.
@@ -134,3 +135,29 @@ def outcome_steps() -> OutcomeSteps:
     return OutcomeSteps(entities, outcomes, customer_chunks, customers, approve_chunks, reject_chunks, approved,
                         rejected)
 
+
+class ClosingTasks(NamedTuple):
+    """The two tasks every onboarding DAG ends with (`closing_tasks`), for the DAG to call and wire."""
+
+    report: Any
+    all_tasks_succeeded: Any
+
+
+def closing_tasks() -> ClosingTasks:
+    """`report`, which runs whatever happened before it and says what is missing, and the run's last
+    task `all_tasks_succeeded`, red when any task failed for good (README, Runbook, "The run is red")."""
+    from airflow.sdk import task  # the decorators load only where a DAG is defined
+
+    @task(trigger_rule="all_done")
+    def report() -> None:
+        from b2b_onboarding.airflow import tasks
+
+        tasks.report_run()
+
+    @task(trigger_rule="all_done", retries=0, on_failure_callback=[])
+    def all_tasks_succeeded() -> None:
+        from b2b_onboarding.airflow import tasks
+
+        tasks.all_tasks_succeeded()
+
+    return ClosingTasks(report, all_tasks_succeeded)

@@ -56,8 +56,7 @@ class TokenProvider:
     ) -> None:  # fmt: skip
         self.authority = authority
         self.client_id = client_id
-        # Tokens belong to the app registration, not to its secret: the name never holds the secret.
-        self.cache_name = f"{client_id}@{authority}"
+        self.cache_name = cache_name(authority, client_id, client_secret)
         self._persistence = persistence
         self._persisted: str | None = None  # the persisted cache as this provider last loaded or saved it
         self._fresh_until: dict[str, float] = {}  # per scope: until when this process's cache holds a good token
@@ -190,6 +189,14 @@ class TokenProvider:
             self._load()  # what other processes saved since: its tokens are dropped as well
             self._app.remove_tokens_for_client()
             self._save()
+
+
+def cache_name(authority: str, client_id: str, client_secret: str) -> str:
+    """The name a client's persisted token cache goes by. Tokens belong to the app registration, but a
+    token another secret got must not answer for this one: a secret rotated or pasted wrong fails at
+    once (401 invalid_client), not when the token expires. So the name holds a short digest of the
+    secret (64 bits of SHA-256: nothing to recover the secret from), never the secret."""
+    return f"{client_id}@{authority}#{hashlib.sha256(client_secret.encode()).hexdigest()[:16]}"
 
 
 _providers: dict[tuple[str, str], tuple[str, TokenProvider]] = {}

@@ -62,7 +62,8 @@ def issued(admin: FakeAdmin) -> int:
 
 
 def cache_name(world) -> str:
-    return f"{world.cast.integration['client_id']}@{world.endpoints.authority}"
+    app = world.cast.integration
+    return auth.cache_name(world.endpoints.authority, app["client_id"], app["client_secret"])
 
 
 def stored_tokens(state: StateStore, world, key: str) -> list[str]:

@@ -57,9 +57,9 @@ def test_a_second_provider_takes_the_persisted_token_instead_of_asking_entra_id(
     assert issued(admin) == 1
     (name, serialized), = persistence.saved.items()
     assert cached_tokens(serialized) == [token]
-    # named by authority and client, never by the secret, which the cache does not hold either
-    assert name == f"{world.cast.integration['client_id']}@{world.endpoints.authority}"
-    assert world.cast.integration["client_secret"] not in serialized
+    # named by authority, client and a digest of the secret, never the secret, which the cache does not hold either
+    assert name.startswith(f"{world.cast.integration['client_id']}@{world.endpoints.authority}#")
+    assert world.cast.integration["client_secret"] not in name + serialized
 
     second = provider(world, persistence)
     assert second.token(scope) == token and second.last_token_source == "cache"
@@ -163,3 +163,17 @@ def test_the_process_wide_provider_takes_up_a_persistence_given_later(world, adm
 
     assert cached_tokens(*persistence.saved.values()) == [token] and issued(admin) == 1
     assert provider(world, persistence).token(f"{endpoints.commerce}/.default") == token
+
+
+def test_a_token_another_secret_got_never_answers_for_a_wrong_secret(world, admin):
+    """A secret rotated or pasted wrong fails at once, as it did before tokens were shared, not when the
+    token the right secret got expires."""
+    persistence, scope = MemoryPersistence(), f"{world.endpoints.dataverse}/.default"
+    provider(world, persistence).token(scope)
+    app = world.cast.integration
+    wrong = TokenProvider(world.endpoints.authority, app["client_id"], "pasted-wrong-" + "x" * 24,
+                          world.endpoints.ca_bundle, persistence)  # fmt: skip
+
+    with pytest.raises(auth.AuthenticationError, match="invalid_client"):
+        wrong.token(scope)
+    assert issued(admin) == 1
