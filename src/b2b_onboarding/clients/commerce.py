@@ -59,6 +59,14 @@ def _in_url(entity_set_or_key: str) -> str:
     return f"{entity_set_or_key}?{urlencode(_CROSS_COMPANY)}"
 
 
+def _refuse_wildcard(legal_entity: str) -> None:
+    """In an F&O `eq` a `*` is a wildcard, and nothing escapes it: a legal entity holding one would read
+    other legal entities' prospects."""
+    if "*" in legal_entity:
+        raise ValueError(f"legal entity {legal_entity!r}: a '*' would match other legal entities in Commerce; "
+                         "fix the connection's extra legal_entities")  # fmt: skip
+
+
 class CommerceClient:
     def __init__(
         self, odata: ODataClient, bulk: bool = True, changesets_per_batch: int = DEFAULT_CHANGESETS_PER_BATCH,
@@ -111,9 +119,7 @@ class CommerceClient:
     ) -> Iterator[list[dict]]:
         """B2B prospects of one legal entity (of one status or all; of an id range or all), a server
         page at a time."""
-        if "*" in legal_entity:  # in an F&O `eq` a `*` is a wildcard, and nothing escapes it
-            raise ValueError(f"legal entity {legal_entity!r}: a '*' would match other legal entities in Commerce; "
-                             "fix the connection's extra legal_entities")  # fmt: skip
+        _refuse_wildcard(legal_entity)
         query = f"dataAreaId eq {literal(legal_entity)} and IsB2BProspect eq {enum_literal('NoYes', 'Yes')}"
         if status is not None:
             query += f" and B2BProspectStatus eq {enum_literal('RetailB2BProspectStatus', status)}"
@@ -130,9 +136,7 @@ class CommerceClient:
         if not legal_entities:
             return iter(())
         for legal_entity in legal_entities:
-            if "*" in legal_entity:  # in an F&O `eq` a `*` is a wildcard, and nothing escapes it
-                raise ValueError(f"legal entity {legal_entity!r}: a '*' would match other legal entities in Commerce; "
-                                 "fix the connection's extra legal_entities")  # fmt: skip
+            _refuse_wildcard(legal_entity)
         companies = " or ".join(f"dataAreaId eq {literal(legal_entity)}" for legal_entity in legal_entities)
         query = (f"({companies}) and IsB2BProspect eq {enum_literal('NoYes', 'Yes')} and "
                  f"B2BProspectStatus eq {enum_literal('RetailB2BProspectStatus', 'Pending')}")  # fmt: skip

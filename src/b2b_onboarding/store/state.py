@@ -96,6 +96,9 @@ opportunities = sa.Table(
 )
 OPPORTUNITY_ROW_COLUMNS = ("opportunity_id", "legal_entity", "prospect_id", "state")
 
+# Dataverse's delta links, and HQ's watermarks beside them (the fingerprint of a legal entity's Pending
+# prospects as the sync last pulled them, under `Prospects@<legal entity>`): only the task that applied
+# the changes a link or watermark covers moves it, never a trigger.
 delta_links = sa.Table(
     "b2b_delta_links",
     metadata,
@@ -104,10 +107,6 @@ delta_links = sa.Table(
     sa.Column("run_id", sa.String(250)),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
-
-# Watermarks of HQ (the fingerprint of a legal entity's Pending prospects as the sync last pulled them,
-# under `Prospects@<legal entity>`) live beside Dataverse's delta links: only the task that applied
-# the changes a link or watermark covers moves it, never a trigger.
 
 # Who is writing a prospect right now (`StateStore.claim`): overlapping runs skip or wait for a prospect
 # another live task holds, so each lead is written once. A claim ends with its task's record, or at
