@@ -10,7 +10,7 @@ export AIRFLOW__CORE__DAGS_FOLDER := $(CURDIR)/dags
 export AIRFLOW__CORE__PLUGINS_FOLDER := $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 
-.PHONY: install demo test airflow e2e-distributed bench chaos latency fakes constraints clean
+.PHONY: install demo test airflow e2e-distributed bench profile chaos latency fakes constraints clean
 
 install: $(STAMP)
 
@@ -39,9 +39,16 @@ airflow: install
 e2e-distributed: install
 	$(BIN)/python -m pytest tests/distributed -m distributed -s
 
-# Not part of `make test`: the flow at 100,000 prospects, and bulk vs naive side by side (README, Performance).
+# Not part of `make test`: the flow at 100,000 prospects, beside the product as of BENCH_BEFORE (the last
+# commit before the performance work of issue 17), on a real executor with figures per task, and bulk vs
+# naive side by side (README, Performance).
+BENCH_BEFORE ?= e49e571
 bench: install
-	$(BIN)/python -m b2b_drivers.bench $(BENCH_ARGS)
+	$(BIN)/python -m b2b_drivers.bench --before $(BENCH_BEFORE) $(BENCH_ARGS)
+
+# Not part of `make test`: where the task processes spend their CPU, sampled by py-spy (README, Performance).
+profile: install
+	$(BIN)/python -m b2b_drivers.bench --profile --n 20000 --naive-n 0 --no-executor $(PROFILE_ARGS)
 
 # Not part of `make test`: event-driven vs time-based scheduling side by side, two real Airflows against the
 # fakes for about 10 minutes: latencies and idle requests, printed and in .latency/results.json.

@@ -19,6 +19,8 @@ _NEXT_STEP = {
     429: "the service is throttling this client; rerun later or lower the task's concurrency",
 }
 _SERVER_ERROR_STEP = "the service failed; rerun the task, and check the service's health if it persists"
+_UNREADABLE_ANSWER_STEP = ("whether the writes were applied is unknown: rerun the task (nothing is written twice), and "
+                           "if it persists report it to Microsoft support with the request id")
 # Next steps by the service's error code, where the code says more than the status. These cannot
 # cure themselves, so none says "rerun".
 _CODE_STEP = {
@@ -107,6 +109,8 @@ class D365Error(Exception):
                     "is written twice), and check the service's health if it persists")  # fmt: skip
         if self.status >= 500:
             return _SERVER_ERROR_STEP
+        if 200 <= self.status < 300:  # the service said it succeeded, but its answer could not be read whole
+            return _UNREADABLE_ANSWER_STEP
         if step := _security_step(self):
             return step
         if self.code.lower() in _CODE_STEP:

@@ -145,3 +145,22 @@ def test_reset_forgets_the_revocations(apps):
     assert apps.admin.post("/_admin/reset").status_code == 204
 
     assert apps.dataverse.get("/api/data/v9.2/WhoAmI", headers={"Authorization": old}).status_code == 200
+
+
+def test_a_token_already_accepted_is_checked_again_on_every_use():
+    """`verify` remembers the tokens whose signature passed; their revocation, expiry and audience
+    still count from the next use on."""
+    issuer = TokenIssuer(ENTRA, TENANT_ID)
+    token = bearer(issuer, SYNC)
+    assert issuer.verify(token, DATAVERSE).client_id == SYNC.client_id
+
+    with pytest.raises(InvalidToken, match="audience"):
+        issuer.verify(token, COMMERCE)
+    issuer.clock.set_skew(issuer.lifetime_s + 1)
+    with pytest.raises(InvalidToken, match="expired"):
+        issuer.verify(token, DATAVERSE)
+    issuer.clock.reset()
+    assert issuer.verify(token, DATAVERSE).client_id == SYNC.client_id
+    issuer.revoke(SYNC.client_id)
+    with pytest.raises(InvalidToken, match="^The token has been revoked$"):
+        issuer.verify(token, DATAVERSE)

@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -165,6 +166,13 @@ class AirflowProcesses:
         if errors["total_entries"]:
             raise AirflowFailed(f"DAG import errors: {errors['import_errors']}")
         return {dag["dag_id"] for dag in self.api("GET", "/dags", params={"limit": 100})["dags"]}
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free at this moment, for a deployment's api-server."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def split_connections(connections: Mapping[str, str],

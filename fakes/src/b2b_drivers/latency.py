@@ -35,7 +35,6 @@ import math
 import random
 import re
 import shutil
-import socket
 import sys
 import time
 from collections import Counter
@@ -57,6 +56,7 @@ from b2b_drivers.airflow_processes import (
     AirflowProcesses,
     admin_password,
     environment,
+    free_port,
 )
 from b2b_drivers.chaos import key_of, lead_key
 from d365_fakes.actors import Seller
@@ -427,12 +427,6 @@ def _epoch(iso: str) -> float:
     return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def start_side(stack: ExitStack, directory: Path, mode: str, args: argparse.Namespace) -> Side:
     """The deployment's fakes and metadata database (migrated, pools imported); its processes start later."""
     shutil.rmtree(directory, ignore_errors=True)
@@ -441,7 +435,7 @@ def start_side(stack: ExitStack, directory: Path, mode: str, args: argparse.Name
     cast = Cast.new()
     endpoints = stack.enter_context(running_fakes(directory / "fakes", cast.clients, latency_ms=args.latency_ms))
     connections = airflow_connections(endpoints, cast, LEGAL_ENTITIES, directory / "state.db")
-    port = _free_port()
+    port = free_port()
     env = environment(home, port, connections) | {
         "AIRFLOW__D365_B2B_ONBOARDING__SCHEDULING": mode,
         "AIRFLOW__D365_B2B_ONBOARDING__POLL_INTERVAL_S": str(args.poll_interval_s),

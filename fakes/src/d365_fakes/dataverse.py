@@ -46,7 +46,10 @@ from d365_fakes.odata_query import (
     Dialect,
     ODataQueryError,
     UnknownProperty,
+    ValueIndex,
     apply_query,
+    index_plan,
+    lookup_limit,
     unquote_string_literal,
 )
 from d365_fakes.routing import RESOURCE_CONVERTOR, StampedAnswers
@@ -321,6 +324,7 @@ class DataverseState:
         self.business_unit_id = str(uuid.uuid5(_IDS, "businessunit"))
         self.system_user_id = str(uuid.uuid5(_IDS, "systemuser/SYSTEM"))
         self._clock = clock
+        self._stamp: tuple[datetime | None, str] = (None, "")  # `_now`'s last second and its text
         self._delta_token_ttl_s = delta_token_ttl_s
         self._rows: dict[str, dict[str, dict]] = {name: {} for name in TABLES}
         # Each table's rows in primary key order, and the rows added since (merged in on reading).
@@ -331,6 +335,8 @@ class DataverseState:
             table.entity_set: {} for table in TABLES.values() if table.alternate_key
         }
         self._tombstones: dict[str, list[DeletedRow]] = {name: [] for name in TABLES}
+        # Per table: a column's rows by value, for `$filter` lookups (each made on first use).
+        self._value_indexes: dict[str, dict[str, ValueIndex]] = {name: {} for name in TABLES}
         self._app_users: dict[str, str] = {}  # client id -> its application user's systemuserid
         self._journal: list[tuple[Table, str, dict | None]] | None = None  # see _atomic
         self._version = 0
@@ -352,6 +358,7 @@ class DataverseState:
                 self._added[name].clear()
                 self._tombstones[name].clear()
                 self._keys.get(name, {}).clear()
+                self._value_indexes[name].clear()
         self._rejections: dict[str, list[Rejection]] = {}
         self.model.reset()
         for name, entity, _ in SAVED_VIEWS:
@@ -403,6 +410,11 @@ class DataverseState:
         return created
 
     def exists(self, table: Table, key: RowKey) -> bool:
+        """Whether a GET of the row would find it: a row holds `key`, a key the table defines."""
+        try:
+            self._check_key_defined(table, key)
+        except DataverseError:
+            return False
         return self._lookup(table, key) is not None
 
     def annotated(self, table: Table, row: dict, wanted: Callable[[str], bool]) -> dict:
@@ -482,8 +494,20 @@ class DataverseState:
         filters = [text for text in (view_filter, params.get("$filter")) if text]
         if filters:
             options["$filter"] = " and ".join(f"({text})" for text in filters)
-        candidates = self._keyed_candidates(table, params.get("$filter")) if not view_filter else None
-        rows = self._ordered(table) if candidates is None else candidates
+        keys = None
+        if "$filter" in options:
+
+            def index(column: str) -> ValueIndex:
+                return self._value_index(table, column)
+
+            plan = index_plan(options["$filter"], Dialect.DATAVERSE, index, fields=self.read_columns(table))
+            limit = lookup_limit(len(self._rows[table.entity_set]))
+            keys = None if plan is None else plan.narrowest(index, limit)
+        if keys is None:
+            rows = self._ordered(table)
+        else:  # as Dataverse's SQL finds them by index; the filter still runs on them
+            stored = self._rows[table.entity_set]
+            rows = [stored[row_id] for row_id in sorted(keys)]  # primary key order, as `_ordered`
         result = apply_query(rows, options, Dialect.DATAVERSE, self.read_columns(table))
         matching = result.rows
         if "$top" in options:  # $top asks for one bounded result: no paging
@@ -1106,19 +1130,6 @@ class DataverseState:
         finally:
             self._journal = None
 
-    def _keyed_candidates(self, table: Table, text: str | None) -> list[dict] | None:
-        """For a filter that is only `pk eq <guid>` terms joined by `or`, the rows it can match,
-        found by key as Dataverse's SQL finds them by index (the filter still runs on them); None
-        for any other filter, which scans."""
-        if not text:
-            return None
-        term = rf"\s*{re.escape(table.primary_key)}\s+eq\s+({_GUID})\s*"
-        if not re.fullmatch(rf"{term}(?:or{term})*", text):
-            return None
-        ids = {match.lower() for match in re.findall(_GUID, text)}
-        rows = self._rows[table.entity_set]
-        return sorted((rows[row_id] for row_id in ids if row_id in rows), key=itemgetter(table.primary_key))
-
     def _ordered(self, table: Table) -> list[dict]:
         """The table's rows in primary key order. Rows added since the last call are sorted and
         merged in; Timsort merges the two sorted runs in about linear time."""
@@ -1149,15 +1160,30 @@ class DataverseState:
         key = _row_key(row, table)
         if key is not None:
             self._keys[table.entity_set][key.folded()] = row[table.primary_key]
+        for column, index in self._value_indexes[table.entity_set].items():
+            index.add(row.get(column), row[table.primary_key])
 
     def _unindex(self, table: Table, row: dict) -> None:
         key = _row_key(row, table)
         index = self._keys.get(table.entity_set, {})
         if key is not None and index.get(key.folded()) == row[table.primary_key]:
             del index[key.folded()]
+        for column, values in self._value_indexes[table.entity_set].items():
+            values.remove(row.get(column), row[table.primary_key])
+
+    def _value_index(self, table: Table, column: str) -> ValueIndex:
+        indexes = self._value_indexes[table.entity_set]
+        if column not in indexes:
+            index = indexes[column] = ValueIndex()
+            for row_id, row in self._rows[table.entity_set].items():
+                index.add(row.get(column), row_id)
+        return indexes[column]
 
     def _now(self) -> str:
-        return datetime.fromtimestamp(self._clock(), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        moment = datetime.fromtimestamp(self._clock(), timezone.utc).replace(microsecond=0)
+        if moment != self._stamp[0]:  # a bulk write stamps thousands of rows in the same second
+            self._stamp = (moment, moment.strftime("%Y-%m-%dT%H:%M:%SZ"))
+        return self._stamp[1]
 
 
 _BIND = re.compile(rf"(?:.*/)?(?P<set>\w+)\((?P<id>{_GUID})\)")

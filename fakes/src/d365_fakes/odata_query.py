@@ -16,10 +16,11 @@ from __future__ import annotations
 import enum
 import operator
 import re
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
-from typing import Any, Callable, Collection, Mapping, Sequence, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 
 class Dialect(enum.Enum):
@@ -41,6 +42,63 @@ class UnknownProperty(ODataQueryError):
 
 
 Predicate = Callable[[Mapping[str, Any]], bool]
+# Field -> casefolded string values: the rows whose value of one of the fields, casefolded, is one of
+# its values.
+Lookup = Mapping[str, frozenset[str]]
+# The least and greatest casefolded string a field may hold (None: no bound), both included.
+Bounds = tuple[str | None, str | None]
+
+
+class _Filter(NamedTuple):
+    """A parsed (part of a) `$filter`: its predicate, and what lets an index find its rows."""
+
+    predicate: Predicate
+    # Each lookup alone holds every row the predicate can accept (none: only a scan finds them).
+    lookups: tuple[Lookup, ...]
+    # The fields whose values must all be strings or null for the predicate never to raise on a
+    # row; None when that depends on more (then a scan must meet the row that raises).
+    strings: frozenset[str] | None
+    # Field -> the range the casefolded string value of every row the predicate accepts lies in.
+    bounds: Mapping[str, Bounds] = {}
+
+
+def _joined(*parts: _Filter) -> frozenset[str] | None:
+    if any(part.strings is None for part in parts):
+        return None
+    return frozenset().union(*(part.strings for part in parts))
+
+
+def _narrowed(left: Mapping[str, Bounds], right: Mapping[str, Bounds]) -> dict[str, Bounds]:
+    """The bounds of `left and right`: on each field, the tighter of each end."""
+    bounds = dict(left)
+    for name, (low, high) in right.items():
+        if name in bounds:
+            known_low, known_high = bounds[name]
+            low = low if known_low is None else known_low if low is None else max(low, known_low)
+            high = high if known_high is None else known_high if high is None else min(high, known_high)
+        bounds[name] = (low, high)
+    return bounds
+
+
+def _widened(left: Mapping[str, Bounds], right: Mapping[str, Bounds]) -> dict[str, Bounds]:
+    """The bounds of `left or right`: on the fields both bound, the looser of each end."""
+    bounds = {}
+    for name in left.keys() & right.keys():
+        (low, high), (other_low, other_high) = left[name], right[name]
+        bounds[name] = (None if low is None or other_low is None else min(low, other_low),
+                        None if high is None or other_high is None else max(high, other_high))
+    return bounds
+
+
+def _united(left: tuple[Lookup, ...], right: tuple[Lookup, ...]) -> tuple[Lookup, ...]:
+    """The lookups of `left or right`: one lookup holding the rows of one lookup of each."""
+    if not left or not right:
+        return ()
+    united = dict(left[0])
+    for name, values in right[0].items():
+        united[name] = united[name] | values if name in united else values
+    return (united,)
+
 
 FNO_ENUM_NAMESPACE = "Microsoft.Dynamics.DataEntities"
 
@@ -141,11 +199,11 @@ class _FilterParser:
         self.tokens = _tokenize(text)
         self.index = 0
 
-    def parse(self) -> Predicate:
-        predicate = self._or()
+    def parse(self) -> _Filter:
+        parsed = self._or()
         if self._peek().kind != "end":
             raise self._syntax_error(self._peek())
-        return predicate
+        return parsed
 
     def _peek(self, ahead: int = 0) -> _Token:
         return self.tokens[min(self.index + ahead, len(self.tokens) - 1)]
@@ -169,35 +227,41 @@ class _FilterParser:
         found = f"'{token.text}'" if token.kind != "end" else "end of expression"
         return ODataQueryError(f"Syntax error at position {token.position} in '{self.text}': unexpected {found}.")
 
-    def _or(self) -> Predicate:
-        predicate = self._and()
+    def _or(self) -> _Filter:
+        parsed = self._and()
         while self._at_keyword("or"):
             self._advance()
-            predicate = _either(predicate, self._and())
-        return predicate
+            right = self._and()
+            parsed = _Filter(_either(parsed.predicate, right.predicate), _united(parsed.lookups, right.lookups),
+                             _joined(parsed, right), _widened(parsed.bounds, right.bounds))
+        return parsed
 
-    def _and(self) -> Predicate:
-        predicate = self._unary()
+    def _and(self) -> _Filter:
+        parsed = self._unary()
         while self._at_keyword("and"):
             self._advance()
-            predicate = _both(predicate, self._unary())
-        return predicate
+            right = self._unary()
+            # A row both accept is in any lookup of either.
+            parsed = _Filter(_both(parsed.predicate, right.predicate), parsed.lookups + right.lookups,
+                             _joined(parsed, right), _narrowed(parsed.bounds, right.bounds))
+        return parsed
 
-    def _unary(self) -> Predicate:
+    def _unary(self) -> _Filter:
         token = self._peek()
         if self._at_keyword("not"):
             self._advance()
-            return _negation(self._unary())
+            inner = self._unary()
+            return _Filter(_negation(inner.predicate), (), inner.strings)
         if token.kind == "paren_open":
             self._advance()
-            predicate = self._or()
+            parsed = self._or()
             self._expect("paren_close")
-            return predicate
+            return parsed
         if token.kind == "name" and self._peek(1).kind == "paren_open":
             return self._function()
         return self._comparison()
 
-    def _function(self) -> Predicate:
+    def _function(self) -> _Filter:
         name = self._advance().text
         if self.dialect is not Dialect.DATAVERSE or name not in _DATAVERSE_FUNCTIONS:
             raise self._unsupported_function(name)
@@ -208,7 +272,7 @@ class _FilterParser:
         self._expect("paren_close")
         if not isinstance(argument, _Literal) or argument.kind != "string":
             raise ODataQueryError(f"The second argument of '{name}' must be a string literal.")
-        return _string_function(path, _DATAVERSE_FUNCTIONS[name], argument.value.casefold())
+        return _Filter(_string_function(path, _DATAVERSE_FUNCTIONS[name], argument.value.casefold()), (), frozenset())
 
     def _unsupported_function(self, name: str) -> ODataQueryError:
         if self.dialect is Dialect.FINANCE_OPERATIONS:
@@ -217,7 +281,7 @@ class _FilterParser:
             )
         return ODataQueryError(f"The function '{name}' is not supported.")
 
-    def _comparison(self) -> Predicate:
+    def _comparison(self) -> _Filter:
         left = self._operand()
         operator_token = self._advance()
         if operator_token.kind == "name" and operator_token.text in _UNSUPPORTED_OPERATORS:
@@ -275,7 +339,7 @@ class _FilterParser:
             raise UnknownProperty(field)
         return token.text
 
-    def _property_comparison(self, path: str, name: str, literal: _Literal) -> Predicate:
+    def _property_comparison(self, path: str, name: str, literal: _Literal) -> _Filter:
         enum_name = self.enum_map.get(path)
         if literal.kind == "enum":
             if name not in ("eq", "ne"):
@@ -286,7 +350,7 @@ class _FilterParser:
                 raise ODataQueryError(
                     f"The property '{path}' is of type {FNO_ENUM_NAMESPACE}.{enum_name}, not {FNO_ENUM_NAMESPACE}.{literal.enum_name}."
                 )
-            return _comparison(path, name, literal.value, lambda value: value)
+            return _Filter(_comparison(path, name, literal.value, lambda value: value), (), frozenset())
         if enum_name is not None and literal.kind != "null":
             raise ODataQueryError(
                 f"The property '{path}' is an enum; compare it with {FNO_ENUM_NAMESPACE}.{enum_name}'<Member>'."
@@ -294,10 +358,20 @@ class _FilterParser:
         if literal.kind == "null":
             if name not in ("eq", "ne"):
                 raise ODataQueryError(f"null can only be compared with eq or ne, not '{name}'.")
-            return _null_comparison(path, name == "eq")
+            return _Filter(_null_comparison(path, name == "eq"), (), frozenset())
+        # A string comparison raises on a value that is not a string (an index knows whether a field has one).
+        strings = frozenset({path}) if literal.kind in ("string", "guid") and "/" not in path else None
         if literal.kind == "string" and self.dialect is Dialect.FINANCE_OPERATIONS and name in ("eq", "ne") and "*" in literal.value:
-            return _wildcard_comparison(path, name == "eq", literal.value)
-        return _comparison(path, name, _comparable(literal, literal.value, path), lambda value: _comparable(literal, value, path))
+            return _Filter(_wildcard_comparison(path, name == "eq", literal.value), (), strings)
+        target = _comparable(literal, literal.value, path)
+        predicate = _comparison(path, name, target, lambda value: _comparable(literal, value, path))
+        if not strings:
+            return _Filter(predicate, (), strings)
+        # Bounds of the casefolded value (gt and lt bound it too, if not tightly).
+        low = target if name in ("eq", "ge", "gt") else None
+        high = target if name in ("eq", "le", "lt") else None
+        bounds = {path: (low, high)} if name != "ne" else {}
+        return _Filter(predicate, ({path: frozenset({target})},) if name == "eq" else (), strings, bounds)
 
 
 def _comparable(literal: _Literal, value: Any, path: str) -> Any:
@@ -320,6 +394,8 @@ def _comparable(literal: _Literal, value: Any, path: str) -> Any:
 
 
 def _value_at(row: Mapping[str, Any], path: str) -> Any:
+    if "/" not in path:
+        return row.get(path)
     value: Any = row
     for segment in path.split("/"):
         if not isinstance(value, Mapping):
@@ -391,7 +467,108 @@ def parse_filter(
     `fields` are the entity's property names (None: any name is accepted); `enum_map` maps an enum
     property to its enum type name, e.g. {"B2BProspectStatus": "RetailB2BProspectStatus"}.
     """
-    return _FilterParser(text, dialect, fields, enum_map or {}).parse()
+    return _FilterParser(text, dialect, fields, enum_map or {}).parse().predicate
+
+
+class ValueIndex:
+    """A table's rows by one field's value, as string comparisons see it (casefolded), kept by the
+    table as rows come, change and go; rows are named by any hashable key. It also counts the rows
+    whose value is neither a string nor null, on which a string comparison raises."""
+
+    def __init__(self) -> None:
+        # value -> a key, or the set of keys when more rows share it (most values name one row)
+        self._keys: dict[str, Hashable] = {}
+        self.non_strings = 0
+
+    def add(self, value: Any, key: Hashable) -> None:
+        if value is None:
+            return
+        if type(value) is not str:
+            self.non_strings += 1
+            return
+        folded = value.casefold()
+        held = self._keys.setdefault(folded, key)
+        if held == key:
+            return
+        if type(held) is set:
+            held.add(key)
+        else:
+            self._keys[folded] = {held, key}
+
+    def remove(self, value: Any, key: Hashable) -> None:
+        if value is None:
+            return
+        if type(value) is not str:
+            self.non_strings -= 1
+            return
+        folded = value.casefold()
+        held = self._keys[folded]
+        if type(held) is not set:
+            del self._keys[folded]
+            return
+        held.discard(key)
+        if len(held) == 1:
+            self._keys[folded] = next(iter(held))
+
+    def keys(self, folded: str) -> Iterable[Hashable]:
+        held = self._keys.get(folded)
+        if held is None:
+            return ()
+        return held if type(held) is set else (held,)
+
+    def count(self, folded: str) -> int:
+        held = self._keys.get(folded)
+        return 0 if held is None else len(held) if type(held) is set else 1
+
+
+class IndexPlan(NamedTuple):
+    """What a `$filter` tells a table's indexes about the rows it can accept (it still has to run
+    on the rows they name): run on those rows alone, in table order, it answers as a scan."""
+
+    lookups: tuple[Lookup, ...]  # each holds every row the filter can accept
+    bounds: Mapping[str, Bounds]  # each row the filter can accept has its string values in these
+
+    def narrowest(self, index: Callable[[str], ValueIndex], limit: int) -> set[Hashable] | None:
+        """The keys of the rows of the lookup that names the fewest, through the value indexes
+        (`index(field)`); None without a lookup or when even the narrowest names more than
+        `limit` rows (see `lookup_limit`)."""
+        if not self.lookups:
+            return None
+
+        def size(lookup: Lookup) -> int:
+            return sum(index(name).count(value) for name, values in lookup.items() for value in values)
+
+        narrowest = min(self.lookups, key=size)
+        if size(narrowest) > limit:
+            return None
+        return {key for name, values in narrowest.items() for value in values for key in index(name).keys(value)}
+
+
+def lookup_limit(table_rows: int) -> int:
+    """The most rows a lookup may name and still beat a scan of a table of `table_rows`: a quarter
+    of it (putting what it names back in table order costs too); any lookup in a small table."""
+    return max(table_rows // 4, 1000)
+
+
+def index_plan(
+    text: str,
+    dialect: Dialect,
+    index: Callable[[str], ValueIndex],
+    *,
+    fields: Collection[str] | None = None,
+    enum_map: Mapping[str, str] | None = None,
+) -> IndexPlan | None:
+    """What the `$filter` `text` tells an index, or None when only a scan can answer it: the filter
+    might raise on a row (a string comparison on a field that holds a value of another type, as
+    the value indexes `index(field)` know, or a comparison of other types), or is not valid (the
+    scan reports it)."""
+    try:
+        parsed = _FilterParser(text, dialect, fields, enum_map or {}).parse()
+    except ODataQueryError:
+        return None
+    if parsed.strings is None or any(index(name).non_strings for name in parsed.strings):
+        return None
+    return IndexPlan(parsed.lookups, parsed.bounds)
 
 
 @dataclass(frozen=True)

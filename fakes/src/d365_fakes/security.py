@@ -17,6 +17,7 @@ import json
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -90,7 +91,7 @@ class Role:
     privileges: frozenset[str] = frozenset()
     duties: tuple[tuple[str, frozenset[str]], ...] = ()
 
-    @property
+    @cached_property  # asked on every request
     def all_privileges(self) -> frozenset[str]:
         return self.privileges.union(*(privileges for _, privileges in self.duties))
 
@@ -327,11 +328,7 @@ def _dataverse_grants(
                 for grant in (("Append", table.logical_name), ("AppendTo", web_api.TABLES[entity_set].logical_name))]  # fmt: skip
 
     def exists(key: Any) -> bool:
-        try:
-            state.get(table, key, {})
-        except web_api.DataverseError:
-            return False
-        return True
+        return state.exists(table, key)
 
     method, logical = request.method, table.logical_name
     if method == "GET":

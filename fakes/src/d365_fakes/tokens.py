@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from d365_fakes.clients import ClientRegistration
 
 DEFAULT_LIFETIME_S = 3599  # what Entra ID answers for client-credential tokens
+_DECODED_TOKENS_KEPT = 512  # tokens whose signature, audience and issuer passed (TokenIssuer._decoded)
 
 
 class InvalidToken(Exception):
@@ -116,6 +117,7 @@ class TokenIssuer:
         # Tokens this process did not issue were issued before it started (the signing key
         # outlives restarts): revoked for these client ids (None: for every client).
         self._revoked_before_start: set[str | None] = set()
+        self._decoded_tokens: dict[tuple[str, str], dict[str, Any]] = {}  # see _decoded
 
     @property
     def tokens_issued(self) -> int:
@@ -191,29 +193,7 @@ class TokenIssuer:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise InvalidToken("the Authorization header is not 'Bearer <token>'")
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.InvalidTokenError:
-            raise InvalidToken("the bearer token is not a JWT") from None
-        if header.get("kid") != self.kid:
-            raise InvalidToken("the token was not signed by this tenant's key")
-        try:
-            claims = jwt.decode(
-                token,
-                self._key.public_key(),
-                algorithms=["RS256"],
-                audience=audience.rstrip("/"),
-                issuer=self.issuer,
-                # Times are checked below against the service's clock, not this machine's.
-                options={"require": ["exp", "iat", "nbf", "aud", "iss", "tid", "azp", "oid"],
-                         "verify_exp": False, "verify_nbf": False, "verify_iat": False},
-            )
-        except jwt.InvalidAudienceError:
-            raise InvalidToken(f"the token's audience is not {audience.rstrip('/')}") from None
-        except jwt.InvalidSignatureError:
-            raise InvalidToken("the token's signature is invalid") from None
-        except jwt.InvalidTokenError as error:
-            raise InvalidToken(f"the token is invalid: {error}") from None
+        claims = self._decoded(token, audience)
         now = self.clock.now()
         if not isinstance(claims["exp"], (int, float)) or claims["exp"] <= now:
             raise InvalidToken("the token has expired")
@@ -228,6 +208,47 @@ class TokenIssuer:
             audience=claims["aud"],
             expires_at=datetime.fromtimestamp(claims["exp"], tz=timezone.utc),
         )
+
+    def _decoded(self, token: str, audience: str) -> dict[str, Any]:
+        """The claims of a token signed with this tenant's key, for `audience`, from this issuer
+        (InvalidToken otherwise). That check depends on the token's text alone, and a client sends
+        the same token for an hour, so a token that passed is remembered (a few hundred of them);
+        times and revocation are checked on every use."""
+        with self._lock:
+            claims = self._decoded_tokens.get((token, audience))
+        if claims is not None:
+            return claims
+        claims = self._decode(token, audience)
+        with self._lock:
+            if len(self._decoded_tokens) >= _DECODED_TOKENS_KEPT:
+                del self._decoded_tokens[next(iter(self._decoded_tokens))]  # the oldest
+            self._decoded_tokens[(token, audience)] = claims
+        return claims
+
+    def _decode(self, token: str, audience: str) -> dict[str, Any]:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError:
+            raise InvalidToken("the bearer token is not a JWT") from None
+        if header.get("kid") != self.kid:
+            raise InvalidToken("the token was not signed by this tenant's key")
+        try:
+            return jwt.decode(
+                token,
+                self._key.public_key(),
+                algorithms=["RS256"],
+                audience=audience.rstrip("/"),
+                issuer=self.issuer,
+                # Times are checked by `verify` against the service's clock, not this machine's.
+                options={"require": ["exp", "iat", "nbf", "aud", "iss", "tid", "azp", "oid"],
+                         "verify_exp": False, "verify_nbf": False, "verify_iat": False},
+            )
+        except jwt.InvalidAudienceError:
+            raise InvalidToken(f"the token's audience is not {audience.rstrip('/')}") from None
+        except jwt.InvalidSignatureError:
+            raise InvalidToken("the token's signature is invalid") from None
+        except jwt.InvalidTokenError as error:
+            raise InvalidToken(f"the token is invalid: {error}") from None
 
     def jwks(self) -> dict[str, Any]:
         return {"keys": [dict(self._public_jwk)]}

@@ -67,6 +67,19 @@ def _refuse_wildcard(legal_entity: str) -> None:
                          "fix the connection's extra legal_entities")  # fmt: skip
 
 
+def batch_answers(response: httpx.Response, operation: str, connection: str | None) -> list[list[BatchResponse]]:
+    """HQ's answers to a `$batch` request, per changeset; a D365Error naming the operation and the
+    request when the answer cannot be read (a truncated or malformed multipart body)."""
+    try:
+        return batch.decode(response.headers.get("Content-Type", ""), response.content)
+    except ValueError as error:
+        raise D365Error(
+            system=SYSTEM, operation=operation, status=response.status_code, connection=connection,
+            message=f"the $batch answer was malformed: {error}",
+            request_id=request_id_of(response),
+        ) from error  # fmt: skip
+
+
 class CommerceClient:
     def __init__(
         self, odata: ODataClient, bulk: bool = True, changesets_per_batch: int = DEFAULT_CHANGESETS_PER_BATCH,
@@ -159,7 +172,7 @@ class CommerceClient:
                 headers={"Content-Type": content_type, "Prefer": "odata.continue-on-error"},
                 repeatable=repeatable,  # keyed creates are refused when repeated; updates carry If-Match
             )  # fmt: skip
-            answers = batch.decode(response.headers.get("Content-Type", ""), response.content)
+            answers = batch_answers(response, operation, self.odata.connection)
             if len(answers) != len(group):
                 raise D365Error(
                     system=SYSTEM, operation=operation, status=response.status_code,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -98,6 +99,7 @@ class SalesClient:
         self.max_concurrency = max_concurrency
         self._paging = {"Prefer": f"odata.maxpagesize={page_size}"}
         self._companies: dict[str, str] | None = None
+        self._companies_lock = threading.Lock()  # the threads of one bulk write ask at once: one read
 
     @classmethod
     def connect(cls, settings: ServiceSettings) -> SalesClient:
@@ -152,16 +154,17 @@ class SalesClient:
 
     def company_codes(self) -> dict[str, str]:
         """cdm_companyid → company code (lowercase) of every legal entity dual-write's "Legal entities
-        (cdm_companies)" map holds in Dataverse; read once per client."""
-        if self._companies is None:
-            params = {"$select": "cdm_companyid,cdm_companycode"}
-            self._companies = {
-                str(row["cdm_companyid"]).lower(): str(row["cdm_companycode"]).lower()
-                for page in self.odata.iter_pages("cdm_companies", operation="read legal entities (cdm_companies)",
-                                                  params=params, headers=self._paging)  # fmt: skip
-                for row in page if row.get("cdm_companycode")
-            }
-        return self._companies
+        (cdm_companies)" map holds in Dataverse; read once per client, whatever its threads."""
+        with self._companies_lock:
+            if self._companies is None:
+                params = {"$select": "cdm_companyid,cdm_companycode"}
+                self._companies = {
+                    str(row["cdm_companyid"]).lower(): str(row["cdm_companycode"]).lower()
+                    for page in self.odata.iter_pages("cdm_companies", operation="read legal entities (cdm_companies)",
+                                                      params=params, headers=self._paging)  # fmt: skip
+                    for row in page if row.get("cdm_companycode")
+                }
+            return self._companies
 
     def company_id(self, legal_entity: str) -> str:
         """The cdm_companyid of a legal entity: the company part of a lead's key."""

@@ -531,30 +531,34 @@ def approve_won(
     todo = store.work("approve", legal_entity, first_id, last_id)
     counts: Counter[str] = Counter()
 
-    def known_for(rows: list[dict]) -> tuple[list[dict], list[dict]]:
-        """The B2B hierarchies of these prospects' organizations, and the nodes of the requesters whose
-        organization has one (only they may be in it already)."""
-        hierarchies = [row for row in commerce.rows_where("CustomerHiearchies", "OrganizationPartyNumber",
-                                                          {row["org_party_number"] for row in rows}, HIERARCHY_FIELDS,
-                                                          legal_entity=legal_entity)
-                       if row.get("Purpose") == "B2BOrganization"]  # fmt: skip
-        organizations = {customers.fold(row["OrganizationPartyNumber"]) for row in hierarchies}
-        persons = {row["person_party_number"] for row in rows if customers.fold(row["org_party_number"]) in organizations}
-        return hierarchies, commerce.rows_where("CustomerHierarchyNodes", "NodePartyNumber", persons, NODE_FIELDS)
+    def known_for(rows: list[dict]) -> tuple[dict[str, list[str]], set[tuple[str, str]]]:
+        """The ids of the B2B hierarchies of these prospects' organizations, by organization (folded
+        party number), and the (hierarchy, person) memberships of the requesters whose organization
+        has one (only they may be in it already), folded: looked up per prospect, not scanned."""
+        hierarchies: dict[str, list[str]] = {}
+        for found in commerce.rows_where("CustomerHiearchies", "OrganizationPartyNumber",
+                                         {row["org_party_number"] for row in rows}, HIERARCHY_FIELDS,
+                                         legal_entity=legal_entity):  # fmt: skip
+            if found.get("Purpose") == "B2BOrganization":
+                hierarchies.setdefault(customers.fold(found["OrganizationPartyNumber"]), []).append(
+                    found["CustomerHierarchyId"])
+        persons = {row["person_party_number"] for row in rows if customers.fold(row["org_party_number"]) in hierarchies}
+        members = {(customers.fold(node["CustomerHierarchyId"]), customers.fold(node["NodePartyNumber"]))
+                   for node in commerce.rows_where("CustomerHierarchyNodes", "NodePartyNumber", persons, NODE_FIELDS)
+                   if not node.get("VersionRemoved")}  # fmt: skip
+        return hierarchies, members
 
-    def membership(row: dict, hierarchies: list[dict], nodes: list[dict]) -> tuple[str, list[tuple[str, dict]]]:
+    def membership(row: dict, hierarchies: dict[str, list[str]],
+                   members: set[tuple[str, str]]) -> tuple[str, list[tuple[str, dict]]]:  # fmt: skip
         """(hierarchy id, the writes that put the requester in it)."""
         derived = prospect_hierarchy_id(row["legal_entity"], row["prospect_id"])
-        organization = customers.fold(row["org_party_number"])
-        found = sorted((customers.fold(h["CustomerHierarchyId"]) != customers.fold(derived), h["CustomerHierarchyId"])
-                       for h in hierarchies if customers.fold(h["OrganizationPartyNumber"]) == organization)  # fmt: skip
+        found = sorted((customers.fold(hierarchy_id) != customers.fold(derived), hierarchy_id)
+                       for hierarchy_id in hierarchies.get(customers.fold(row["org_party_number"]), ()))  # fmt: skip
         if not found:
             return derived, [("CustomerHiearchies", _hierarchy(row, derived)),
                              ("CustomerHierarchyNodes", _node(row, derived, "Admin"))]  # fmt: skip
         joined, hierarchy_id = found[0]
-        member = any(customers.fold(node["CustomerHierarchyId"]) == customers.fold(hierarchy_id)
-                     and customers.fold(node["NodePartyNumber"]) == customers.fold(row["person_party_number"])
-                     and not node.get("VersionRemoved") for node in nodes)  # fmt: skip
+        member = (customers.fold(hierarchy_id), customers.fold(row["person_party_number"])) in members
         if joined and not member:
             counts["joined an existing hierarchy"] += 1
         return hierarchy_id, [] if member else [("CustomerHierarchyNodes", _node(row, hierarchy_id, "Admin" if not joined else "User"))]
@@ -575,11 +579,11 @@ def approve_won(
         result = for_each_prospect("approve", legal_entity, todo, store, run_id, approve_one)
         return {**result, **counts}
     current = _current_prospects(commerce, legal_entity, todo) if len(todo) else {}
-    hierarchies, nodes = known_for(todo.to_dict("records")) if len(todo) else ([], [])
+    hierarchies, members = known_for(todo.to_dict("records")) if len(todo) else ({}, set())
     chosen: dict[str, str] = {}
 
     def plan(row: dict) -> list[BatchRequest] | dict:
-        hierarchy_id, writes = membership(row, hierarchies, nodes)
+        hierarchy_id, writes = membership(row, hierarchies, members)
         chosen[row["prospect_id"]] = hierarchy_id
         prospect = current.get(row["prospect_id"])
         if _judge(prospect, row["legal_entity"], row["prospect_id"], "Approved"):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from functools import cache, lru_cache
 from typing import Any
 
 import pandas as pd
@@ -36,6 +38,7 @@ FACT_COLUMNS = (
 # Facts held as JSON; the others are short strings (ids, states, a time in ISO form).
 _JSON_FACTS = ("prospect", "lead_fields")
 PROSPECT_COLUMNS = (*KEY_COLUMNS, "stage", *FACT_COLUMNS, "last_error", "last_run_id", "created_at", "updated_at")
+_FACT_NAMES = frozenset(FACT_COLUMNS)
 
 prospects = sa.Table(
     "b2b_prospects",
@@ -251,6 +254,33 @@ TENANT_MODEL_RETENTION = timedelta(days=7)
 _KEYS_PER_QUERY = 400
 
 
+def _batches(column: sa.ColumnElement, values: Iterable | None) -> list[sa.ColumnElement] | None:
+    """`column IN (...)` conditions of at most _KEYS_PER_QUERY values each; None when `values` is (no selection)."""
+    if values is None:
+        return None
+    values = list(values)
+    return [column.in_(values[start : start + _KEYS_PER_QUERY]) for start in range(0, len(values), _KEYS_PER_QUERY)]
+
+
+def _key_batches(table: sa.Table, keys: Iterable[tuple[str, str]] | None) -> list[sa.ColumnElement] | None:
+    """Conditions selecting (legal_entity, prospect_id) keys of `table`, at most _KEYS_PER_QUERY a
+    condition, as `legal_entity = ? AND prospect_id IN (...)`: every database finds those through
+    the key's index, where SQLite scans the whole table for a row-value IN. None when `keys` is (no selection)."""
+    if keys is None:
+        return None
+    ids: dict[str, list[str]] = {}
+    for legal_entity, prospect_id in dict.fromkeys(keys):
+        ids.setdefault(legal_entity, []).append(prospect_id)
+    return [sa.and_(table.c.legal_entity == legal_entity, condition)
+            for legal_entity, some in ids.items() for condition in _batches(table.c.prospect_id, some)]  # fmt: skip
+
+
+def _any_of(*selections: list[sa.ColumnElement] | None) -> list[sa.ColumnElement] | None:
+    """The conditions of the selections given; None (no selection: all rows) when none is."""
+    given = [conditions for conditions in selections if conditions is not None]
+    return None if not given else [condition for conditions in given for condition in conditions]
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -299,7 +329,10 @@ class StateStore:
         self.scope: frozenset[tuple[str, str]] | None = None
         # Who writes: the orchestrator's task instance (dag_id, task_id, map_index), kept on each transition.
         self.writer: dict[str, Any] = {}
-        self.engine = sa.create_engine(url, pool_pre_ping=True)
+        # psycopg2's own executemany takes a round trip a row; its execute_batch sends them a page at a time.
+        psycopg2 = sa.make_url(url).get_dialect().driver == "psycopg2"
+        batched = {"executemany_mode": "values_plus_batch"} if psycopg2 else {}
+        self.engine = sa.create_engine(url, pool_pre_ping=True, **batched)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
@@ -348,21 +381,24 @@ class StateStore:
         query = sa.select(*(prospects.c[name] for name in columns))
         if legal_entity is not None:
             query = query.where(prospects.c.legal_entity == legal_entity)
-        rows = self._selected(query, [(sa.tuple_(prospects.c.legal_entity, prospects.c.prospect_id), keys),
-                                      (prospects.c.lead_id, lead_ids), (prospects.c.opportunity_id, opportunity_ids)])  # fmt: skip
+        rows = self._selected(query, _any_of(_key_batches(prospects, keys), _batches(prospects.c.lead_id, lead_ids),
+                                             _batches(prospects.c.opportunity_id, opportunity_ids)))  # fmt: skip
         # dtype=object keeps None as None (pandas would turn it into NaN in string columns).
         return pd.DataFrame(rows, columns=columns, dtype=object)
 
-    def _selected(self, query: sa.Select, selections: list[tuple[Any, Iterable | None]]) -> list[dict]:
-        """The rows of `query` whose column is among the values of any selection given (all rows when
-        none is), a bounded IN clause a statement."""
-        chosen = [(column, list(values)) for column, values in selections if values is not None]
+    def _selected(self, query: sa.Select, conditions: list[sa.ColumnElement] | None) -> list[tuple]:
+        """The rows of `query` (as tuples) meeting any of `conditions`, one statement each; all rows when
+        there are no conditions (None), none when the list is empty. Where every column is a string
+        (the rules' columns), the rows are the driver's own: SQLAlchemy's rows would only copy them."""
+        statements = [query] if conditions is None else [query.where(condition) for condition in conditions]
+        as_fetched = all(isinstance(column.type, sa.String) for column in query.selected_columns)
+        rows: list[tuple] = []
         with self.engine.connect() as connection:
-            if not chosen:
-                return [dict(row) for row in connection.execute(query).mappings()]
-            return [dict(row) for column, values in chosen for start in range(0, len(values), _KEYS_PER_QUERY)
-                    for row in connection.execute(query.where(column.in_(values[start : start + _KEYS_PER_QUERY])))
-                    .mappings()]  # fmt: skip
+            for statement in statements:
+                result = connection.execute(statement)
+                rows.extend(result.cursor.fetchall() if as_fetched else map(tuple, result.all()))
+                result.close()
+        return rows
 
     def work(self, step: str, legal_entity: str, first_id: str | None = None, last_id: str | None = None) -> pd.DataFrame:
         """The full rows of one step's work (see `rules.STEPS`) in a chunk: the rule runs on light
@@ -393,7 +429,8 @@ class StateStore:
         with self._write() as connection:
             for start in range(0, len(rows), _KEYS_PER_QUERY):
                 chunk = rows[start : start + _KEYS_PER_QUERY]
-                existing = self._rows(connection, [(row["legal_entity"], row["prospect_id"]) for row in chunk])
+                existing = self._rows(connection, [(row["legal_entity"], row["prospect_id"]) for row in chunk],
+                                      with_prospect=True)
                 inserts, history, updates, details = [], [], [], {}
                 for row in chunk:
                     facts = {"prospect": row["prospect"], "validation_error": row["error"]}
@@ -459,7 +496,7 @@ class StateStore:
         the outcomes they guarded are recorded."""
         updates = list(updates)
         for key, facts, _ in updates:
-            unknown = set(facts) - set(FACT_COLUMNS)
+            unknown = facts.keys() - _FACT_NAMES
             if unknown:
                 raise ValueError(f"not facts of a prospect: {sorted(unknown)}")
         changed = 0
@@ -467,7 +504,8 @@ class StateStore:
         with self._write() as connection:
             for start in range(0, len(updates), _KEYS_PER_QUERY):
                 chunk = updates[start : start + _KEYS_PER_QUERY]
-                known = self._rows(connection, [key for key, _, _ in chunk])
+                with_prospect = any("prospect" in facts for _, facts, _ in chunk)
+                known = self._rows(connection, [key for key, _, _ in chunk], with_prospect=with_prospect)
                 for key, _, _ in chunk:
                     if key not in known:
                         raise KeyError(f"prospect {key[0]}/{key[1]} is not tracked")
@@ -478,11 +516,12 @@ class StateStore:
 
     def apply_changes(self, changes: pd.DataFrame, run_id: str) -> int:
         """Applies a frame of (legal_entity, prospect_id, fact columns...) from the rules."""
-        fact_names = [name for name in changes.columns if name in FACT_COLUMNS]
+        fact_names = [name for name in changes.columns if name in _FACT_NAMES]
+        facts = changes[fact_names]
         updates = [
-            ((change["legal_entity"], change["prospect_id"]),
-             {name: change[name] for name in fact_names if pd.notna(change[name])}, None)
-            for change in changes.to_dict("records")
+            (key, {name: value for name, value, given in zip(fact_names, values, present) if given}, None)
+            for key, values, present in zip(zip(changes["legal_entity"], changes["prospect_id"]),
+                                            facts.to_numpy(dtype=object).tolist(), facts.notna().to_numpy().tolist())
         ]  # fmt: skip
         self.update_many(updates, run_id)
         return len(changes)
@@ -491,7 +530,7 @@ class StateStore:
         """Adds (key, detail) lines to prospects' histories without changing their facts."""
         rows, now = [], _now()
         with self._write() as connection:
-            known = self._rows(connection, [key for key, _ in notes])
+            known = self._rows(connection, [key for key, _ in notes], with_prospect=False)
             for key, detail in notes:
                 stage = known[key]["stage"]
                 rows.append(_transition(key, stage, stage, run_id, None, now, detail))
@@ -502,8 +541,8 @@ class StateStore:
     ) -> pd.DataFrame:
         """The opportunities of tracked leads (OPPORTUNITY_ROW_COLUMNS): of some prospects, some ids, or all."""
         query = sa.select(*(opportunities.c[name] for name in OPPORTUNITY_ROW_COLUMNS))
-        rows = self._selected(query, [(sa.tuple_(opportunities.c.legal_entity, opportunities.c.prospect_id), keys),
-                                      (opportunities.c.opportunity_id, opportunity_ids)])  # fmt: skip
+        rows = self._selected(query, _any_of(_key_batches(opportunities, keys),
+                                             _batches(opportunities.c.opportunity_id, opportunity_ids)))  # fmt: skip
         return pd.DataFrame(rows, columns=list(OPPORTUNITY_ROW_COLUMNS), dtype=object).drop_duplicates("opportunity_id")
 
     def record_opportunities(self, seen: pd.DataFrame, run_id: str, gone: Iterable[str] = ()) -> None:
@@ -516,8 +555,7 @@ class StateStore:
                     opportunities.c.opportunity_id.in_(ids[start : start + _KEYS_PER_QUERY])))  # fmt: skip
             rows = [{**{name: row[name] for name in OPPORTUNITY_ROW_COLUMNS}, "run_id": run_id, "updated_at": now}
                     for row in seen.to_dict("records")]  # fmt: skip
-            if rows:
-                connection.execute(opportunities.insert(), rows)
+            _executemany(connection, _insert_statement(opportunities), rows)
 
     def track_decided(self, decided: pd.DataFrame, run_id: str) -> int:
         """Tracks prospects that HQ shows decided and the store never saw (a cut-over from dual-write,
@@ -528,7 +566,8 @@ class StateStore:
         with self._write() as connection:
             for start in range(0, len(rows), _KEYS_PER_QUERY):
                 chunk = rows[start : start + _KEYS_PER_QUERY]
-                existing = self._rows(connection, [(row["legal_entity"], row["prospect_id"]) for row in chunk])
+                existing = self._rows(connection, [(row["legal_entity"], row["prospect_id"]) for row in chunk],
+                                      with_prospect=False)
                 inserts, history = [], []
                 for row in chunk:
                     key = (row["legal_entity"], row["prospect_id"])
@@ -636,21 +675,23 @@ class StateStore:
         claimants never hold one prospect at once; claims that ran out (of any step) go on the way."""
         keys = list(dict.fromkeys(keys))
         now = _now()
+        until = now + lease
         held: set[tuple[str, str]] = set()
-        key = sa.tuple_(claims.c.legal_entity, claims.c.prospect_id)
         with self._write() as connection:
             connection.execute(claims.delete().where(claims.c.claimed_until <= now))
             for start in range(0, len(keys), _KEYS_PER_QUERY):
                 chunk = keys[start : start + _KEYS_PER_QUERY]
                 others = sa.select(claims.c.legal_entity, claims.c.prospect_id).where(
-                    claims.c.step == step, claims.c.owner != claimant, key.in_(chunk))  # fmt: skip
+                    claims.c.step == step, claims.c.owner != claimant,
+                    sa.or_(*_key_batches(claims, chunk)))  # fmt: skip
                 taken = {tuple(row) for row in connection.execute(others)}
                 mine = [pair for pair in chunk if pair not in taken]
                 if mine:
-                    connection.execute(claims.delete().where(claims.c.step == step, key.in_(mine)))
-                    connection.execute(claims.insert(), [
+                    connection.execute(claims.delete().where(claims.c.step == step,
+                                                             sa.or_(*_key_batches(claims, mine))))  # fmt: skip
+                    _executemany(connection, _insert_statement(claims), [
                         {"legal_entity": legal_entity, "prospect_id": prospect_id, "step": step, "owner": claimant,
-                         "claimed_at": now, "claimed_until": now + lease}
+                         "claimed_at": now, "claimed_until": until}
                         for legal_entity, prospect_id in mine])  # fmt: skip
                 held.update(mine)
         return held
@@ -667,26 +708,30 @@ class StateStore:
         if keys is None:
             connection.execute(claims.delete().where(*mine))
             return
-        keys, key = list(keys), sa.tuple_(claims.c.legal_entity, claims.c.prospect_id)
-        for start in range(0, len(keys), _KEYS_PER_QUERY):
-            connection.execute(claims.delete().where(*mine, key.in_(keys[start : start + _KEYS_PER_QUERY])))
+        for condition in _key_batches(claims, keys):
+            connection.execute(claims.delete().where(*mine, condition))
 
     def claimed(self, step: str, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, datetime]]:
         """The live claims of one step on these prospects: key → (claimant, claimed until, in UTC)."""
         query = sa.select(claims.c.legal_entity, claims.c.prospect_id, claims.c.owner, claims.c.claimed_until).where(
             claims.c.step == step, claims.c.claimed_until > _now())  # fmt: skip
         live = {}
-        for row in self._selected(query, [(sa.tuple_(claims.c.legal_entity, claims.c.prospect_id), keys)]):
-            until = row["claimed_until"]  # SQLite hands back naive times (stored in UTC), PostgreSQL aware ones
-            live[(row["legal_entity"], row["prospect_id"])] = row["owner"], until.replace(tzinfo=until.tzinfo or UTC)
+        for legal_entity, prospect_id, owner, until in self._selected(query, _key_batches(claims, keys)):
+            # SQLite hands back naive times (stored in UTC), PostgreSQL aware ones.
+            live[(legal_entity, prospect_id)] = owner, until.replace(tzinfo=until.tzinfo or UTC)
         return live
 
-    def _rows(self, connection: sa.Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], dict]:
-        keys = list(keys)
-        if not keys:
-            return {}
-        query = sa.select(prospects).where(sa.tuple_(prospects.c.legal_entity, prospects.c.prospect_id).in_(keys))
-        return {(row["legal_entity"], row["prospect_id"]): dict(row) for row in connection.execute(query).mappings()}
+    def _rows(
+        self, connection: sa.Connection, keys: Iterable[tuple[str, str]], *, with_prospect: bool
+    ) -> dict[tuple[str, str], dict]:
+        """The rows of these keys as dicts; without the heavy `prospect` unless asked for it."""
+        columns = [column for column in prospects.c if with_prospect or column.name != "prospect"]
+        names = [column.name for column in columns]
+        found: dict[tuple[str, str], dict] = {}
+        for condition in _key_batches(prospects, keys):
+            for row in connection.execute(sa.select(*columns).where(condition)):
+                found[(row[0], row[1])] = dict(zip(names, row))
+        return found
 
     def _apply(
         self,
@@ -699,7 +744,9 @@ class StateStore:
     ) -> int:
         """Writes the updates that change something, and a transition where the stage changed, a new
         error appeared or `details` says what changed (the history stays free of repeats)."""
-        rows, history = [], []
+        # The last row of each key changed, and the columns its updates changed.
+        written: dict[tuple[str, str], tuple[dict, frozenset[str]]] = {}
+        history, changed = [], 0
         for key, facts, error in updates:
             before = known[key]
             if before["decision"] is not None and facts.get("decision", before["decision"]) != before["decision"]:
@@ -708,40 +755,40 @@ class StateStore:
             merged = {**before, **facts}
             stage = stage_of(merged)
             error = error or merged.get("validation_error")
-            if stage == before["stage"] and error == before["last_error"] and all(before[k] == v for k, v in facts.items()):
+            changed_facts = [name for name, value in facts.items() if before[name] != value]
+            if stage == before["stage"] and error == before["last_error"] and not changed_facts:
                 continue
             after = {**merged, "stage": stage, "last_error": error, "last_run_id": run_id, "updated_at": now}
             known[key] = after  # type: ignore[index]  # a second update of the key in this batch builds on this one
-            rows.append(after)
+            columns = written[key][1] if key in written else _MAINTAINED_COLUMNS
+            written[key] = after, columns.union(changed_facts)
+            changed += 1
             detail = (details or {}).get(key)
             if stage != before["stage"] or (error and error != before["last_error"]) or detail:
                 history.append(_transition(key, before["stage"], stage, run_id, error, now, detail))
-        self._update_rows(connection, rows, history)
-        return len(rows)
+        self._update_rows(connection, list(written.values()), history)
+        return changed
 
     # The two ways prospect rows change; a dry run's store sends both to its overlay instead.
     def _insert_rows(self, connection: sa.Connection, rows: list[dict], history: list[dict]) -> None:
-        connection.execute(prospects.insert(), rows)
+        _executemany(connection, _insert_statement(prospects), rows)
         self._insert_history(connection, history)
 
     def _insert_history(self, connection: sa.Connection, history: list[dict]) -> None:
-        if history:
-            connection.execute(transitions.insert(), [{**row, **self.writer} for row in history])
+        writer = {"dag_id": None, "task_id": None, "map_index": None, **self.writer}
+        _executemany(connection, _insert_statement(transitions), [{**row, **writer} for row in history])
 
-    def _update_rows(self, connection: sa.Connection, rows: list[dict], history: list[dict]) -> None:
-        """Writes whole rows (as `_apply` merged them) and their transitions."""
-        if rows:
-            statement = (
-                prospects.update()
-                .where(prospects.c.legal_entity == sa.bindparam("key_legal_entity"),
-                       prospects.c.prospect_id == sa.bindparam("key_prospect_id"))
-                .values({name: sa.bindparam(name) for name in _WRITTEN_COLUMNS})
-            )  # fmt: skip
-            connection.execute(statement, [
-                {"key_legal_entity": row["legal_entity"], "key_prospect_id": row["prospect_id"],
-                 **{name: row[name] for name in _WRITTEN_COLUMNS}}
-                for row in rows
-            ])  # fmt: skip
+    def _update_rows(
+        self, connection: sa.Connection, rows: list[tuple[dict, frozenset[str]]], history: list[dict]
+    ) -> None:
+        """Writes rows (whole, as `_apply` merged them) in the columns each names, one statement per
+        set of columns, and their transitions."""
+        groups: dict[frozenset[str], list[dict]] = {}
+        for row, columns in rows:
+            groups.setdefault(columns, []).append(row)
+        for columns, group in groups.items():
+            ordered = tuple(name for name in _WRITTEN_COLUMNS if name in columns)
+            _executemany(connection, _update_statement(ordered), group)
         self._insert_history(connection, history)
 
     # --- resolving anomalies, task failures, dry runs' plans ------------------------------------------
@@ -749,13 +796,10 @@ class StateStore:
     def resolve_anomalies(self, keys: Iterable[tuple[str, str]], kind: str | None = None) -> int:
         """Closes the anomalies of these prospects (of one kind, or all): once a person has settled
         them, the nightly `check_sla` stops failing on them. Returns how many were closed."""
-        keys = list(keys)
         closed = 0
         with self._write() as connection:
-            for start in range(0, len(keys), _KEYS_PER_QUERY):
-                where = [sa.tuple_(anomalies.c.legal_entity, anomalies.c.prospect_id).in_(keys[start : start + _KEYS_PER_QUERY])]
-                if kind is not None:
-                    where.append(anomalies.c.kind == kind)
+            for condition in _key_batches(anomalies, keys):
+                where = [condition] if kind is None else [condition, anomalies.c.kind == kind]
                 closed += connection.execute(anomalies.delete().where(*where)).rowcount
         return closed
 
@@ -844,6 +888,76 @@ class StateStore:
 
 
 _WRITTEN_COLUMNS = ("stage", *FACT_COLUMNS, "email", "last_error", "last_run_id", "updated_at")
+# What every update writes beside the facts it changes.
+_MAINTAINED_COLUMNS = frozenset(("stage", "last_error", "last_run_id", "updated_at"))
+
+
+@cache
+def _update_statement(columns: tuple[str, ...]) -> sa.Update:
+    """The update of one prospect row's `columns`, its key and values bound per row by column name."""
+    return (
+        prospects.update()
+        .where(prospects.c.legal_entity == sa.bindparam("legal_entity"),
+               prospects.c.prospect_id == sa.bindparam("prospect_id"))
+        .values({name: sa.bindparam(name) for name in columns})
+    )  # fmt: skip
+
+
+@cache
+def _insert_statement(table: sa.Table) -> sa.Insert:
+    """The insert of a row of `table` (all columns but an autoincremented id), bound by column name."""
+    return table.insert().values({column.name: sa.bindparam(column.name) for column in table.c
+                                  if not (column.primary_key and column.autoincrement is True)})  # fmt: skip
+
+
+@lru_cache(maxsize=64)
+def _driver_form(statement: sa.Insert | sa.Update, dialect: sa.Dialect) -> tuple[str, Callable[[Mapping], Any]]:
+    """`statement` as the dialect's SQL, and what turns a row (a mapping of its bound names) into the
+    driver's parameters: a tuple for a positional paramstyle (SQLite's), else a dict (psycopg2's), its
+    values converted by the columns' own bind processors, as SQLAlchemy would store them."""
+    compiled = statement.compile(dialect=dialect)
+    names = list(compiled.positiontup if compiled.positional else compiled.binds)
+    processors = []
+    for index, name in enumerate(names):
+        kind = compiled.binds[name].type
+        if process := kind.dialect_impl(dialect).bind_processor(dialect):
+            processors.append((index, _remembering_last(process) if isinstance(kind, sa.DateTime) else process))
+    values_of = operator.itemgetter(*names)
+
+    def parameters(row: Mapping) -> Any:
+        values = list(values_of(row))
+        for index, process in processors:
+            values[index] = process(values[index])
+        return tuple(values) if compiled.positional else dict(zip(names, values))
+
+    return compiled.string, parameters
+
+
+def _remembering_last(process: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`process`, converting its last value once: the rows of a batch mostly carry one time, its `now`."""
+    last: list[tuple[Any, Any]] = [(object(), None)]
+
+    def remembered(value: Any) -> Any:
+        seen, result = last[0]  # one read: threads sharing the statement each see a consistent pair
+        if seen is not value:
+            result = process(value)
+            last[0] = value, result
+        return result
+
+    return remembered
+
+
+def _executemany(connection: sa.Connection, statement: sa.Insert | sa.Update, rows: list[Mapping]) -> None:
+    """Runs `statement` once for each row, straight through the driver's executemany: SQLAlchemy's
+    preparation of each row's parameters cost more than the database's work. Inserts the dialect
+    sends as multi-row VALUES (PostgreSQL's) stay with SQLAlchemy: they beat any executemany."""
+    if not rows:
+        return
+    if statement.is_insert and connection.dialect.use_insertmanyvalues_wo_returning:
+        connection.execute(statement, rows)
+        return
+    sql, parameters = _driver_form(statement, connection.dialect)
+    connection.exec_driver_sql(sql, [parameters(row) for row in rows])
 
 
 def _transition(
@@ -906,15 +1020,11 @@ class DryRunStore(StateStore):
             dry_run_rows.c.run_id == self.run_id)  # fmt: skip
         if legal_entity is not None:
             query = query.where(dry_run_rows.c.legal_entity == legal_entity)
-        keys = None if keys is None else list(keys)
-        batches = [None] if keys is None else [keys[start : start + _KEYS_PER_QUERY]
-                                               for start in range(0, len(keys), _KEYS_PER_QUERY)]  # fmt: skip
+        conditions = _key_batches(dry_run_rows, keys)
         found: dict[tuple[str, str], dict] = {}
 
         def read(into: sa.Connection) -> None:
-            for batch in batches:
-                chosen = query if batch is None else query.where(
-                    sa.tuple_(dry_run_rows.c.legal_entity, dry_run_rows.c.prospect_id).in_(batch))  # fmt: skip
+            for chosen in [query] if conditions is None else [query.where(condition) for condition in conditions]:
                 for legal_entity_, prospect_id, row in into.execute(chosen):
                     found[(legal_entity_, prospect_id)] = _from_json(row)
 
@@ -928,26 +1038,28 @@ class DryRunStore(StateStore):
     def _put_overlay(self, connection: sa.Connection, rows: list[dict]) -> None:
         if not rows:
             return
-        keys = [(row["legal_entity"], row["prospect_id"]) for row in rows]
-        key = sa.tuple_(dry_run_rows.c.legal_entity, dry_run_rows.c.prospect_id)
-        for start in range(0, len(keys), _KEYS_PER_QUERY):
-            connection.execute(dry_run_rows.delete().where(
-                dry_run_rows.c.run_id == self.run_id, key.in_(keys[start : start + _KEYS_PER_QUERY])))  # fmt: skip
+        for condition in _key_batches(dry_run_rows, [(row["legal_entity"], row["prospect_id"]) for row in rows]):
+            connection.execute(dry_run_rows.delete().where(dry_run_rows.c.run_id == self.run_id, condition))
         now = _now()
-        connection.execute(dry_run_rows.insert(), [
+        _executemany(connection, _insert_statement(dry_run_rows), [
             {"run_id": self.run_id, "legal_entity": row["legal_entity"], "prospect_id": row["prospect_id"],
              "row": _to_json(row), "updated_at": now} for row in rows])  # fmt: skip
 
     # Writes of prospects: to the overlay.
-    def _rows(self, connection: sa.Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+    def _rows(
+        self, connection: sa.Connection, keys: Iterable[tuple[str, str]], *, with_prospect: bool
+    ) -> dict[tuple[str, str], dict]:
+        """Whole rows, `prospect` always: the overlay keeps whole rows."""
         keys = list(keys)
-        return {**super()._rows(connection, keys), **self._overlay(connection, keys=keys)}
+        return {**super()._rows(connection, keys, with_prospect=True), **self._overlay(connection, keys=keys)}
 
     def _insert_rows(self, connection: sa.Connection, rows: list[dict], history: list[dict]) -> None:
         self._put_overlay(connection, rows)
 
-    def _update_rows(self, connection: sa.Connection, rows: list[dict], history: list[dict]) -> None:
-        self._put_overlay(connection, rows)
+    def _update_rows(
+        self, connection: sa.Connection, rows: list[tuple[dict, frozenset[str]]], history: list[dict]
+    ) -> None:
+        self._put_overlay(connection, [row for row, _ in rows])
 
     # Reads of prospects: the store, with the overlay on top.
     def frame(

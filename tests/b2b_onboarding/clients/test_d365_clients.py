@@ -6,9 +6,11 @@ Commerce HQ and Dataverse, through the same code paths as in production.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -283,3 +285,18 @@ def test_a_bad_request_is_never_retried(commerce, admin):
 
     assert failed.value.status == 400
     assert requests_to(admin, "commerce") - before == 1
+
+
+def test_the_legal_entities_are_read_once_however_many_threads_ask_at_once(sales_client, admin):
+    # A bulk write's threads all need the company of their leads as they start: one read serves them.
+    admin.seed_companies(["usrt", "usmf", "frrt"])  # two pages of two
+    arrived = threading.Barrier(8)
+
+    def ask(_: int) -> dict[str, str]:
+        arrived.wait()
+        return sales_client.company_codes()
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    assert sales_client.odata.requests["read legal entities (cdm_companies)"] == 2  # its two pages, once
+    assert set(answers[0].values()) >= {"usrt", "usmf", "frrt"} and all(answer is answers[0] for answer in answers)
