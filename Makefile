@@ -41,10 +41,10 @@ e2e-distributed: install
 
 # Not part of `make test`: the flow at 100,000 prospects, beside the product as of BENCH_BEFORE (the last
 # commit before the performance work of issue 17), on a real executor with figures per task, and bulk vs
-# naive side by side (README, Performance).
+# naive side by side (README, Performance). `make bench BENCH_BEFORE=` runs no before.
 BENCH_BEFORE ?= e49e571
 bench: install
-	$(BIN)/python -m b2b_drivers.bench --before $(BENCH_BEFORE) $(BENCH_ARGS)
+	$(BIN)/python -m b2b_drivers.bench $(if $(BENCH_BEFORE),--before $(BENCH_BEFORE)) $(BENCH_ARGS)
 
 # Not part of `make test`: where the task processes spend their CPU, sampled by py-spy (README, Performance).
 profile: install

@@ -150,9 +150,17 @@ class _Gate:
         self._lock = threading.Lock()
         self._resume_at = 0.0
 
-    def pause(self, seconds: float) -> None:
+    def pause(self, seconds: float, budget: RetryBudget) -> bool:
+        """Holds every request of the client until `seconds` from now, unless that takes the task past
+        its budget of throttled waiting (False, and the pause stays as it was). Only the time added
+        to a pause already running is spent: threads throttled together wait together, once."""
         with self._lock:
-            self._resume_at = max(self._resume_at, time.monotonic() + seconds)
+            now = time.monotonic()
+            resume_at = max(self._resume_at, now + seconds)
+            if not budget.spend_throttled_wait(resume_at - max(self._resume_at, now)):
+                return False
+            self._resume_at = resume_at
+            return True
 
     def wait(self) -> None:
         while (delay := self._resume_at - time.monotonic()) > 0:
@@ -334,9 +342,8 @@ class ODataClient:
                     self.throttled += 1
                 wait_s = _retry_after_seconds(response)
                 wait_s = _backoff(1) if wait_s is None else wait_s
-                if not self.budget.spend_throttled_wait(wait_s):
+                if not self._gate.pause(wait_s, self.budget):
                     raise failed
-                self._gate.pause(wait_s)
                 raise _Transient(failed, 0.0)  # the gate already holds every request until then
             if response.status_code in TRANSIENT_STATUSES and (repeatable or response.status_code == 503):
                 raise _Transient(failed, _retry_after_seconds(response))
