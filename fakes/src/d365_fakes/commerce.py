@@ -490,9 +490,7 @@ class CommerceState:
     def _value_index(self, entity: EntitySet, field: str) -> ValueIndex:
         indexes = self._value_indexes[entity.name]
         if field not in indexes:
-            index = indexes[field] = ValueIndex()
-            for key, row in self._tables[entity.name].items():
-                index.add(row.get(field), key)
+            indexes[field] = ValueIndex.of(self._tables[entity.name], field)
         return indexes[field]
 
     def _indexed(self, index: str, entry: Hashable) -> dict[str, Any] | None:

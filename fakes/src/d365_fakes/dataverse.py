@@ -1174,9 +1174,7 @@ class DataverseState:
     def _value_index(self, table: Table, column: str) -> ValueIndex:
         indexes = self._value_indexes[table.entity_set]
         if column not in indexes:
-            index = indexes[column] = ValueIndex()
-            for row_id, row in self._rows[table.entity_set].items():
-                index.add(row.get(column), row_id)
+            indexes[column] = ValueIndex.of(self._rows[table.entity_set], column)
         return indexes[column]
 
     def _now(self) -> str:

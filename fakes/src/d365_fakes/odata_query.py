@@ -480,6 +480,14 @@ class ValueIndex:
         self._keys: dict[str, Hashable] = {}
         self.non_strings = 0
 
+    @classmethod
+    def of(cls, rows: Mapping[Hashable, Mapping[str, Any]], field: str) -> ValueIndex:
+        """The index of `field` over `rows` (key -> row), built when a filter first needs it."""
+        index = cls()
+        for key, row in rows.items():
+            index.add(row.get(field), key)
+        return index
+
     def add(self, value: Any, key: Hashable) -> None:
         if value is None:
             return
